@@ -1,0 +1,95 @@
+"""Detect -> align -> embed, wired once, shared by enrollment, identification, evaluation and the daemon."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .align import align_face
+from .config import DetectorConfig, EmbedderConfig
+from .detect import BlazeFaceDetector, Detector
+from .embed import Embedder, EmbedderSpec, TFLiteEmbedder
+from .types import Face
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    """One face of an image: where it is, its aligned crop, and its unit embedding."""
+
+    face: Face
+    crop: np.ndarray
+    embedding: np.ndarray
+
+
+def main_face_index(faces: list[Face], image_shape: tuple[int, ...]) -> Optional[int]:
+    """The face a door should care about: large, confident and near the centre of the frame."""
+    if not faces:
+        return None
+    h, w = image_shape[:2]
+    diag = float(np.hypot(w, h))
+
+    def weight(face: Face) -> float:
+        cx, cy = face.center
+        off_centre = float(np.hypot(cx - w / 2, cy - h / 2)) / diag
+        return face.size * face.score * (1.0 - 0.5 * off_centre)
+
+    return int(max(range(len(faces)), key=lambda i: weight(faces[i])))
+
+
+class FaceAnalyzer:
+    """Turns an RGB image into aligned, embedded faces. Owns its detector and embedder."""
+
+    def __init__(self, detector: Detector, embedder: Embedder) -> None:
+        self.detector = detector
+        self.embedder = embedder
+
+    @classmethod
+    def from_config(cls, detector: DetectorConfig, embedder: EmbedderConfig,
+                    models_dir: Optional[str] = None) -> "FaceAnalyzer":
+        det = BlazeFaceDetector(detector.model, variant=detector.variant, score_threshold=detector.score_threshold,
+                                nms_iou=detector.nms_iou, min_face_size=detector.min_face_size,
+                                num_threads=detector.num_threads, models_dir=models_dir)
+        spec = None
+        if embedder.preprocessing and embedder.template:
+            from .align import TEMPLATES
+            spec = EmbedderSpec(model_id=str(embedder.model).rsplit("/", 1)[-1].removesuffix(".tflite"),
+                                input_size=TEMPLATES[embedder.template].size, template=embedder.template,
+                                preprocessing=embedder.preprocessing)
+        emb = TFLiteEmbedder(embedder.model, spec=spec, num_threads=embedder.num_threads,
+                             flip_augment=embedder.flip_augment, models_dir=models_dir)
+        return cls(det, emb)
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        return self.detector.detect(image)
+
+    def embed_faces(self, image: np.ndarray, faces: list[Face]) -> list[FaceResult]:
+        if not faces:
+            return []
+        crops = np.stack([align_face(image, f, self.embedder.template) for f in faces])
+        embeddings = self.embedder.embed(crops)
+        return [FaceResult(f, c, e) for f, c, e in zip(faces, crops, embeddings)]
+
+    def analyze(self, image: np.ndarray) -> list[FaceResult]:
+        """Every face in the image, embedded (detector order: most confident first)."""
+        return self.embed_faces(image, self.detect(image))
+
+    def analyze_main(self, image: np.ndarray) -> tuple[Optional[FaceResult], int]:
+        """The main face embedded (or None) and how many faces were seen."""
+        faces = self.detect(image)
+        idx = main_face_index(faces, image.shape)
+        if idx is None:
+            return None, 0
+        return self.embed_faces(image, [faces[idx]])[0], len(faces)
+
+    def close(self) -> None:
+        for part in (self.detector, self.embedder):
+            close = getattr(part, "close", None)
+            if close:
+                close()
+
+    def __enter__(self) -> "FaceAnalyzer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,121 @@
+"""The `edgeface` command: one click group; errors become one line and a named exit status here only."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import click
+
+from .config import DEFAULT_CONFIG_PATH, EdgefaceConfig, load_config
+from .errors import EdgefaceError, ExitStatus
+
+#: Modules that add subcommands; each defines `register(group: click.Group) -> None`.
+COMMAND_MODULES: list[str] = []
+
+
+class CliContext:
+    """What every subcommand can reach: the config (loaded once, lazily) and output style."""
+
+    def __init__(self, config_path: Optional[str], traceback: bool) -> None:
+        self.config_path = config_path
+        self.traceback = traceback
+        self._config: Optional[EdgefaceConfig] = None
+
+    def resolved_config_path(self) -> Optional[Path]:
+        """--config, else $EDGEFACE_CONFIG, else ./config.yaml, else /etc/edgeface/config.yaml, else defaults."""
+        for candidate in (self.config_path, os.environ.get("EDGEFACE_CONFIG")):
+            if candidate:
+                return Path(candidate)
+        for candidate in (Path("config.yaml"), DEFAULT_CONFIG_PATH):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    @property
+    def config(self) -> EdgefaceConfig:
+        if self._config is None:
+            self._config = load_config(self.resolved_config_path())
+        return self._config
+
+
+pass_ctx = click.make_pass_decorator(CliContext)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", metavar="PATH", default=None,
+              help="Config file (default: $EDGEFACE_CONFIG, ./config.yaml, /etc/edgeface/config.yaml).")
+@click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+@click.version_option(package_name="edgeface")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Optional[str], traceback: bool) -> None:
+    """edgeface: offline face-recognition door access."""
+    ctx.obj = CliContext(config_path, traceback)
+
+
+@cli.command("check-config")
+@pass_ctx
+def check_config(obj: CliContext) -> None:
+    """Validate the config file and exit (0 = OK, 2 = invalid)."""
+    path = obj.resolved_config_path()
+    obj.config  # noqa: B018  (loading is the check)
+    click.echo(f"config OK ({path if path else 'built-in defaults'})")
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def models_cmd(obj: CliContext, as_json: bool) -> None:
+    """List the shipped models and verify each file's size and sha256 against the manifest."""
+    from .models import default_models_dir, load_manifest, verify_model_file
+
+    models_dir = Path(obj.config.models_dir) if obj.config.models_dir else default_models_dir()
+    rows = []
+    failed = False
+    for info in load_manifest(models_dir).values():
+        try:
+            verify_model_file(models_dir / info.file, info)
+            status = "ok"
+        except EdgefaceError as exc:
+            status, failed = str(exc), True
+        rows.append({"name": info.name, "kind": info.kind, "file": info.file, "bytes": info.bytes, "status": status})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            click.echo(f"{r['name']:<18} {r['kind']:<10} {r['bytes']:>10}  {r['file']}  {r['status']}")
+    if failed:
+        raise click.exceptions.Exit(int(ExitStatus.ERROR))
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(f".{name}", __package__).register(cli)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI and return its exit status (for tests and the console script alike)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    traceback = "--traceback" in args
+    try:
+        result = cli.main(args=args, prog_name="edgeface", standalone_mode=False)
+        return int(result) if isinstance(result, int) else int(ExitStatus.OK)
+    except EdgefaceError as exc:
+        if traceback:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return int(exc.exit_status)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return int(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("interrupted", err=True)
+        return int(ExitStatus.INTERRUPTED)
+
+
+_register_commands()

@@ -1,0 +1,237 @@
+"""One validated configuration model (pydantic, unknown keys forbidden), read from YAML.
+
+Each section belongs to one stage. Errors come back as one line per problem naming the file, the key
+path, the value and what was expected.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/edgeface/config.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CameraConfig(Section):
+    source: str = Field("picamera", description="'picamera', a device index ('0'), an RTSP/HTTP URL, a video file, "
+                                               "or a folder of images ('demo' = the shipped sample faces).")
+    width: int = Field(1280, ge=64, le=7680, description="Requested capture width (pixels).")
+    height: int = Field(720, ge=64, le=4320, description="Requested capture height (pixels).")
+    max_fps: float = Field(10.0, gt=0, le=120, description="Frame-rate cap: frames faster than this are skipped.")
+    reconnect_min_s: float = Field(1.0, gt=0, le=60, description="First wait before reopening a failed camera.")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="Longest wait between reopen attempts.")
+    loop: bool = Field(False, description="Replay a video file or image folder forever (demo).")
+    frozen_after_s: float = Field(10.0, gt=0, le=3600,
+                                  description="Report the camera unhealthy when frames stop changing for this long.")
+
+
+class DetectorConfig(Section):
+    variant: Literal["short", "full"] = Field("short", description="BlazeFace short range (<= ~2 m) or full range (<= ~5 m).")
+    model: Optional[str] = Field(None, description="Model name in models/manifest.json or a path; default per variant.")
+    score_threshold: float = Field(0.6, gt=0, lt=1, description="Detector confidence needed to keep a face.")
+    nms_iou: float = Field(0.3, gt=0, lt=1, description="Boxes overlapping more than this are merged.")
+    min_face_size: int = Field(40, ge=0, le=4000, description="Ignore faces smaller than this (pixels, box side).")
+    num_threads: Optional[int] = Field(None, ge=1, le=16, description="Interpreter threads; default min(4, cores).")
+
+
+class EmbedderConfig(Section):
+    model: str = Field("facenet_int8", description="Embedder name in models/manifest.json or a .tflite path.")
+    preprocessing: Optional[Literal["prewhiten", "arcface"]] = Field(
+        None, description="Only for a model not in the manifest: its pixel normalisation.")
+    template: Optional[Literal["facenet160", "arcface112"]] = Field(
+        None, description="Only for a model not in the manifest: its alignment template.")
+    flip_augment: bool = Field(False, description="Also embed the mirrored crop and average (slower, a bit more accurate).")
+    num_threads: Optional[int] = Field(None, ge=1, le=16, description="Interpreter threads; default min(4, cores).")
+    source_weights: Optional[str] = Field(
+        None, description="Keras FaceNet .h5 to convert from when the model file is missing (needs edgeface[convert]).")
+
+
+class GalleryConfig(Section):
+    path: str = Field("/var/lib/edgeface/gallery.db", description="SQLite gallery file.")
+    keep_crops: bool = Field(False, description="Keep aligned enrollment crops (to re-embed after a model change). "
+                                                "Off by default: no face images are stored.")
+    max_distance: Optional[float] = Field(
+        None, gt=0, le=2, description="Cosine distance at or below which a face matches (0 = identical, lower is "
+                                      "stricter). Default: the model's calibrated threshold from the manifest.")
+    match_mode: Literal["best", "topk_mean"] = Field("best", description="Per-person score: best embedding or top-k mean.")
+    top_k: int = Field(3, ge=1, le=50, description="k for topk_mean.")
+
+
+class PolicyConfig(Section):
+    min_frames: int = Field(3, ge=1, le=100, description="Matching frames (K) needed to grant...")
+    window_frames: int = Field(5, ge=1, le=100, description="...out of the last N frames with a face.")
+    window_s: float = Field(3.0, gt=0, le=60, description="Frames older than this do not count towards K.")
+    cooldown_s: float = Field(10.0, ge=0, le=3600, description="After a grant, the same person is not granted again for this long.")
+    unknown_interval_s: float = Field(10.0, ge=0, le=3600, description="At most one 'unknown' event per this many seconds.")
+    min_face_size: int = Field(80, ge=0, le=4000, description="Faces smaller than this (pixels) never open the door.")
+    enabled: bool = Field(True, description="Global switch: when false nobody is granted (events still report).")
+    timezone: str = Field("UTC", description="Time zone of access schedules (IANA name, e.g. Europe/Berlin).")
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> "PolicyConfig":
+        if self.min_frames > self.window_frames:
+            raise ValueError(f"min_frames ({self.min_frames}) must be <= window_frames ({self.window_frames})")
+        return self
+
+
+class DoorConfig(Section):
+    door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="Name of this door in events and topics.")
+    relay_pin: int = Field(17, ge=0, le=53, description="BCM pin driving the door relay.")
+    active_high: bool = Field(True, description="True if the relay closes when the pin is high.")
+    pulse_s: float = Field(3.0, gt=0, le=60, description="How long the relay is held for one grant.")
+    contact_pin: Optional[int] = Field(None, ge=0, le=53, description="BCM pin of the door contact (optional).")
+    contact_closed_is_low: bool = Field(True, description="Door contact wiring: closed door pulls the pin low.")
+    held_open_s: float = Field(30.0, gt=0, le=3600, description="Alarm when the door stays open longer than this.")
+    pin_factory: Optional[Literal["mock", "lgpio", "rpigpio", "pigpio", "native"]] = Field(
+        None, description="gpiozero pin factory; default: gpiozero's choice (lgpio on a Pi), 'mock' for demos/tests.")
+
+
+class MqttConfig(Section):
+    enabled: bool = Field(True, description="Publish events over MQTT.")
+    host: str = Field("127.0.0.1", min_length=1, description="Broker host.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    client_id: Optional[str] = Field(None, description="MQTT client id; default edgeface-<door_id>.")
+    username: Optional[str] = Field(None, description="Broker user name.")
+    password_env: str = Field("EDGEFACE_MQTT_PASSWORD",
+                              description="Environment variable (or systemd credential file name) holding the password.")
+    tls: bool = Field(False, description="Use TLS.")
+    ca_cert: Optional[str] = Field(None, description="CA certificate file for TLS.")
+    client_cert: Optional[str] = Field(None, description="Client certificate file for TLS.")
+    client_key: Optional[str] = Field(None, description="Client private key file for TLS.")
+    topic_prefix: str = Field("edgeface", pattern=r"^[^#+\s]+$", description="Prefix of every topic.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
+    outbox_path: str = Field("/var/lib/edgeface/outbox.db", description="SQLite outbox: events wait here while the broker is down.")
+    outbox_max_events: int = Field(100_000, ge=100, le=10_000_000, description="Outbox bound (see docs/mqtt.md for the policy).")
+    ha_discovery: bool = Field(True, description="Publish Home Assistant MQTT discovery.")
+    ha_prefix: str = Field("homeassistant", description="Home Assistant discovery prefix.")
+    remote_unlock: bool = Field(False, description="Allow an authenticated remote unlock command (off by default).")
+    remote_unlock_secret_env: str = Field("EDGEFACE_UNLOCK_SECRET",
+                                          description="Environment variable (or credential) with the HMAC secret.")
+    command_max_age_s: float = Field(30.0, gt=0, le=600, description="Remote commands older than this are refused.")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "MqttConfig":
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key must be given together")
+        if (self.ca_cert or self.client_cert) and not self.tls:
+            raise ValueError("ca_cert/client_cert are set but tls is false")
+        return self
+
+
+class AuditConfig(Section):
+    path: str = Field("/var/lib/edgeface/audit.db", description="SQLite audit log of decisions and door events.")
+    retention_days: int = Field(90, ge=1, le=3650, description="Audit rows older than this are deleted.")
+    max_rows: int = Field(1_000_000, ge=1000, le=100_000_000, description="Audit log bound: oldest rows go first.")
+
+
+class LivenessConfig(Section):
+    enabled: bool = Field(False, description="Require a liveness cue (blink or head motion) before a grant.")
+    min_motion: float = Field(0.02, ge=0, le=1, description="Minimum landmark motion across the decision window.")
+
+
+class EdgefaceConfig(Section):
+    state_dir: str = Field("/var/lib/edgeface", description="Directory for the gallery, outbox and audit files (0700).")
+    models_dir: Optional[str] = Field(None, description="Directory with models and manifest.json; default: shipped models/.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    camera: CameraConfig = Field(default_factory=CameraConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    gallery: GalleryConfig = Field(default_factory=GalleryConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    door: DoorConfig = Field(default_factory=DoorConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    liveness: LivenessConfig = Field(default_factory=LivenessConfig)
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> Optional[int]:
+    """Best-effort line number of a key path in the YAML text (for error messages)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(key):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def format_validation_error(exc: ValidationError, source: str, text: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        where = source
+        line = _line_of(text, loc) if text else None
+        if line:
+            where = f"{source}:{line}"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see config.yaml for every key)"
+        value = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"{where}: {key}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, source: str = "<config>", text: str = "") -> EdgefaceConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        return EdgefaceConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source, text)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> EdgefaceConfig:
+    """Read and validate a YAML config; `None` gives the built-in defaults."""
+    if path is None:
+        return EdgefaceConfig()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    return parse_config(data, source=str(path), text=text)
+
+
+def read_secret(name: str) -> Optional[str]:
+    """A secret from systemd's $CREDENTIALS_DIRECTORY/<name> (LoadCredential=) or else the environment."""
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        cred = Path(cred_dir) / name
+        if cred.is_file():
+            return cred.read_text(encoding="utf-8").strip()
+    value = os.environ.get(name)
+    return value if value else None

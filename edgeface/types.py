@@ -1,0 +1,41 @@
+"""The frozen records that flow between stages: Frame -> Face -> (crop, embedding) -> Match -> Decision."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Keypoint order of BlazeFace (the subject's right eye appears on the image's left).
+KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_center", "right_ear", "left_ear")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One camera image: RGB uint8 HxWx3, with the wall-clock time (seconds since the epoch) it was taken."""
+
+    image: np.ndarray = field(repr=False)
+    timestamp: float
+    index: int = 0
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Face:
+    """A detected face: box (x, y, w, h) in frame pixels, detector score in [0, 1], keypoints (6, 2) in pixels."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    keypoints: np.ndarray = field(repr=False)
+
+    @property
+    def size(self) -> float:
+        """Face size in pixels: the larger side of the box (what a minimum-face-size setting compares)."""
+        return max(self.box[2], self.box[3])
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x, y, w, h = self.box
+        return (x + w / 2.0, y + h / 2.0)
+
+    def as_dict(self) -> dict:
+        return {"box": [round(float(v), 1) for v in self.box], "score": round(float(self.score), 4)}
