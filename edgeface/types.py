@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -39,3 +40,21 @@ class Face:
 
     def as_dict(self) -> dict:
         return {"box": [round(float(v), 1) for v in self.box], "score": round(float(self.score), 4)}
+
+
+@dataclass(frozen=True)
+class Match:
+    """Open-set 1:N answer. `person_id`/`name` are None when nobody is within the threshold (unknown);
+    the best candidate and its distance are still reported for the audit.
+    Distances are cosine distances between unit vectors: 0 = identical, 2 = opposite, lower is stricter."""
+
+    person_id: Optional[int]
+    name: Optional[str]
+    distance: float
+    threshold: float
+    candidate_id: Optional[int] = None
+    candidate_name: Optional[str] = None
+
+    @property
+    def known(self) -> bool:
+        return self.person_id is not None

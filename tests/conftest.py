@@ -1,0 +1,35 @@
+"""Shared test fixtures: real photos (committed fixtures, and ../shared when it exists)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED = Path(os.environ.get("EDGEFACE_SHARED", REPO.parent / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test with the reason when it is absent (a user's clone)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs ../shared/{'/'.join(parts)} (development data; CI has it, a clone does not)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixture_faces() -> Path:
+    """Committed photos: faces/<person>/*.jpg (7 people, 26 photos, MIT-licensed sources)."""
+    return FIXTURES / "faces"
+
+
+@pytest.fixture(scope="session")
+def shared_faces() -> Path:
+    return shared_path("data", "faces")
+
+
+@pytest.fixture(scope="session")
+def shared_nonfaces() -> Path:
+    return shared_path("data", "nonfaces")
