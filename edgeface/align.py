@@ -1,8 +1,9 @@
 """Alignment: warp a detected face to an embedder's canonical crop with a similarity transform.
 
 Enrollment and recognition both go through `align_face`, so one face always gives the same crop.
-The transform maps the eye centres, nose tip and mouth centre (BlazeFace keypoints 0-3, or the same
-points refined by the landmark model) onto a per-embedder template by least squares (Umeyama).
+The transform maps reference points onto a per-embedder template by least squares (Umeyama): the five
+points of the landmark model (eye centres, nose tip, mouth corners) when a face has them, else BlazeFace's
+coarse eye centres, nose tip and mouth centre.
 """
 from __future__ import annotations
 
@@ -30,13 +31,19 @@ class AlignTemplate:
     size: int
     points: np.ndarray
 
+    points5: np.ndarray | None = None
+
     @staticmethod
     def from_arcface(name: str, size: int, zoom: float = 1.0, shift_y: float = 0.0) -> "AlignTemplate":
         """Scale the ArcFace template to `size`; zoom < 1 leaves more margin round the face."""
         centre = np.array([56.0, 56.0])
-        pts = (_ARCFACE_4 - centre) * zoom * (size / 112.0) + size / 2.0
-        pts[:, 1] += shift_y * size
-        return AlignTemplate(name, size, pts)
+
+        def place(points: np.ndarray) -> np.ndarray:
+            out = (points - centre) * zoom * (size / 112.0) + size / 2.0
+            out[:, 1] += shift_y * size
+            return out
+
+        return AlignTemplate(name, size, place(_ARCFACE_4), place(_ARCFACE_112))
 
 
 #: Templates by embedder family. FaceNet (davidsandberg) was trained on loose MTCNN crops with a margin,
@@ -78,6 +85,9 @@ def reference_points(face: Face) -> np.ndarray:
 def align_face(image: np.ndarray, face: Face, template: AlignTemplate | str) -> np.ndarray:
     """The face warped into the template's size x size RGB crop (uint8)."""
     tpl = TEMPLATES[template] if isinstance(template, str) else template
-    matrix = similarity_transform(reference_points(face), tpl.points)
+    if face.landmarks5 is not None and tpl.points5 is not None and np.isfinite(face.landmarks5).all():
+        matrix = similarity_transform(face.landmarks5, tpl.points5)
+    else:
+        matrix = similarity_transform(reference_points(face), tpl.points)
     return cv2.warpAffine(image, matrix, (tpl.size, tpl.size), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REPLICATE)

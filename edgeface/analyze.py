@@ -10,6 +10,7 @@ from .align import align_face
 from .config import DetectorConfig, EmbedderConfig
 from .detect import BlazeFaceDetector, Detector
 from .embed import Embedder, EmbedderSpec, TFLiteEmbedder
+from .landmarks import LandmarkRefiner
 from .types import Face
 
 
@@ -40,9 +41,12 @@ def main_face_index(faces: list[Face], image_shape: tuple[int, ...]) -> Optional
 class FaceAnalyzer:
     """Turns an RGB image into aligned, embedded faces. Owns its detector and embedder."""
 
-    def __init__(self, detector: Detector, embedder: Embedder) -> None:
+    def __init__(self, detector: Detector, embedder: Embedder, *, refiner: Optional[LandmarkRefiner] = None,
+                 min_presence: float = 0.5) -> None:
         self.detector = detector
         self.embedder = embedder
+        self.refiner = refiner
+        self.min_presence = min_presence
 
     @classmethod
     def from_config(cls, detector: DetectorConfig, embedder: EmbedderConfig,
@@ -58,10 +62,17 @@ class FaceAnalyzer:
                                 preprocessing=embedder.preprocessing)
         emb = TFLiteEmbedder(embedder.model, spec=spec, num_threads=embedder.num_threads,
                              flip_augment=embedder.flip_augment, models_dir=models_dir)
-        return cls(det, emb)
+        refiner = LandmarkRefiner(num_threads=detector.num_threads, models_dir=models_dir) \
+            if detector.refine_landmarks else None
+        return cls(det, emb, refiner=refiner, min_presence=detector.min_presence)
 
     def detect(self, image: np.ndarray) -> list[Face]:
-        return self.detector.detect(image)
+        """Detected faces; with a refiner, each gets five-point landmarks and non-faces are dropped."""
+        faces = self.detector.detect(image)
+        if self.refiner is None:
+            return faces
+        refined = (self.refiner.refine(image, f) for f in faces)
+        return [f for f in refined if f.presence is not None and f.presence >= self.min_presence]
 
     def embed_faces(self, image: np.ndarray, faces: list[Face]) -> list[FaceResult]:
         if not faces:
@@ -83,8 +94,8 @@ class FaceAnalyzer:
         return self.embed_faces(image, [faces[idx]])[0], len(faces)
 
     def close(self) -> None:
-        for part in (self.detector, self.embedder):
-            close = getattr(part, "close", None)
+        for part in (self.detector, self.embedder, self.refiner):
+            close = getattr(part, "close", None) if part is not None else None
             if close:
                 close()
 

@@ -27,6 +27,11 @@ class Face:
     box: tuple[float, float, float, float]
     score: float
     keypoints: np.ndarray = field(repr=False)
+    #: Optional refined 5 points from the landmark model: right eye, left eye, nose tip, right and left mouth
+    #: corner (pixels). When present, alignment uses them instead of the detector's coarse keypoints.
+    landmarks5: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    #: Face-presence probability from the landmark model (None when it was not run).
+    presence: Optional[float] = field(default=None, compare=False)
 
     @property
     def size(self) -> float:
