@@ -14,7 +14,7 @@ from .config import DEFAULT_CONFIG_PATH, EdgefaceConfig, load_config
 from .errors import EdgefaceError, ExitStatus
 
 #: Modules that add subcommands; each defines `register(group: click.Group) -> None`.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["cli_convert"]
 
 
 class CliContext:
@@ -57,9 +57,15 @@ def cli(ctx: click.Context, config_path: Optional[str], traceback: bool) -> None
 
 
 @cli.command("check-config")
+@click.option("--print-defaults", is_flag=True, help="Print every key with its default and description, then exit.")
 @pass_ctx
-def check_config(obj: CliContext) -> None:
+def check_config(obj: CliContext, print_defaults: bool) -> None:
     """Validate the config file and exit (0 = OK, 2 = invalid)."""
+    if print_defaults:
+        from .config import render_default_yaml
+
+        click.echo(render_default_yaml(), nl=False)
+        return
     path = obj.resolved_config_path()
     obj.config  # noqa: B018  (loading is the check)
     click.echo(f"config OK ({path if path else 'built-in defaults'})")

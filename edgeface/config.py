@@ -238,3 +238,31 @@ def read_secret(name: str) -> Optional[str]:
             return cred.read_text(encoding="utf-8").strip()
     value = os.environ.get(name)
     return value if value else None
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def render_default_yaml() -> str:
+    """The default configuration as commented YAML: every key, its default and its description."""
+    lines = ["# edgeface configuration. Every key is shown with its default; delete what you do not change.",
+             "# Validate with: edgeface --config /etc/edgeface/config.yaml check-config", ""]
+
+    def emit(model: type[BaseModel], indent: str) -> None:
+        for name, field in model.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                lines.append(f"{indent}{name}:")
+                emit(type(default), indent + "  ")
+                continue
+            desc = (field.description or "").strip()
+            if desc:
+                lines.append(f"{indent}# {desc}")
+            lines.append(f"{indent}{name}: {_yaml_scalar(default)}")
+        lines.append("")
+
+    emit(EdgefaceConfig, "")
+    return "\n".join(lines).rstrip() + "\n"

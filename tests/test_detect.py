@@ -1,0 +1,153 @@
+"""BlazeFace detection and face-mesh refinement on real photos."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeface.analyze import main_face_index
+from edgeface.detect import BlazeFaceDetector, make_anchors
+from edgeface.errors import ModelError
+from edgeface.images import list_images, load_image
+from edgeface.landmarks import LandmarkRefiner
+
+from conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def detector() -> BlazeFaceDetector:
+    return BlazeFaceDetector(score_threshold=0.6, min_face_size=40)
+
+
+@pytest.fixture(scope="module")
+def refiner() -> LandmarkRefiner:
+    return LandmarkRefiner()
+
+
+def _photos(root: Path) -> list[Path]:
+    return [p for d in sorted(root.iterdir()) if d.is_dir() for p in list_images(d)]
+
+
+def _refined_faces(detector, refiner, image):
+    faces = [refiner.refine(image, f) for f in detector.detect(image)]
+    return [f for f in faces if f.presence >= 0.5]
+
+
+def _assert_plausible(face, image) -> None:
+    x, y, w, h = face.box
+    H, W = image.shape[:2]
+    assert 0 <= x and 0 <= y and x + w <= W + 1 and y + h <= H + 1
+    assert 0.6 < w / h < 1.6, "a face box is roughly square"
+    # Eyes, nose and mouth lie inside the box; eyes above nose above mouth.
+    kps = face.keypoints
+    for px, py in kps[:4]:
+        assert x - 0.05 * w <= px <= x + 1.05 * w and y - 0.05 * h <= py <= y + 1.05 * h
+    assert max(kps[0, 1], kps[1, 1]) < kps[3, 1]
+    assert kps[0, 0] < kps[1, 0], "the subject's right eye appears left in the image"
+
+
+def test_anchor_counts_match_the_models() -> None:
+    assert len(make_anchors(128, (8, 16), (2, 6))) == 896
+    assert len(make_anchors(192, (4,), (1,))) == 2304
+
+
+def test_every_fixture_photo_has_exactly_one_plausible_face(detector, refiner) -> None:
+    photos = _photos(FIXTURES / "faces")
+    assert len(photos) == 26
+    for path in photos:
+        image = load_image(path)
+        faces = _refined_faces(detector, refiner, image)
+        assert len(faces) == 1, f"{path.name}: {len(faces)} faces"
+        _assert_plausible(faces[0], image)
+
+
+def test_every_shared_photo_has_exactly_one_face_and_nonfaces_none(detector, refiner, shared_faces,
+                                                                   shared_nonfaces) -> None:
+    photos = _photos(shared_faces)
+    assert len(photos) == 117
+    counts = {}
+    for path in photos:
+        image = load_image(path)
+        faces = _refined_faces(detector, refiner, image)
+        counts[path.name] = len(faces)
+        if faces:
+            _assert_plausible(faces[0], image)
+    assert {n: c for n, c in counts.items() if c != 1} == {}
+    for path in list_images(shared_nonfaces):
+        assert _refined_faces(detector, refiner, load_image(path)) == [], path.name
+
+
+def test_nonface_fixture_has_no_face(detector) -> None:
+    assert detector.detect(load_image(FIXTURES / "nonfaces" / "pilatus_mountain.jpg")) == []
+
+
+def test_full_range_variant_finds_faces_in_wide_shots(shared_faces) -> None:
+    det = BlazeFaceDetector(variant="full")
+    found = sum(bool(det.detect(load_image(p))) for p in _photos(shared_faces))
+    # Full range is tuned for small, distant faces; tight crops (mindy_kaling) are its weak spot.
+    assert found >= 100
+
+
+def test_landmarks_follow_the_face_when_the_frame_is_padded_or_grey(detector, refiner) -> None:
+    image = load_image(FIXTURES / "faces" / "barack_obama" / "barack_obama_01.jpg")
+    (face,) = detector.detect(image)
+    face = refiner.refine(image, face)
+    padded = np.zeros((image.shape[0] + 100, image.shape[1] + 60, 3), np.uint8)
+    padded[100:, 60:] = image
+    (moved,) = detector.detect(padded)
+    moved = refiner.refine(padded, moved)
+    # The padded frame is seen at a slightly coarser scale: the refined points stay within a few percent.
+    np.testing.assert_allclose(moved.landmarks5 - [60, 100], face.landmarks5, atol=0.03 * face.box[2])
+    np.testing.assert_allclose(np.array(moved.center) - [60, 100], face.center, atol=0.05 * face.box[2])
+    np.testing.assert_allclose(moved.box[2:], face.box[2:], rtol=0.15)
+    # A grey version of the same photo still has its face.
+    grey = np.repeat(image.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+    assert len(detector.detect(grey)) == 1
+
+
+def test_main_face_prefers_the_large_central_face() -> None:
+    from edgeface.types import Face
+    kps = np.zeros((6, 2), np.float32)
+    big_edge = Face((0, 0, 200, 200), 0.9, kps)
+    big_centre = Face((540, 260, 200, 200), 0.9, kps)
+    small_centre = Face((600, 320, 60, 60), 0.99, kps)
+    shape = (720, 1280, 3)
+    assert main_face_index([small_centre, big_edge, big_centre], shape) == 2
+    assert main_face_index([small_centre, big_edge], shape) == 1
+    assert main_face_index([], shape) is None
+
+
+def test_min_face_size_drops_small_faces() -> None:
+    image = load_image(FIXTURES / "faces" / "barack_obama" / "barack_obama_01.jpg")
+    (face,) = BlazeFaceDetector().detect(image)
+    assert BlazeFaceDetector(min_face_size=int(face.size) + 10).detect(image) == []
+
+
+def test_refined_landmarks_lie_on_the_face(detector, refiner) -> None:
+    image = load_image(FIXTURES / "faces" / "alex_lacamoire" / "alex_lacamoire_01.jpg")
+    (face,) = detector.detect(image)
+    refined = refiner.refine(image, face)
+    assert refined.presence > 0.9
+    five = refined.landmarks5
+    # Five points close to the detector's coarse ones (eyes, nose), mouth corners either side of the mouth.
+    scale = face.box[2]
+    assert np.linalg.norm(five[0] - face.keypoints[0]) < 0.15 * scale
+    assert np.linalg.norm(five[1] - face.keypoints[1]) < 0.15 * scale
+    assert np.linalg.norm(five[2] - face.keypoints[2]) < 0.15 * scale
+    assert five[3, 0] < face.keypoints[3, 0] < five[4, 0]
+
+
+def test_missing_and_corrupt_detector_models_give_clear_errors(tmp_path) -> None:
+    with pytest.raises(ModelError, match="model file not found"):
+        BlazeFaceDetector(str(tmp_path / "nope.tflite"))
+    bad = tmp_path / "face_detection_short_range.tflite"
+    bad.write_bytes(b"\x00" * 1000)
+    with pytest.raises(ModelError, match="1000 bytes, expected 229032"):
+        BlazeFaceDetector(str(bad))
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"not a flatbuffer" * 100)
+    with pytest.raises(ModelError, match="cannot load TFLite model"):
+        BlazeFaceDetector(str(junk))
+    with pytest.raises(ModelError, match="unknown BlazeFace variant"):
+        BlazeFaceDetector(variant="medium")

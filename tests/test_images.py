@@ -1,0 +1,88 @@
+"""Image input: every odd format is converted or refused with one clear line, never a crash."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeface.errors import ImageError
+from edgeface.images import decode_image, load_image, save_image, to_rgb
+
+from conftest import FIXTURES
+
+PHOTO = FIXTURES / "faces" / "alex_lacamoire" / "alex_lacamoire_01.jpg"
+
+
+def test_jpeg_loads_as_rgb_uint8() -> None:
+    rgb = load_image(PHOTO)
+    bgr = cv2.imread(str(PHOTO))
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    np.testing.assert_array_equal(rgb, bgr[:, :, ::-1])
+
+
+def test_grey_rgba_and_16bit_pngs_are_converted(tmp_path) -> None:
+    bgr = cv2.imread(str(PHOTO))
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+    cv2.imwrite(str(tmp_path / "rgba.png"), cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA))
+    cv2.imwrite(str(tmp_path / "deep.png"), bgr.astype(np.uint16) * 257)
+    g = load_image(tmp_path / "grey.png")
+    assert g.shape == bgr.shape and (g[:, :, 0] == g[:, :, 1]).all()
+    np.testing.assert_array_equal(load_image(tmp_path / "rgba.png"), bgr[:, :, ::-1])
+    np.testing.assert_array_equal(load_image(tmp_path / "deep.png"), bgr[:, :, ::-1])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "the file is empty"),
+    (b"GIF89a not really", "not a supported image or the file is truncated/corrupt"),
+])
+def test_bad_files_raise_one_line_errors(tmp_path, content, message) -> None:
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match=message) as info:
+        load_image(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_jpeg_is_refused_or_decoded_never_crashes(tmp_path) -> None:
+    data = PHOTO.read_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[:200])
+    with pytest.raises(ImageError):
+        load_image(path)
+
+
+def test_missing_file_and_directory(tmp_path) -> None:
+    with pytest.raises(ImageError, match="cannot read image"):
+        load_image(tmp_path / "absent.jpg")
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image(tmp_path)
+
+
+def test_zero_size_tiny_and_huge_arrays_are_refused() -> None:
+    with pytest.raises(ImageError, match="expected at least 16x16"):
+        to_rgb(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(ImageError, match="expected at least 16x16"):
+        to_rgb(np.zeros((8, 640, 3), np.uint8))
+    with pytest.raises(ImageError, match="the limit is 50000000 pixels"):
+        to_rgb(np.zeros((10000, 6000), np.uint8))
+    with pytest.raises(ImageError, match="expected an HxW, HxWx3 or HxWx4 image"):
+        to_rgb(np.zeros((32, 32, 2), np.uint8))
+    with pytest.raises(ImageError, match="NaN"):
+        to_rgb(np.full((32, 32, 3), np.nan, np.float32))
+
+
+def test_huge_encoded_image_is_refused(tmp_path) -> None:
+    big = np.zeros((8000, 7000), np.uint8)
+    ok, enc = cv2.imencode(".png", big)
+    assert ok
+    with pytest.raises(ImageError, match="the limit is 50000000 pixels"):
+        decode_image(enc.tobytes(), name="big.png")
+
+
+def test_save_is_atomic_and_round_trips(tmp_path) -> None:
+    rgb = load_image(PHOTO)
+    out = tmp_path / "copy.png"
+    save_image(out, rgb)
+    np.testing.assert_array_equal(load_image(out), rgb)
+    assert [p.name for p in tmp_path.iterdir()] == ["copy.png"]
