@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -79,6 +79,17 @@ class PolicyConfig(Section):
     enabled: bool = Field(True, description="Global switch: when false nobody is granted (events still report).")
     timezone: str = Field("UTC", description="Time zone of access schedules (IANA name, e.g. Europe/Berlin).")
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown IANA time zone (e.g. UTC, Europe/Berlin)") from None
+        return value
+
     @model_validator(mode="after")
     def _k_within_n(self) -> "PolicyConfig":
         if self.min_frames > self.window_frames:
@@ -137,8 +148,18 @@ class AuditConfig(Section):
 
 
 class LivenessConfig(Section):
-    enabled: bool = Field(False, description="Require a liveness cue (blink or head motion) before a grant.")
-    min_motion: float = Field(0.02, ge=0, le=1, description="Minimum landmark motion across the decision window.")
+    enabled: bool = Field(False, description="Require a liveness cue (blink or head motion) before a grant "
+                                             "(stops held still photos, not screen videos: docs/security.md).")
+    method: Literal["any", "parallax", "blink"] = Field(
+        "any", description="Cue that proves liveness: 3-D head motion (parallax), a blink, or either (any).")
+    min_motion: float = Field(0.02, ge=0, le=1, description="Minimum landmark motion across the decision window "
+                                                          "(inter-ocular distances) before parallax is judged.")
+    min_parallax: float = Field(0.03, gt=0, le=1, description="Non-planar residual (inter-ocular distances) that counts "
+                                                            "as a real head turning; a flat photo stays below it.")
+    min_blink: float = Field(0.45, gt=0, le=1, description="Relative drop of eye openness that counts as a blink.")
+    window_s: float = Field(4.0, gt=0, le=60, description="Frames of the last this many seconds are judged.")
+    min_frames: int = Field(3, ge=2, le=100, description="Frames with a face mesh needed before judging.")
+    max_frames: int = Field(40, ge=2, le=500, description="At most this many recent frames are kept.")
 
 
 class EdgefaceConfig(Section):
