@@ -260,13 +260,18 @@ def _decode_png(data: bytes) -> np.ndarray:
 
 
 def _face_json(face: Face) -> str:
-    return json.dumps({"box": [float(v) for v in face.box], "score": float(face.score),
-                       "keypoints": np.asarray(face.keypoints, float).round(3).tolist()})
+    d = {"box": [float(v) for v in face.box], "score": float(face.score),
+         "keypoints": np.asarray(face.keypoints, float).round(3).tolist()}
+    if face.landmarks5 is not None:
+        d["landmarks5"] = np.asarray(face.landmarks5, float).round(3).tolist()
+    return json.dumps(d)
 
 
 def _face_from_json(text: str) -> Face:
     d = json.loads(text)
-    return Face(tuple(d["box"]), float(d["score"]), np.asarray(d["keypoints"], np.float32))
+    lm = d.get("landmarks5")
+    return Face(tuple(d["box"]), float(d["score"]), np.asarray(d["keypoints"], np.float32),
+                landmarks5=None if lm is None else np.asarray(lm, np.float32))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
