@@ -64,6 +64,10 @@ class Schedule:
         if isinstance(spec, Schedule):
             return spec
         items: list[Any]
+        if isinstance(spec, dict) and "windows" in spec:  # the gallery's form: {"days": [...], "windows": [[s, e]]}
+            days = spec.get("days") or list(DAY_NAMES)
+            return Schedule(tuple(TimeWindow(_parse_days(days), _parse_time(s), _parse_time(e))
+                                  for s, e in spec["windows"]))
         if isinstance(spec, str):
             items = [p for p in (s.strip() for s in spec.split(";")) if p]
         elif isinstance(spec, dict):

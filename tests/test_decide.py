@@ -152,3 +152,9 @@ def test_no_face_frames_do_not_reset_evidence_but_time_does():
     p = Policy(cfg(window_s=2.0))
     seq = [ALICE, None, ALICE, None, ALICE]
     assert actions(feed(p, seq, dt_s=0.2))[-1] == "grant"
+
+
+def test_gallery_schedule_form():
+    s = Schedule.parse({"days": ["mon", "tue"], "windows": [["08:00", "12:00"], ["13:00", "24:00"]]})
+    assert s.allows(dt.datetime(2026, 11, 23, 9, 0)) and s.allows(dt.datetime(2026, 11, 24, 23, 59))
+    assert not s.allows(dt.datetime(2026, 11, 23, 12, 30)) and not s.allows(dt.datetime(2026, 11, 25, 9, 0))

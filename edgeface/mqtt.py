@@ -1,0 +1,245 @@
+"""MQTT publisher (paho-mqtt 2.x): availability with Last Will, retained states, events via the outbox.
+
+The pipeline calls `send_event()` / `set_state()`, which never block on the network and never raise:
+events are written to the persistent Outbox first; one sender thread delivers them strictly in order,
+waiting for each PUBACK (QoS 1) before deleting it. paho reconnects by itself (connect_async +
+loop_start) with back-off; on every (re)connect availability, retained states and Home Assistant
+discovery are published again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import paho.mqtt.client as mqtt
+
+from .config import MqttConfig
+from .outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+CommandHandler = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
+
+
+class Topics:
+    """Every topic of one door (docs/mqtt.md lists them with payloads)."""
+
+    def __init__(self, prefix: str, door_id: str, ha_prefix: str = "homeassistant") -> None:
+        base = f"{prefix}/{door_id}"
+        self.base = base
+        self.availability = f"{base}/availability"
+        self.event = f"{base}/event"
+        self.door_event = f"{base}/door_event"
+        self.relay = f"{base}/relay"
+        self.contact = f"{base}/contact"
+        self.last_person = f"{base}/last_person"
+        self.camera = f"{base}/camera"
+        self.outbox = f"{base}/outbox"
+        self.unlock_command = f"{base}/unlock/set"
+        self.ha_status = f"{ha_prefix}/status"
+
+
+class MqttPublisher:
+    """One paho client for one door. start() returns at once; the broker may come later."""
+
+    def __init__(self, cfg: MqttConfig, *, door_id: str, outbox: Outbox, password: Optional[str] = None,
+                 discovery: Optional[Callable[[], list[tuple[str, str]]]] = None,
+                 on_command: Optional[CommandHandler] = None, reconnect_min_s: float = 1.0,
+                 reconnect_max_s: float = 30.0, ack_timeout_s: float = 30.0) -> None:
+        self.cfg = cfg
+        self.door_id = door_id
+        self.topics = Topics(cfg.topic_prefix, door_id, cfg.ha_prefix)
+        self.outbox = outbox
+        self._discovery = discovery
+        self._on_command = on_command
+        self.ack_timeout_s = ack_timeout_s
+        self._states: dict[str, str] = {}
+        self._states_lock = threading.Lock()
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._acked: dict[int, float] = {}
+        self._ack_cond = threading.Condition()
+        self._sender: Optional[threading.Thread] = None
+        self.delivered = 0
+        self.last_error: Optional[str] = None
+
+        client_id = cfg.client_id or f"edgeface-{door_id}"
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+                        protocol=mqtt.MQTTv311)
+        if cfg.username:
+            c.username_pw_set(cfg.username, password)
+        if cfg.tls:
+            c.tls_set(ca_certs=cfg.ca_cert, certfile=cfg.client_cert, keyfile=cfg.client_key,
+                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        c.will_set(self.topics.availability, "offline", qos=1, retain=True)
+        c.reconnect_delay_set(min_delay=max(1, int(reconnect_min_s)), max_delay=max(1, int(reconnect_max_s)))
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        self.client = c
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        except Exception as exc:  # noqa: BLE001  (bad host name etc.: keep running, paho retries)
+            self.last_error = str(exc)
+            log.warning("MQTT connect to %s:%s failed: %s", self.cfg.host, self.cfg.port, exc)
+        self.client.loop_start()
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox", daemon=True)
+        self._sender.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Say offline (retained), give queued events `timeout` s to go out, disconnect."""
+        if self._stop.is_set():
+            return
+        deadline = time.monotonic() + timeout
+        while self.connected and time.monotonic() < deadline and len(self.outbox) > 0:
+            time.sleep(0.05)
+        self._stop.set()
+        with self._ack_cond:
+            self._ack_cond.notify_all()
+        if self._sender is not None:
+            self._sender.join(timeout=5)
+        if self.connected:
+            try:
+                info = self.client.publish(self.topics.availability, "offline", qos=1, retain=True)
+                info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001
+                log.debug("could not publish offline", exc_info=True)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- what the pipeline calls (never blocks on the network, never raises) ---------------------
+    def send_event(self, event_id: str, topic: str, payload: dict[str, Any], *, critical: bool = False) -> bool:
+        try:
+            self.outbox.add(event_id, topic, json.dumps(payload, separators=(",", ":"), sort_keys=True),
+                            critical=critical)
+            return True
+        except Exception:  # noqa: BLE001
+            log.exception("could not queue event %s", event_id)
+            return False
+
+    def set_state(self, topic: str, value: str) -> None:
+        """A retained latest-value state (relay, contact, camera, ...); re-sent on every reconnect."""
+        with self._states_lock:
+            if self._states.get(topic) == value:
+                return
+            self._states[topic] = value
+        if self.connected:
+            self._publish_quietly(topic, value, retain=True)
+
+    def publish_now(self, topic: str, payload: str, *, retain: bool = False, qos: int = 1) -> None:
+        if self.connected:
+            self._publish_quietly(topic, payload, retain=retain, qos=qos)
+
+    def _publish_quietly(self, topic: str, payload: str, *, retain: bool, qos: int = 1) -> None:
+        try:
+            self.client.publish(topic, payload, qos=qos, retain=retain)
+        except Exception:  # noqa: BLE001
+            log.warning("MQTT publish to %s failed", topic, exc_info=True)
+
+    # -- paho callbacks -------------------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            self.last_error = f"broker refused the connection: {reason_code}"
+            log.error("MQTT %s:%s refused the connection: %s (check mqtt.username / password)",
+                      self.cfg.host, self.cfg.port, reason_code)
+            return
+        log.info("MQTT connected to %s:%s", self.cfg.host, self.cfg.port)
+        self.last_error = None
+        subs = []
+        if self.cfg.ha_discovery:
+            subs.append((self.topics.ha_status, 1))
+        if self.cfg.remote_unlock and self._on_command is not None:
+            subs.append((self.topics.unlock_command, 1))
+        if subs:
+            client.subscribe(subs)
+        client.publish(self.topics.availability, "online", qos=1, retain=True)
+        self._send_discovery()
+        with self._states_lock:
+            states = dict(self._states)
+        for topic, value in states.items():
+            client.publish(topic, value, qos=1, retain=True)
+        self._connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if self._connected.is_set():
+            log.warning("MQTT disconnected (%s); events wait in the outbox", reason_code)
+        self._connected.clear()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        with self._ack_cond:
+            now = time.monotonic()
+            self._acked[mid] = now
+            if len(self._acked) > 1000:
+                self._acked = {m: t for m, t in self._acked.items() if now - t < 60}
+            self._ack_cond.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            if msg.topic == self.topics.ha_status:
+                if msg.payload.decode(errors="replace").strip() == "online":
+                    log.info("Home Assistant came online: re-sending discovery")
+                    self._send_discovery()
+            elif self._on_command is not None:
+                self._on_command(msg.topic, bytes(msg.payload), bool(msg.retain))
+        except Exception:  # noqa: BLE001
+            log.exception("MQTT message handler failed for %s", msg.topic)
+
+    def _send_discovery(self) -> None:
+        if not (self.cfg.ha_discovery and self._discovery):
+            return
+        try:
+            for topic, payload in self._discovery():
+                self.client.publish(topic, payload, qos=1, retain=True)
+        except Exception:  # noqa: BLE001
+            log.exception("Home Assistant discovery failed")
+
+    # -- sender -----------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._connected.wait(0.5):
+                continue
+            try:
+                if not self.outbox.wait(0.5):
+                    continue
+                item = self.outbox.peek()
+            except Exception:  # noqa: BLE001  (closed outbox at shutdown)
+                if self._stop.is_set():
+                    return
+                log.exception("outbox read failed")
+                self._stop.wait(1.0)
+                continue
+            if item is None:
+                continue
+            info = self.client.publish(item.topic, item.payload, qos=1, retain=False)
+            # paho keeps a QoS 1 message and re-sends it after a reconnect itself, so it is published
+            # once per process and we wait for its PUBACK however long the outage lasts.
+            if self._wait_ack(info.mid):
+                try:
+                    self.outbox.mark_delivered(item.seq)
+                    self.delivered += 1
+                except Exception:  # noqa: BLE001
+                    if not self._stop.is_set():
+                        log.exception("outbox update failed")
+
+    def _wait_ack(self, mid: int) -> bool:
+        with self._ack_cond:
+            while not self._stop.is_set():
+                if self._acked.pop(mid, None) is not None:
+                    return True
+                self._ack_cond.wait(0.5)
+        return False

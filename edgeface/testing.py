@@ -1,0 +1,154 @@
+"""Reusable test helpers with REAL substitutes: a private mosquitto broker and an MQTT collector.
+
+Used by the test suite and handy for trying the daemon by hand. Network use is 127.0.0.1 only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+MOSQUITTO = os.environ.get("EDGEFACE_MOSQUITTO", "/usr/sbin/mosquitto")
+
+
+def mosquitto_path() -> Optional[str]:
+    """The mosquitto binary, or None when it is not installed."""
+    if os.access(MOSQUITTO, os.X_OK):
+        return MOSQUITTO
+    return shutil.which("mosquitto")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MosquittoBroker:
+    """mosquitto on 127.0.0.1:<free port> with a temp config (anonymous, no persistence).
+
+    stop() then start() comes back on the SAME port, to test broker outages.
+    """
+
+    def __init__(self, port: Optional[int] = None, *, binary: Optional[str] = None) -> None:
+        self.binary = binary or mosquitto_path()
+        if not self.binary:
+            raise FileNotFoundError("mosquitto is not installed (apt install mosquitto)")
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self._dir = Path(tempfile.mkdtemp(prefix="edgeface-mosquitto-"))
+        self.config = self._dir / "mosquitto.conf"
+        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                               f"log_dest file {self._dir / 'mosquitto.log'}\nlog_type error\nlog_type warning\n")
+        self._proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
+        if self.running:
+            return self
+        self._proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise RuntimeError(f"mosquitto exited with {self._proc.returncode}: {err.strip()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout} s")
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if proc.stderr:
+            proc.stderr.close()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "MosquittoBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Collector:
+    """An MQTT subscriber (paho v2) that records every message; wait_for() polls with a deadline."""
+
+    def __init__(self, host: str, port: int, topics: str | list[str] = "#", *, client_id: str = "") -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._topics = [topics] if isinstance(topics, str) else list(topics)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise RuntimeError(f"collector could not subscribe on {host}:{port}")
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        client.subscribe([(t, 1) for t in self._topics])
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def on_topic(self, topic: str) -> list[bytes]:
+        with self._lock:
+            return [p for t, p, _r in self.messages if t == topic]
+
+    def json_on(self, topic: str) -> list[dict[str, Any]]:
+        return [json.loads(p) for p in self.on_topic(topic)]
+
+    def wait_for(self, topic: str, count: int = 1, timeout: float = 10.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.on_topic(topic)
+            if len(got) >= count:
+                return got
+            time.sleep(0.02)
+        return self.on_topic(topic)
+
+    def last(self, topic: str, timeout: float = 10.0) -> Optional[bytes]:
+        got = self.wait_for(topic, 1, timeout)
+        return got[-1] if got else None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def __enter__(self) -> "Collector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
