@@ -31,7 +31,8 @@ def prewhiten(batch: np.ndarray) -> np.ndarray:
     mean = x.mean(axis=axes, keepdims=True)
     std = x.std(axis=axes, keepdims=True)
     n = np.prod(x.shape[1:])
-    return (x - mean) / np.maximum(std, 1.0 / np.sqrt(n))
+    # float32 out: a float64 numpy scalar here would otherwise promote the batch to float64 (NEP 50).
+    return ((x - mean) / np.maximum(std, 1.0 / np.sqrt(n))).astype(np.float32)
 
 
 def arcface_norm(batch: np.ndarray) -> np.ndarray:
