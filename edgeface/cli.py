@@ -14,7 +14,7 @@ from .config import DEFAULT_CONFIG_PATH, EdgefaceConfig, load_config
 from .errors import EdgefaceError, ExitStatus
 
 #: Modules that add subcommands; each defines `register(group: click.Group) -> None`.
-COMMAND_MODULES: list[str] = ["cli_convert"]
+COMMAND_MODULES: list[str] = ["cli_convert", "cli_eval", "cli_gallery"]
 
 
 class CliContext:
@@ -95,6 +95,39 @@ def models_cmd(obj: CliContext, as_json: bool) -> None:
             click.echo(f"{r['name']:<18} {r['kind']:<10} {r['bytes']:>10}  {r['file']}  {r['status']}")
     if failed:
         raise click.exceptions.Exit(int(ExitStatus.ERROR))
+
+
+@cli.command("quantize")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--template", type=click.Choice(["arcface112", "facenet160"]), required=True,
+              help="Alignment template the model was trained with.")
+@click.option("--preprocessing", type=click.Choice(["arcface", "prewhiten"]), required=True,
+              help="Pixel normalisation the model expects.")
+@click.option("--representative", "representative", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Folder of face photos (any depth) used to calibrate activation ranges.")
+@click.option("--limit", default=200, show_default=True, help="Calibration faces to use at most.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output .tflite file.")
+@pass_ctx
+def quantize_cmd(obj: CliContext, model: str, template: str, preprocessing: str, representative: str,
+                 limit: int, out_path: str) -> None:
+    """Quantize a float TFLite embedder to int8 (weights and activations) with real aligned faces."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from .analyze import FaceAnalyzer
+    from .embed import PREPROCESSING
+    from .images import IMAGE_SUFFIXES
+    from .quantize import calibration_crops, quantize_int8
+
+    cfg = obj.config.model_copy(deep=True)
+    cfg.embedder.model, cfg.embedder.template, cfg.embedder.preprocessing = model, template, preprocessing
+    images = sorted(p for p in Path(representative).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    with FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir) as analyzer:
+        crops = calibration_crops(images, analyzer, limit=limit)
+    click.echo(f"calibrating on {len(crops)} aligned faces from {representative}", err=True)
+    norm = PREPROCESSING[preprocessing]
+    out = quantize_int8(model, (norm(c[None]) for c in crops), out_path)
+    from .models import sha256_file
+
+    click.echo(f"{out} {out.stat().st_size} bytes sha256 {sha256_file(out)}")
 
 
 def _register_commands() -> None:
