@@ -1,0 +1,264 @@
+"""`edgeface enroll / identify / verify / people / gallery`, run in-process through edgeface.cli.main.
+
+Real photos (tests/fixtures/faces), real SQLite files; exact stdout lines and exit codes are what scripts use."""
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import FIXTURES, SHARED
+from edgeface.cli import main
+from edgeface.config import EdgefaceConfig
+from edgeface.errors import ModelError
+from edgeface.gallery import EnrollItem, Gallery
+
+FACES = FIXTURES / "faces"
+NONFACE = FIXTURES / "nonfaces" / "pilatus_mountain.jpg"
+MOBILEFACENET = SHARED / "weights" / "mobilefacenet" / "mobilefacenet.tflite"
+ENROLLED = ["alex_lacamoire", "barack_obama", "guido_van_rossum", "paul_allen", "steve_wozniak"]
+STRANGERS = ["elon_musk", "kit_harington"]
+
+
+def embedder_section() -> dict:
+    """The default embedder when shipped; MobileFaceNet from ../shared while facenet_int8 is not in models/."""
+    from edgeface.models import resolve_model
+
+    try:
+        resolve_model(EdgefaceConfig().embedder.model)
+        return {}
+    except ModelError:
+        if not MOBILEFACENET.is_file():
+            pytest.skip("neither models/facenet_int8.tflite nor ../shared MobileFaceNet is available")
+        return {"model": str(MOBILEFACENET), "preprocessing": "arcface", "template": "arcface112"}
+
+
+def write_config(path: Path, gallery: Path, **gallery_extra) -> Path:
+    doc = {"gallery": {"path": str(gallery), **gallery_extra}}
+    emb = embedder_section()
+    if emb:
+        doc["embedder"] = emb
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run(capsys, config: Path, *args: str) -> tuple[int, list[str], str]:
+    """(exit status, stdout lines, stderr) of one in-process `edgeface --config CONFIG ARGS...`."""
+    capsys.readouterr()
+    rc = main(["--config", str(config), *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out.splitlines(), err
+
+
+@pytest.fixture(scope="module")
+def people_dir(tmp_path_factory) -> Path:
+    """people/<name>/: the first two photos of the enrolled five."""
+    root = tmp_path_factory.mktemp("people")
+    for name in ENROLLED:
+        (root / name).mkdir()
+        for f in sorted((FACES / name).glob("*.jpg"))[:2]:
+            shutil.copy(f, root / name / f.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def enrolled(tmp_path_factory, people_dir) -> Path:
+    """A config whose gallery holds the five people enrolled with `enroll --folder` (built once per module)."""
+    d = tmp_path_factory.mktemp("enrolled")
+    cfg = write_config(d / "config.yaml", d / "state" / "gallery.db")
+    rc = main(["--config", str(cfg), "enroll", "--folder", str(people_dir)])
+    assert rc == 0
+    return cfg
+
+
+@pytest.fixture
+def fresh(tmp_path, enrolled) -> Path:
+    """A private copy of the enrolled gallery (tests that change it)."""
+    src = Path(yaml.safe_load(enrolled.read_text())["gallery"]["path"])
+    with Gallery.open(src, model_id=_model_id(enrolled), max_distance=0.4) as g:
+        g.export(tmp_path / "seed.json")
+    cfg = write_config(tmp_path / "config.yaml", tmp_path / "g.db")
+    assert main(["--config", str(cfg), "gallery", "import", str(tmp_path / "seed.json")]) == 0
+    return cfg
+
+
+def _model_id(cfg: Path) -> str:
+    from edgeface.cli_gallery import embedder_identity
+    from edgeface.config import load_config
+
+    return embedder_identity(load_config(cfg))[0]
+
+
+def probes() -> list[tuple[Path, str]]:
+    """(photo, expected answer) for every photo not used for enrollment."""
+    out = []
+    for name in ENROLLED:
+        out += [(f, name) for f in sorted((FACES / name).glob("*.jpg"))[2:]]
+    for name in STRANGERS:
+        out += [(f, "unknown") for f in sorted((FACES / name).glob("*.jpg"))]
+    return out
+
+
+def test_enroll_folder_then_list(capsys, enrolled):
+    rc, out, err = run(capsys, enrolled, "people", "list")
+    assert rc == 0
+    assert out == [f"{n},enabled,2," for n in ENROLLED]
+
+
+def test_enroll_reports_rejected_photos_on_stderr(capsys, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "g.db")
+    guido = sorted((FACES / "guido_van_rossum").glob("*.jpg"))
+    rc, out, err = run(capsys, cfg, "enroll", "Guido", guido[0], guido[4], NONFACE, "--json")
+    assert rc == 0
+    assert f"rejected {guido[4]}: head turned" in err and f"rejected {NONFACE}: no face found" in err
+    assert "enrolled 'Guido': 1 added, 2 rejected" in err
+    report = json.loads("\n".join(out))
+    assert report[0]["added"] == [str(guido[0])] and len(report[0]["rejected"]) == 2
+
+
+def test_identify_prints_one_line_per_face(capsys, enrolled):
+    cases = probes()
+    rc, out, err = run(capsys, enrolled, "identify", *[p for p, _ in cases], NONFACE)
+    assert rc == 0
+    assert len(out) == len(cases) + 1
+    for line, (path, expected) in zip(out, cases):
+        image, name, distance = line.split(",")
+        assert image == str(path) and name == expected, line
+        assert 0 <= float(distance) <= 2
+    assert out[-1] == f"{NONFACE},no_face,"
+
+
+def test_identify_json_and_annotate(capsys, enrolled, tmp_path):
+    photo = sorted((FACES / "paul_allen").glob("*.jpg"))[3]
+    rc, out, err = run(capsys, enrolled, "identify", photo, "--json", "--annotate", tmp_path / "ann")
+    assert rc == 0
+    doc = json.loads("\n".join(out))
+    assert doc[0]["image"] == str(photo) and doc[0]["faces"][0]["name"] == "paul_allen"
+    assert (tmp_path / "ann" / (photo.stem + ".jpg")).stat().st_size > 1000
+
+
+def test_identify_unreadable_image_exits_1_but_answers_the_rest(capsys, enrolled, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    good = sorted((FACES / "barack_obama").glob("*.jpg"))[2]
+    rc, out, err = run(capsys, enrolled, "identify", bad, good)
+    assert rc == 1
+    assert [line.split(",")[:2] for line in out] == [[str(good), "barack_obama"]]
+    assert err.count("\n") == 1 and f"error: cannot decode image {bad}" in err
+
+
+def test_verify_exit_codes(capsys, enrolled):
+    woz = sorted((FACES / "steve_wozniak").glob("*.jpg"))[3]
+    rc, out, _ = run(capsys, enrolled, "verify", woz, "--person", "steve_wozniak")
+    assert rc == 0 and out[0].startswith(f"{woz},steve_wozniak,")
+    rc, out, _ = run(capsys, enrolled, "verify", woz, "--person", "paul_allen")
+    assert rc == 1 and out[0].startswith(f"{woz},unknown,")
+    rc, out, err = run(capsys, enrolled, "verify", NONFACE, "--person", "paul_allen")
+    assert rc == 3 and out == [] and err.startswith("error: no face found in")
+    rc, out, err = run(capsys, enrolled, "verify", woz, "--person", "nobody")
+    assert rc == 1 and "no person named 'nobody'" in err
+
+
+def test_people_management_takes_effect(capsys, fresh):
+    photo = sorted((FACES / "barack_obama").glob("*.jpg"))[3]
+    assert run(capsys, fresh, "identify", photo)[1][0].split(",")[1] == "barack_obama"
+    rc, out, err = run(capsys, fresh, "people", "disable", "barack_obama")
+    assert rc == 0 and out == [] and "disabled 'barack_obama'" in err
+    assert run(capsys, fresh, "identify", photo)[1][0].split(",")[1] == "unknown"
+    assert "barack_obama,disabled,2," in run(capsys, fresh, "people", "list")[1]
+    assert run(capsys, fresh, "people", "enable", "barack_obama")[0] == 0
+    assert run(capsys, fresh, "people", "rename", "barack_obama", "Barack Obama")[0] == 0
+    assert run(capsys, fresh, "identify", photo)[1][0].split(",")[1] == "Barack Obama"
+    rc, out, _ = run(capsys, fresh, "people", "show", "Barack Obama", "--json")
+    assert rc == 0 and json.loads("\n".join(out))["embeddings"] == 2
+    rc, out, err = run(capsys, fresh, "people", "schedule", "Barack Obama", "--days", "mon,fri", "--window",
+                       "08:00-17:30")
+    assert rc == 0
+    assert "schedule: {\"days\": [\"mon\", \"fri\"], \"windows\": [[\"08:00\", \"17:30\"]]}" in \
+        run(capsys, fresh, "people", "show", "Barack Obama")[1]
+    rc, out, err = run(capsys, fresh, "people", "remove", "Barack Obama", "--yes")
+    assert rc == 0 and "2 embeddings erased" in err
+    assert run(capsys, fresh, "identify", photo)[1][0].split(",")[1] == "unknown"
+    assert [line.split(",")[0] for line in run(capsys, fresh, "people", "list")[1]] == \
+        [n for n in ENROLLED if n != "barack_obama"]
+
+
+def test_export_import_same_answers(capsys, enrolled, tmp_path):
+    rc, _, err = run(capsys, enrolled, "gallery", "export", tmp_path / "g.json")
+    assert rc == 0 and "exported 5 people" in err
+    other = write_config(tmp_path / "other.yaml", tmp_path / "other.db")
+    assert run(capsys, other, "gallery", "import", tmp_path / "g.json")[0] == 0
+    photos = [p for p, _ in probes()]
+    assert run(capsys, other, "identify", *photos)[1] == run(capsys, enrolled, "identify", *photos)[1]
+    rc, out, err = run(capsys, other, "gallery", "import", tmp_path / "g.json")
+    assert rc == 1 and "already exists" in err
+    rc, out, _ = run(capsys, other, "gallery", "stats", "--json")
+    stats = json.loads("\n".join(out))
+    assert stats["people"] == 5 and stats["embeddings"] == 10
+
+
+def test_odd_name_is_one_line_error(capsys, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "g.db")
+    photo = sorted((FACES / "paul_allen").glob("*.jpg"))[0]
+    for name in ["a/b", "tab\tname", "x" * 65, " padded"]:
+        rc, out, err = run(capsys, cfg, "enroll", name, photo)
+        assert rc == 1 and out == [] and err.startswith("error: invalid person name") and err.count("\n") == 1
+    assert not (tmp_path / "g.db").exists()
+
+
+def test_folder_with_no_faces_writes_nothing(capsys, fresh, tmp_path):
+    root = tmp_path / "people"
+    (root / "newcomer").mkdir(parents=True)
+    shutil.copy(sorted((FACES / "kit_harington").glob("*.jpg"))[0], root / "newcomer" / "kit.jpg")
+    (root / "ghost").mkdir()
+    shutil.copy(NONFACE, root / "ghost" / "mountain.jpg")
+    rc, out, err = run(capsys, fresh, "enroll", "--folder", root)
+    assert rc == 3 and "no usable face to enroll 'ghost'" in err and "nothing was written" in err
+    assert [line.split(",")[0] for line in run(capsys, fresh, "people", "list")[1]] == ENROLLED
+
+
+def test_broken_gallery_files_are_one_line_errors(capsys, tmp_path):
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"\x00garbage" * 1000)
+    cfg = write_config(tmp_path / "a.yaml", corrupt)
+    rc, out, err = run(capsys, cfg, "people", "list")
+    assert rc == 1 and err == f"error: gallery {corrupt} is not an SQLite database (corrupt or another kind of " \
+                               "file); restore a backup or move it away\n"
+    foreign = tmp_path / "foreign.db"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+    rc, out, err = run(capsys, write_config(tmp_path / "b.yaml", foreign), "gallery", "stats")
+    assert rc == 1 and "is an SQLite database but not an edgeface gallery" in err and err.count("\n") == 1
+    missing = write_config(tmp_path / "c.yaml", tmp_path / "missing.db")
+    rc, out, err = run(capsys, missing, "people", "list")
+    assert rc == 1 and "does not exist" in err
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_gallery_of_another_model(capsys, tmp_path):
+    path = tmp_path / "g.db"
+    with Gallery.open(path, model_id="some_other_model", max_distance=0.4) as g:
+        v = np.ones(128, np.float32)
+        g.enroll("alice", [EnrollItem("a.jpg", "h", v, 0.9)])
+    cfg = write_config(tmp_path / "c.yaml", path)
+    rc, out, err = run(capsys, cfg, "identify", sorted((FACES / "paul_allen").glob("*.jpg"))[0])
+    assert rc == 1 and out == []
+    assert "'some_other_model'" in err and f"'{_model_id(cfg)}'" in err and "re-enroll" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [[], ["enroll"], ["identify"], ["verify"], ["people"], ["people", "list"],
+                                  ["people", "show"], ["people", "rename"], ["people", "disable"],
+                                  ["people", "enable"], ["people", "remove"], ["people", "schedule"], ["gallery"],
+                                  ["gallery", "export"], ["gallery", "import"], ["gallery", "stats"],
+                                  ["gallery", "reembed"]])
+def test_help_everywhere(capsys, args):
+    assert main([*args, "--help"]) == 0
+    assert "Usage: edgeface" in capsys.readouterr().out
