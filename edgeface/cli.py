@@ -14,7 +14,7 @@ from .config import DEFAULT_CONFIG_PATH, EdgefaceConfig, load_config
 from .errors import EdgefaceError, ExitStatus
 
 #: Modules that add subcommands; each defines `register(group: click.Group) -> None`.
-COMMAND_MODULES: list[str] = ["cli_convert", "cli_eval", "cli_gallery"]
+COMMAND_MODULES: list[str] = ["cli_convert", "cli_eval", "cli_gallery", "cli_run"]
 
 
 class CliContext:

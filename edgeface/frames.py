@@ -98,7 +98,8 @@ class FolderSource(_Health):
     """Images of a folder (recursively, sorted) as frames: tests and the demo. Not live: nothing is dropped."""
 
     def __init__(self, path: Union[str, os.PathLike[str]], *, loop: bool = False, max_fps: Optional[float] = None,
-                 on_health: Optional[HealthCallback] = None, clock: Callable[[], float] = time.time) -> None:
+                 repeat: int = 1, on_health: Optional[HealthCallback] = None,
+                 clock: Callable[[], float] = time.time) -> None:
         super().__init__(on_health)
         self.path = Path(path)
         if not self.path.is_dir():
@@ -107,6 +108,7 @@ class FolderSource(_Health):
         if not self.files:
             raise CameraError(f"camera.source: no images (.jpg/.png/...) in folder {self.path}")
         self.loop = loop
+        self.repeat = max(1, int(repeat))  # each photo shown this many frames: a person standing there
         self.name = f"folder:{self.path}"
         self._stop = threading.Event()
         self._rate = RateLimiter(max_fps, self._stop)
@@ -124,8 +126,11 @@ class FolderSource(_Health):
                 except ImageError as exc:
                     log.warning("skipping unreadable frame: %s", exc)
                     continue
-                yield Frame(image=image, timestamp=self._clock(), index=index, source=str(file))
-                index += 1
+                for k in range(self.repeat):
+                    if k and not self._rate.wait():
+                        return
+                    yield Frame(image=image, timestamp=self._clock(), index=index, source=str(file))
+                    index += 1
             if not self.loop:
                 break
         self._set_health("stopped", "end of folder")

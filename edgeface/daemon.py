@@ -1,0 +1,388 @@
+"""The access daemon: frames -> analyze -> gallery match -> policy -> door relay + events (MQTT, audit).
+
+`Daemon.process_frame()` is the whole per-frame pipeline (tests drive it with real JPEGs);
+`Daemon.run()` feeds it from the camera until stopped. Nothing here blocks on the network: events go
+to the persistent outbox and the MQTT sender thread delivers them. The door is released on every
+way out (close(), signals via the CLI, exceptions).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+from zoneinfo import ZoneInfo
+
+from .audit import AuditLog
+from .config import EdgefaceConfig, read_secret
+from .decide import Decision, PersonRule, Policy, Schedule
+from .door import Door, DoorContact, make_pin_factory
+from .errors import ConfigError
+from .events import CRITICAL_KINDS, AccessEvent, DoorEvent
+from .frames import FrameSource, open_source
+from .types import Frame, Match
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[dict], None]
+
+
+def state_path(cfg: EdgefaceConfig, path: str) -> Path:
+    """A relative file path in the config is relative to state_dir."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(cfg.state_dir).expanduser() / p
+
+
+def ensure_embedder(cfg: EdgefaceConfig) -> None:
+    """Let the converter produce a missing embedder model, when that part of edgeface is installed."""
+    try:
+        from . import convert
+    except ImportError:
+        return
+    ensure = getattr(convert, "ensure_embedder_model", None)
+    if ensure is not None:
+        ensure(cfg)
+
+
+@dataclass
+class _PeopleCache:
+    loaded: float = -1e9
+    rules: dict[int, PersonRule] = None  # type: ignore[assignment]
+    disabled: list[tuple[int, str]] = None  # type: ignore[assignment]
+
+
+class Daemon:
+    """Owns every part; build with the config, optionally hand in parts (tests, demo)."""
+
+    PEOPLE_REFRESH_S = 2.0
+
+    def __init__(self, cfg: EdgefaceConfig, *, analyzer: Any = None, gallery: Any = None,
+                 source: Optional[FrameSource] = None, pin_factory: Any = None,
+                 event_sink: Optional[EventSink] = None, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.door_id = cfg.door.door_id
+        self._clock = clock
+        self._event_sink = event_sink
+        self._closed = False
+        self._stop = threading.Event()
+        self._heartbeat = time.monotonic()
+        self._people = _PeopleCache()
+        self.tz = ZoneInfo(cfg.policy.timezone)
+        self.frames_seen = 0
+        self.camera_health = "reconnecting"
+        self._parts: list[Any] = []  # closed in reverse order
+        try:
+            self._build(analyzer, gallery, source, pin_factory)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ wiring
+    def _build(self, analyzer: Any, gallery: Any, source: Optional[FrameSource], pin_factory: Any) -> None:
+        cfg = self.cfg
+        state = Path(cfg.state_dir).expanduser()
+        try:
+            state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state_dir = {str(state)!r}: cannot create it: {exc.strerror or exc}") from None
+        self.audit = AuditLog(state_path(cfg, cfg.audit.path), retention_days=cfg.audit.retention_days,
+                              max_rows=cfg.audit.max_rows)
+        self._parts.append(self.audit)
+
+        # the door first and released: nothing may leave the relay in an unknown state
+        factory = pin_factory if pin_factory is not None else make_pin_factory(cfg.door.pin_factory)
+        self.door = Door.from_config(cfg.door, pin_factory=factory, on_change=self._on_relay)
+        self._parts.append(self.door)
+        self.contact: Optional[DoorContact] = None
+        if cfg.door.contact_pin is not None:
+            grace = cfg.door.pulse_s + 2.0
+            self.contact = DoorContact(cfg.door.contact_pin, closed_is_low=cfg.door.contact_closed_is_low,
+                                       held_open_s=cfg.door.held_open_s, pin_factory=factory,
+                                       was_granted=lambda: self.door.recently_unlocked(grace),
+                                       on_event=self._on_contact)
+            self._parts.append(self.contact)
+
+        if analyzer is None:
+            ensure_embedder(cfg)
+            from .analyze import FaceAnalyzer
+
+            analyzer = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
+            self._parts.append(analyzer)  # only what the daemon made is closed by it
+        self.analyzer = analyzer
+        self.model_id = str(analyzer.embedder.model_id)
+
+        if gallery is None:
+            from .gallery import Gallery, resolve_max_distance
+
+            dim = int(getattr(getattr(analyzer.embedder, "spec", None), "embedding_dim", 128))
+            gallery = Gallery.open(state_path(cfg, cfg.gallery.path), model_id=self.model_id, embedding_dim=dim,
+                                   max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir),
+                                   keep_crops=cfg.gallery.keep_crops, match_mode=cfg.gallery.match_mode,
+                                   top_k=cfg.gallery.top_k)
+            self._parts.append(gallery)
+        self.gallery = gallery
+        self.policy = Policy(cfg.policy, rules=self._rule)
+
+        self.mqtt = None
+        self.outbox = None
+        self._verifier = None
+        if cfg.mqtt.enabled:
+            from .hass import discovery_messages
+            from .mqtt import MqttPublisher
+            from .outbox import Outbox
+
+            self.outbox = Outbox(state_path(cfg, cfg.mqtt.outbox_path), max_events=cfg.mqtt.outbox_max_events)
+            self._parts.append(self.outbox)
+            on_command = None
+            if cfg.mqtt.remote_unlock:
+                from .remote import CommandVerifier, NonceStore
+
+                secret = read_secret(cfg.mqtt.remote_unlock_secret_env)
+                if not secret:
+                    raise ConfigError(f"mqtt.remote_unlock is true but the secret "
+                                      f"${cfg.mqtt.remote_unlock_secret_env} (environment or systemd credential) "
+                                      "is not set")
+                nonces = NonceStore(state_path(cfg, "nonces.db"), keep_s=4 * cfg.mqtt.command_max_age_s + 60)
+                self._parts.append(nonces)
+                self._verifier = CommandVerifier(secret, self.door_id, max_age_s=cfg.mqtt.command_max_age_s,
+                                                 nonces=nonces)
+                on_command = self._on_command
+            self.mqtt = MqttPublisher(cfg.mqtt, door_id=self.door_id, outbox=self.outbox,
+                                      password=read_secret(cfg.mqtt.password_env) if cfg.mqtt.username else None,
+                                      discovery=lambda: discovery_messages(cfg), on_command=on_command)
+            self.mqtt.set_state(self.mqtt.topics.relay, self.door.state)
+            if self.contact is not None:
+                self.mqtt.set_state(self.mqtt.topics.contact, self.contact.state)
+
+        self.source = source if source is not None else open_source(cfg.camera, on_health=self._on_camera_health)
+        self._parts.append(self.source)
+
+    def start(self) -> None:
+        """Connect MQTT (asynchronously: the broker may come later)."""
+        if self.mqtt is not None:
+            self.mqtt.start()
+        self.audit.record("daemon", result="started", model_id=self.model_id)
+
+    def summary(self) -> list[str]:
+        """Start-up summary lines (models, gallery size, camera, door, broker)."""
+        cfg = self.cfg
+        det = getattr(self.analyzer, "detector", None)
+        people = self._safe_people()
+        lines = [
+            f"models: detector {getattr(det, 'model_id', None) or cfg.detector.model or 'blazeface_' + cfg.detector.variant}"
+            f", embedder {self.model_id}",
+            f"gallery: {state_path(cfg, cfg.gallery.path)} ({len(people)} people, "
+            f"{sum(1 for p in people if getattr(p, 'enabled', True))} enabled), max distance "
+            f"{getattr(self.gallery, 'max_distance', '?')}",
+            f"camera: {getattr(self.source, 'name', cfg.camera.source)} (max {cfg.camera.max_fps:g} fps)",
+            f"door {self.door_id}: relay pin {cfg.door.relay_pin} ({'active high' if cfg.door.active_high else 'active low'}"
+            f", pulse {cfg.door.pulse_s:g} s, pin factory {cfg.door.pin_factory or 'default'})"
+            + (f", contact pin {cfg.door.contact_pin}" if cfg.door.contact_pin is not None else ""),
+            f"policy: {cfg.policy.min_frames} of {cfg.policy.window_frames} frames in {cfg.policy.window_s:g} s, "
+            f"cooldown {cfg.policy.cooldown_s:g} s, min face {cfg.policy.min_face_size} px"
+            + ("" if cfg.policy.enabled else ", ACCESS DISABLED"),
+        ]
+        if cfg.mqtt.enabled:
+            lines.append(f"mqtt: {cfg.mqtt.host}:{cfg.mqtt.port}{' (TLS)' if cfg.mqtt.tls else ''} topics "
+                         f"{cfg.mqtt.topic_prefix}/{self.door_id}/..., outbox {len(self.outbox or [])} waiting"
+                         + (", remote unlock ON" if cfg.mqtt.remote_unlock else ""))
+        else:
+            lines.append("mqtt: disabled")
+        return lines
+
+    # ------------------------------------------------------------------ people / rules
+    def _safe_people(self) -> list[Any]:
+        try:
+            return list(self.gallery.people())
+        except Exception:  # noqa: BLE001
+            return []
+
+    def _refresh_people(self) -> None:
+        now = time.monotonic()
+        if now - self._people.loaded < self.PEOPLE_REFRESH_S and self._people.rules is not None:
+            return
+        rules: dict[int, PersonRule] = {}
+        disabled: list[tuple[int, str]] = []
+        for p in self._safe_people():
+            try:
+                sched = Schedule.parse(p.schedule)
+            except ConfigError as exc:
+                log.error("person %r: %s; treating as no access", p.name, exc)
+                rules[p.id] = PersonRule(enabled=False)
+                continue
+            rules[p.id] = PersonRule(enabled=bool(p.enabled), schedule=sched)
+            if not p.enabled:
+                disabled.append((p.id, p.name))
+        self._people = _PeopleCache(now, rules, disabled)
+
+    def _rule(self, person_id: int) -> PersonRule:
+        self._refresh_people()
+        return self._people.rules.get(person_id, PersonRule())
+
+    def _match(self, embedding: Any) -> Match:
+        match = self.gallery.match(embedding)
+        if match.known:
+            return match
+        # Disabled people are not in the matcher's index; recognise them anyway so they get `denied`.
+        self._refresh_people()
+        best: Optional[Match] = None
+        for pid, name in self._people.disabled:
+            try:
+                m = self.gallery.verify(embedding, name)
+            except Exception:  # noqa: BLE001  (removed meanwhile)
+                continue
+            if m.distance <= m.threshold and (best is None or m.distance < best.distance):
+                best = Match(pid, name, m.distance, m.threshold, pid, name)
+        return best or match
+
+    # ------------------------------------------------------------------ pipeline
+    def process_frame(self, frame: Frame) -> Decision:
+        """One frame through the whole pipeline; returns the policy's decision (and acts on it)."""
+        self._heartbeat = time.monotonic()
+        self.frames_seen += 1
+        result, _n = self.analyzer.analyze_main(frame.image)
+        if result is None:
+            decision = self.policy.observe(frame.timestamp, None)
+        else:
+            match = self._match(result.embedding)
+            decision = self.policy.observe(frame.timestamp, match, face_size=result.face.size,
+                                           box=tuple(float(v) for v in result.face.box))
+        if decision.action == "grant":
+            self.door.pulse()  # first: the person is waiting
+        if decision.action != "none":
+            self._report(decision)
+        return decision
+
+    def _report(self, d: Decision) -> None:
+        ev = AccessEvent.from_decision(d, door_id=self.door_id, model_id=self.model_id, tz=self.tz)
+        payload = ev.to_dict()
+        log.info("%s %s (distance %s, %d frames%s)", ev.result, ev.person_name or "stranger", ev.distance,
+                 ev.frames_used, f", {ev.reason}" if ev.result == "denied" else "")
+        if self.mqtt is not None:
+            self.mqtt.send_event(ev.event_id, self.mqtt.topics.event, payload, critical=ev.result in CRITICAL_KINDS)
+            self.mqtt.set_state(self.mqtt.topics.last_person, ev.person_name or "unknown")
+        self.audit.record("access", result=ev.result, person_id=ev.person_id, person_name=ev.person_name,
+                          distance=ev.distance, event_id=ev.event_id, ts=d.timestamp, reason=ev.reason,
+                          frames_used=ev.frames_used, threshold=ev.threshold, model_id=ev.model_id)
+        self._sink(payload)
+
+    def _door_event(self, event_type: str, detail: dict) -> None:
+        ev = DoorEvent.now(self.door_id, event_type, detail, ts=self._clock(), tz=self.tz)
+        if self.mqtt is not None:
+            self.mqtt.send_event(ev.event_id, self.mqtt.topics.door_event, ev.to_dict(),
+                                 critical=event_type in CRITICAL_KINDS)
+        self.audit.record("door", result=event_type, event_id=ev.event_id, **detail)
+        self._sink(ev.to_dict())
+
+    def _sink(self, payload: dict) -> None:
+        if self._event_sink is not None:
+            try:
+                self._event_sink(payload)
+            except Exception:  # noqa: BLE001
+                log.exception("event sink failed")
+
+    # ------------------------------------------------------------------ callbacks (other threads)
+    def _on_relay(self, state: str) -> None:
+        level = None
+        try:
+            level = bool(self.door._device.pin.state)  # the real pin level, for the audit trail
+        except Exception:  # noqa: BLE001
+            pass
+        self.audit.record("relay", result=state, pin_level=level)
+        if getattr(self, "mqtt", None) is not None:
+            self.mqtt.set_state(self.mqtt.topics.relay, state)
+
+    def _on_contact(self, kind: str, detail: dict) -> None:
+        if self.mqtt is not None and kind in ("door_opened", "door_closed"):
+            self.mqtt.set_state(self.mqtt.topics.contact, "open" if kind == "door_opened" else "closed")
+        self._door_event(kind, detail)
+
+    def _on_camera_health(self, state: str, detail: str) -> None:
+        self.camera_health = state
+        self._heartbeat = time.monotonic()  # waiting for a camera is alive, not hung
+        self.audit.record("camera", result=state, detail=detail)
+        if getattr(self, "mqtt", None) is not None:
+            self.mqtt.set_state(self.mqtt.topics.camera, state)
+
+    def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
+        assert self._verifier is not None
+        verdict = self._verifier.verify(payload, retained=retained, now=self._clock())
+        self.audit.record("remote_unlock", result="accepted" if verdict.accepted else "refused",
+                          reason=verdict.reason, nonce=verdict.nonce)
+        if verdict.accepted:
+            log.warning("remote unlock accepted (nonce %s)", verdict.nonce)
+            self.door.pulse()
+            self._door_event("remote_unlock", {"nonce": verdict.nonce})
+        else:
+            log.warning("remote unlock refused: %s", verdict.reason)
+            self._door_event("remote_unlock_refused", {"reason": verdict.reason})
+
+    # ------------------------------------------------------------------ loop
+    @property
+    def heartbeat_age(self) -> float:
+        return time.monotonic() - self._heartbeat
+
+    def run(self, *, max_frames: Optional[int] = None) -> int:
+        """Process frames until stop() or the source ends; a failing frame is logged, never fatal."""
+        n = 0
+        frames = self.source.frames()
+        try:
+            for frame in frames:
+                if self._stop.is_set():
+                    break
+                try:
+                    self.process_frame(frame)
+                except Exception:  # noqa: BLE001  (one bad frame must not stop the door)
+                    log.exception("frame %s failed", frame.index)
+                n += 1
+                if max_frames is not None and n >= max_frames:
+                    break
+        finally:
+            close = getattr(frames, "close", None)
+            if close:
+                close()
+        return n
+
+    def stop(self) -> None:
+        """Ask run() to end (signal-safe: sets flags, releases the relay)."""
+        self._stop.set()
+        try:
+            self.door.release()
+        except Exception:  # noqa: BLE001
+            pass
+        src = getattr(self, "source", None)
+        if src is not None:
+            src.close()
+
+    def close(self) -> None:
+        """Release the relay, flush MQTT briefly, close every part (safe twice)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        door = getattr(self, "door", None)
+        if door is not None:
+            door.release()
+        if getattr(self, "mqtt", None) is not None:
+            try:
+                self.mqtt.stop(timeout=2.0)
+            except Exception:  # noqa: BLE001
+                log.exception("MQTT stop failed")
+        audit = getattr(self, "audit", None)
+        if audit is not None:
+            audit.record("daemon", result="stopped")
+        for part in reversed(self._parts):
+            try:
+                part.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing %s failed", type(part).__name__)
+
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
