@@ -262,3 +262,23 @@ def test_gallery_of_another_model(capsys, tmp_path):
 def test_help_everywhere(capsys, args):
     assert main([*args, "--help"]) == 0
     assert "Usage: edgeface" in capsys.readouterr().out
+
+
+def test_enroll_from_camera_frames(capsys, tmp_path):
+    """camera.source as a folder of frames (a real FrameSource): 2 good frames are captured and enrolled."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    shutil.copy(NONFACE, frames / "00_empty_hall.jpg")
+    for i, f in enumerate(sorted((FACES / "steve_wozniak").glob("*.jpg"))):
+        shutil.copy(f, frames / f"{i + 1:02d}_woz.jpg")
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "g.db")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["camera"] = {"source": str(frames), "max_fps": 100}
+    cfg.write_text(yaml.safe_dump(doc))
+    rc, out, err = run(capsys, cfg, "enroll", "Woz", "--camera", "--frames", "2", "--json")
+    assert rc == 0, err
+    report = json.loads("\n".join(out))[0]
+    assert report["name"] == "Woz" and len(report["added"]) == 2
+    assert report["rejected"] == [{"source": "frame 0", "reason": "no face found"}]
+    photo = sorted((FACES / "steve_wozniak").glob("*.jpg"))[4]
+    assert run(capsys, cfg, "identify", photo)[1][0].split(",")[1] == "Woz"
