@@ -1,0 +1,210 @@
+"""`edgeface eval`: measure accuracy on a labelled photo set (verification, open-set identification, the
+issue-8 open-set study with its levers) and write a markdown + JSON report with plots."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .cli import CliContext, pass_ctx
+from .errors import ConfigError
+
+DEFAULT_CACHE = Path.home() / ".cache" / "edgeface" / "eval"
+
+
+def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        label, sep, value = item.rpartition("=")
+        try:
+            if not sep or not label:
+                raise ValueError
+            out[label] = float(value)
+        except ValueError:
+            raise ConfigError(f"--threshold {item!r}: expected MODEL_LABEL=DISTANCE, e.g. facenet_int8=0.55") from None
+    return out
+
+
+def _landmarks_available() -> bool:
+    try:
+        from . import landmarks  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@click.command("eval")
+@click.argument("dataset", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", "models", multiple=True, metavar="MODEL",
+              help="Embedder: manifest name, .tflite path, PATH:TEMPLATE:PREPROCESSING for a model outside the manifest "
+                   "(e.g. mobilefacenet.tflite:arcface112:arcface), suffix +flip / +lm for flip averaging / mesh "
+                   "landmarks, or 'face_recognition' (the dlib peer). Repeat to compare. Default: the config's embedder.")
+@click.option("--pairs", "pairs_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="LFW-style pairs.txt; default: every pair of photos in DATASET.")
+@click.option("--open-set", "open_set_mode", is_flag=True,
+              help="The open-set study: tuning/reporting halves, K-person galleries, E enrollment photos, seeded draws.")
+@click.option("--k", "k", type=click.IntRange(1), default=100, show_default=True, help="People enrolled per gallery.")
+@click.option("--enroll", "enrolls", type=click.IntRange(1), multiple=True,
+              help="Enrollment photos per person (repeatable). Default: 3 and 1 with --open-set, else 1.")
+@click.option("--draws", type=click.IntRange(1), default=20, show_default=True, help="Random galleries averaged.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--template", type=click.Choice(["mean", "best"]), default="mean", show_default=True,
+              help="Per-person score: distance to the mean of the E embeddings, or the best of the E.")
+@click.option("--split", type=click.Choice(["tune", "report", "all"]), default=None,
+              help="Identities to use (fixed by a hash of the name). Without --open-set: default all. With --open-set: "
+                   "default report (tables of the reporting half, thresholds also calibrated on the tuning half); "
+                   "'tune' shows the tuning half only.")
+@click.option("--ablation", is_flag=True, help="With --open-set: also measure each lever (template, flip, landmarks, "
+                                                "fusion, cohort normalisation, per-K thresholds).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="LABEL=DIST",
+              help="Default threshold of a model (default: config gallery.max_distance, else the manifest's; "
+                   "face_recognition: 0.6).")
+@click.option("--target-far", type=float, default=1e-3, show_default=True,
+              help="False-accept rate for the recommended threshold.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("eval-report.md"),
+              show_default=True, help="Markdown report; the JSON goes next to it (.json) unless --json is given.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plots-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the PNG plots go (default: img/ next to the report).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE, show_default=True,
+              help="Embeddings cache (one npz per model and photo set).")
+@click.option("--no-cache", is_flag=True, help="Embed everything again.")
+@click.option("--peer-python", type=click.Path(dir_okay=False), default=None,
+              help="Python of the peer venv (bench/setup_peer_env.sh) for --model face_recognition; "
+                   "default $EDGEFACE_PEER_PYTHON.")
+@click.option("--threads", type=click.IntRange(1, 16), default=None, help="Interpreter threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@pass_ctx
+def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file: Optional[Path], open_set_mode: bool,
+             k: int, enrolls: tuple[int, ...], draws: int, seed: int, template: str, split: Optional[str], ablation: bool,
+             thresholds: tuple[str, ...], target_far: float, report_path: Path, json_path: Optional[Path],
+             plots_dir: Optional[Path], cache_dir: Path, no_cache: bool, peer_python: Optional[str],
+             threads: Optional[int], quiet: bool) -> None:
+    """Measure accuracy on DATASET (one folder of photos per person) and write a report.
+
+    Without --open-set: 1:1 verification (ROC, EER, TAR at FAR 1e-2/1e-3/1e-4 where enough impostor pairs exist)
+    and open-set identification, per model, on the same photos. Photos without a detected face are counted,
+    never dropped.
+    """
+    from . import evaluate as ev
+
+    if ablation and not open_set_mode:
+        raise ConfigError("--ablation needs --open-set")
+    if not 0 < target_far < 1:
+        raise ConfigError(f"--target-far {target_far}: expected a rate between 0 and 1")
+    cfg = obj.config
+    choices = [ev.ModelChoice.parse(m) for m in (models or (cfg.embedder.model,))]
+    labels = [c.label for c in choices]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--model given twice: {labels}")
+    overrides = _parse_thresholds(thresholds)
+    unknown = set(overrides) - set(labels)
+    if unknown:
+        raise ConfigError(f"--threshold names {sorted(unknown)}, which is not among the models {labels}")
+    ds = ev.load_folder_dataset(dataset)
+    if split and split != "all" and not open_set_mode:
+        ds = ds.subset(ev.split_persons(ds.persons, split))
+        if len(ds.persons) < 2:
+            raise ConfigError(f"--split {split} leaves {len(ds.persons)} person(s) of {dataset}")
+    cache = None if no_cache else cache_dir
+    json_path = json_path or report_path.with_suffix(".json")
+    plots_dir = plots_dir or report_path.parent / "img"
+    prefix = report_path.stem
+    command = "edgeface " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] and "eval" in sys.argv[1:] \
+        else "edgeface eval " + shlex.quote(str(dataset))
+
+    def embed(choice: "ev.ModelChoice") -> "ev.EmbeddedSet":
+        return ev.embed_dataset(ds, choice, cache_dir=cache, detector_config=cfg.detector, num_threads=threads,
+                                peer_python=peer_python, progress=not quiet)
+
+    thr = {c.label: overrides.get(c.label, ev.default_threshold(c, cfg.gallery.max_distance)) for c in choices}
+    if not open_set_mode:
+        sets = [(c, embed(c)) for c in choices]
+        pairs = ev.lfw_pairs(ds, pairs_file) if pairs_file else ev.folder_pairs(ds)
+        settings = ev.OpenSetSettings(k=k, enroll=(enrolls or (1,))[0], draws=draws, seed=seed, template=template)
+        report = ev.evaluate_models(ds, sets, pairs=pairs, thresholds=thr, id_settings=settings, target_far=target_far)
+        plots = ev.eval_plots(report, plots_dir, prefix, report_path.parent)
+        md = ev.render_eval_markdown(report, plots, command)
+        _summary_eval(report)
+    else:
+        if pairs_file:
+            raise ConfigError("--pairs does not apply to --open-set (galleries are drawn from the folders)")
+        enrolls = enrolls or (3, 1)
+        sets: dict[str, ev.EmbeddedSet] = {}
+        variants: list[ev.Variant] = []
+        for c in choices:
+            sets[c.label] = embed(c)
+            variants.append(ev.Variant(c.label, "as given", (c.label,), template=template))
+        baseline = variants[0].name
+        calibrate: list[str] = []
+        if ablation:
+            base = [c for c in choices if not c.is_peer and not c.flip and not c.landmarks]
+            lm = _landmarks_available()
+            for c in base:
+                extra = [ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True)]
+                if lm:
+                    extra += [ev.ModelChoice(c.model, c.template, c.preprocessing, landmarks=True),
+                              ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True, landmarks=True)]
+                for x in extra:
+                    if x.label not in sets:
+                        sets[x.label] = embed(x)
+                other = "best" if template == "mean" else "mean"
+                variants.append(ev.Variant(f"{c.label} {other}-of-E", f"{other} template", (c.label,), template=other))
+                variants += [ev.Variant(x.label, " + ".join(f for f, on in (("flip TTA", x.flip), ("mesh landmarks", x.landmarks)) if on),
+                                        (x.label,), template=template) for x in extra]
+                variants.append(ev.Variant(f"{c.label} +cohort", "cohort s-norm (top 100)", (c.label,), template=template,
+                                           cohort_top=100, deployable=False))
+                best_single = extra[-1].label
+                variants.append(ev.Variant(f"{best_single} +cohort", "all single-model levers", (best_single,),
+                                           template=template, cohort_top=100, deployable=False))
+            if len(base) >= 2:
+                a, b = base[0], base[1]
+                variants.append(ev.Variant(f"{a.label} ⊕ {b.label}", "score fusion", (a.label, b.label), template=template,
+                                           deployable=False))
+                fa = f"{a.label}{'+lm' if lm else ''}+flip"
+                fb = f"{b.label}{'+lm' if lm else ''}+flip"
+                variants.append(ev.Variant(f"{fa} ⊕ {fb} +cohort", "all levers", (fa, fb), template=template,
+                                           cohort_top=100, deployable=False))
+            calibrate = [v.name for v in variants if v.deployable and len(v.labels) == 1 and not v.labels[0] == "face_recognition"][:1]
+        study = ev.open_set_study(ds, sets, variants, ks=(k,), enrolls=enrolls, draws=draws, seed=seed, thresholds=thr,
+                                  calibration_ks=sorted({10, 25, 50, k}) if ablation else (), calibrate=calibrate,
+                                  only_tune=(split == "tune"))
+        rec = ev.recommend(study, k=k, enroll=enrolls[0], far_target=target_far)
+        study["recommendation"] = rec
+        plots = {}
+        for e in enrolls:
+            plots.update(ev.open_set_plots(study, plots_dir, prefix, report_path.parent, k, e))
+        md = ev.render_open_set_markdown(study, plots, command, rec, baseline if ablation else None)
+        report = study
+        _summary_open_set(study, rec)
+    ev.write_text_atomic(report_path, md)
+    ev.write_text_atomic(json_path, json.dumps(ev.public(report), indent=1) + "\n")
+    click.echo(f"report: {report_path}  json: {json_path}  plots: {plots_dir}")
+
+
+def _summary_eval(report: dict) -> None:
+    from .evaluate import num, pct
+    for m in report["models"]:
+        v = m["verification"]
+        click.echo(f"{m['label']}: no face {m['photos_no_face']}/{m['photos']}, EER {pct(v['eer'], 2)}, "
+                   f"TAR@default({num(v['default_threshold'])}) {pct(v['tar_at_default'])} "
+                   f"FAR {pct(v['far_at_default'], 2)}; " +
+                   ", ".join(f"TAR@FAR{a['far_target']:g} {pct(a['tar'])}" for a in v["at_far"]))
+
+
+def _summary_open_set(study: dict, rec: Optional[dict]) -> None:
+    from .evaluate import far_name, pct
+    for r in study["results"]:
+        parts = [f"CA@{far_name(a['far_target'])} {pct(a['correct_accept'])} WP {pct(a['wrong_person_accept'], 2)}"
+                 for a in r["report"]["at_far"]]
+        click.echo(f"K={r['k']} E={r['enroll']} {r['variant']}: " + "; ".join(parts))
+    if rec:
+        click.echo(f"recommended (tuning half): {rec['variant']} threshold {rec['threshold']:.4f}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(eval_cmd)

@@ -1,0 +1,158 @@
+"""`edgeface eval` on real photos: the report's numbers must be consistent with each other and with the data set
+(counts add up, rates are rates, TAR grows with FAR, photos without a face are counted, not dropped)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeface.cli import main
+from edgeface.evaluate import identity_split, threshold_at_far
+from edgeface.models import load_manifest
+
+from conftest import FIXTURES, shared_path
+
+MOBILEFACENET = ("weights", "mobilefacenet", "mobilefacenet.tflite")
+
+
+def _embedder_arg() -> str:
+    """The shipped default embedder when it is committed; otherwise MobileFaceNet from ../shared."""
+    if "facenet_int8" in load_manifest():
+        return "facenet_int8"
+    return f"{shared_path(*MOBILEFACENET)}:arcface112:arcface"
+
+
+@pytest.fixture(scope="module")
+def dataset_with_a_faceless_photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed photos, plus a mountain photo filed under paul_allen: a photo in which no face can be found."""
+    root = tmp_path_factory.mktemp("evalset") / "faces"
+    shutil.copytree(FIXTURES / "faces", root)
+    shutil.copy(FIXTURES / "nonfaces" / "pilatus_mountain.jpg", root / "paul_allen" / "zz_no_face.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def eval_report(dataset_with_a_faceless_photo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("report")
+    status = main(["eval", str(dataset_with_a_faceless_photo), "--model", _embedder_arg(), "--draws", "10",
+                   "--report", str(out / "report.md"), "--cache-dir", str(out / "cache"), "--quiet"])
+    assert status == 0
+    return json.loads((out / "report.json").read_text()), out
+
+
+def _counts(root: Path) -> list[int]:
+    return [len(list(p.glob("*.jpg"))) for p in sorted(root.iterdir()) if p.is_dir()]
+
+
+def test_pair_counts_add_up_and_the_faceless_photo_is_counted(eval_report, dataset_with_a_faceless_photo):
+    report, _ = eval_report
+    per_person = _counts(dataset_with_a_faceless_photo)
+    n = sum(per_person)
+    assert report["n_photos"] == n == 27 and report["n_persons"] == 7
+    (m,) = report["models"]
+    v = m["verification"]
+    assert v["n_genuine"] == sum(c * (c - 1) // 2 for c in per_person)
+    assert v["n_genuine"] + v["n_impostor"] == n * (n - 1) // 2
+    # The mountain has no face: its 5 genuine pairs (paul_allen has 5 real photos) and 21 impostor pairs are
+    # kept as rejections, not dropped.
+    assert m["photos_no_face"] >= 1
+    assert v["n_genuine_no_face"] >= 5
+    assert v["n_impostor_no_face"] >= n - 6
+    assert v["n_genuine_no_face"] + v["n_impostor_no_face"] <= m["photos_no_face"] * (n - 1)
+
+
+def test_rates_are_rates_and_tar_grows_with_far(eval_report):
+    report, _ = eval_report
+    (m,) = report["models"]
+    v = m["verification"]
+    measured = [a for a in sorted(v["at_far"], key=lambda a: a["far_target"]) if a["tar"] is not None]
+    assert measured, "at least FAR 1e-2 must be measurable with ~300 impostor pairs"
+    for a in v["at_far"]:
+        if v["n_impostor"] * a["far_target"] < 1:
+            assert a["tar"] is None and a["threshold"] is None  # reported as n/a, not invented
+        else:
+            assert 0.0 <= a["far"] <= a["far_target"] and 0.0 <= a["tar"] <= 1.0
+    tars = [a["tar"] for a in measured]
+    assert tars == sorted(tars)
+    roc_far, roc_tar = np.array(v["roc"]["far"]), np.array(v["roc"]["tar"])
+    assert np.all(np.diff(roc_far) >= 0) and np.all(np.diff(roc_tar) >= 0)
+    assert roc_tar.max() <= 1 - v["n_genuine_no_face"] / v["n_genuine"] + 1e-12  # a faceless pair is never accepted
+    assert 0.0 <= v["eer"] <= 0.5
+    # Real faces, a good embedder: apart from the genuine pairs lost to the faceless photo (5 of 47, a floor
+    # under the false-reject rate), the 7 people are told apart well (measured: EER = that floor + <1%).
+    assert v["eer"] < v["n_genuine_no_face"] / v["n_genuine"] + 0.05
+
+
+def test_identification_counts_cover_every_photo_in_every_draw(eval_report):
+    report, _ = eval_report
+    (m,) = report["models"]
+    o = m["identification"]
+    c, s = o["counts"], o["settings"]
+    assert s["draws"] == 10 and s["k"] == 3  # 7 people: a gallery of half of them leaves strangers
+    enrolled_photos = s["draws"] * s["k"] * s["enroll"]
+    assert c["probe"] + c["stranger"] + enrolled_photos == s["draws"] * report["n_photos"]
+    assert c["probe_no_face"] + c["stranger_no_face"] == s["draws"] * m["photos_no_face"]
+    for r in list(o["fixed"].values()) + o["at_far"]:
+        if r["threshold"] is None:
+            continue
+        for key in ("correct_accept", "wrong_person_accept", "stranger_accept"):
+            assert 0.0 <= r[key] <= 1.0
+        assert r["correct_accept"] + r["wrong_person_accept"] <= 1.0 + 1e-12
+        # A faceless probe can never be accepted.
+        assert r["correct_accept"] + r["wrong_person_accept"] <= 1 - c["probe_no_face"] / c["probe"] + 1e-12
+    a = o["at_far"][0]  # stranger FAR 1e-2: measurable with >= 100 stranger photos over the draws
+    assert c["stranger"] >= 100 and a["stranger_accept"] <= a["far_target"]
+
+
+def test_markdown_and_plots_are_written(eval_report):
+    _, out = eval_report
+    md = (out / "report.md").read_text()
+    assert "## Verification (1:1)" in md and "## Open-set identification (1:N)" in md and "n/a" in md
+    pngs = sorted((out / "img").glob("*.png"))
+    assert len(pngs) == 3
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_open_set_study_on_the_tuning_half_is_seeded(tmp_path):
+    names = sorted(p.name for p in (FIXTURES / "faces").iterdir())
+    tune = [n for n in names if identity_split(n) == "tune"]
+    assert len(tune) >= 4
+    runs = []
+    for name in ("a", "b"):
+        status = main(["eval", str(FIXTURES / "faces"), "--open-set", "--split", "tune", "--model", _embedder_arg(),
+                       "--k", "2", "--enroll", "1", "--draws", "4", "--seed", "7", "--report", str(tmp_path / f"{name}.md"),
+                       "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+        assert status == 0
+        runs.append(json.loads((tmp_path / f"{name}.json").read_text()))
+    a, b = runs
+    assert a["results"][0]["report"]["at_far"] == b["results"][0]["report"]["at_far"]
+    r = a["results"][0]["report"]
+    assert r["n_persons"] == len(tune) and r["settings"]["k"] == 2
+    assert "Tuning half (--split tune)" in (tmp_path / "a.md").read_text()
+
+
+def test_bad_model_argument_is_a_one_line_error(tmp_path, capsys):
+    status = main(["eval", str(FIXTURES / "faces"), "--model", "a:b", "--report", str(tmp_path / "r.md")])
+    assert status != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model a:b") and err.count("\n") == 1
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_not_a_folder_is_an_error(tmp_path, capsys):
+    status = main(["eval", str(tmp_path / "missing"), "--report", str(tmp_path / "r.md")])
+    assert status != 0
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_threshold_at_far_needs_enough_impostors():
+    impostor = np.arange(1000, dtype=np.float64) / 1000.0
+    t = threshold_at_far(impostor, 1e-2)
+    assert np.mean(impostor <= t) == pytest.approx(0.01)
+    assert threshold_at_far(impostor, 1e-4) is None  # 1000 trials cannot show a 1-in-10,000 rate
+    with_failures = np.concatenate([impostor, np.full(1000, math.inf)])
+    assert np.mean(with_failures <= threshold_at_far(with_failures, 1e-2)) == pytest.approx(0.01)
