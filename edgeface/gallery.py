@@ -466,6 +466,9 @@ class Gallery:
             try:
                 self.g._check_open()
                 self.g._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                self.g._lock.release()
+                raise GalleryError(f"gallery {self.g.path}: cannot start a write ({exc})") from None
             except BaseException:
                 self.g._lock.release()
                 raise
@@ -474,9 +477,17 @@ class Gallery:
         def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
             try:
                 if exc_type is None:
-                    self.g._conn.execute("COMMIT")
+                    try:
+                        self.g._conn.execute("COMMIT")
+                    except sqlite3.Error as err:
+                        if self.g._conn.in_transaction:
+                            self.g._conn.execute("ROLLBACK")
+                        raise GalleryError(f"gallery {self.g.path}: write failed, nothing written ({err})") from None
                 else:
-                    self.g._conn.execute("ROLLBACK")
+                    if self.g._conn.in_transaction:
+                        self.g._conn.execute("ROLLBACK")
+                    if isinstance(exc, sqlite3.Error):
+                        raise GalleryError(f"gallery {self.g.path}: write failed, nothing written ({exc})") from None
             finally:
                 self.g._dirty = True
                 self.g._lock.release()
@@ -513,11 +524,14 @@ class Gallery:
         """The index, reloaded when this or another connection changed the database since the last load."""
         with self._lock:
             self._check_open()
-            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-            if self._index is None or self._dirty or version != self._seen_version:
-                self._index = self._load_index()
-                self._seen_version = version
-                self._dirty = False
+            try:
+                version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+                if self._index is None or self._dirty or version != self._seen_version:
+                    self._index = self._load_index()
+                    self._seen_version = version
+                    self._dirty = False
+            except sqlite3.DatabaseError as exc:
+                raise GalleryError(f"gallery {self.path}: cannot read the embeddings ({exc})") from None
             return self._index
 
     def _load_index(self) -> _Index:
