@@ -213,7 +213,9 @@ class Policy:
         if visit is not None and now - visit.last_seen < self.cfg.cooldown_s:
             visit.last_seen = now  # still the same visit
             return Decision("none", pid, obs.name, "cooldown", obs.distance, obs.threshold, timestamp=now)
-        same = [o for o in self._window if o.person_id == pid]
+        # frames of an earlier visit (before its cooldown ran out) are no evidence for a new one
+        since = visit.last_seen if visit is not None else float("-inf")
+        same = [o for o in self._window if o.person_id == pid and o.t > since]
         if len(same) < self.cfg.min_frames:
             return Decision("none", pid, obs.name, f"{len(same)}/{self.cfg.min_frames} frames", obs.distance,
                             obs.threshold, len(same), obs.box, now)

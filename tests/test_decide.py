@@ -68,11 +68,11 @@ def test_small_faces_never_count():
 
 
 def test_cooldown_one_visit_one_grant_then_grant_again_after_absence():
-    p = Policy(cfg(cooldown_s=5.0))
+    p = Policy(cfg(cooldown_s=5.0, window_s=10.0))
     # alice stands there 20 s (frames every 0.5 s): one grant only
     d = feed(p, [ALICE] * 40, dt_s=0.5)
     assert actions(d).count("grant") == 1
-    # 6 s later (longer than cooldown since last seen): a new visit
+    # 6 s later (longer than cooldown since last seen): a new visit, which needs its own K frames
     d2 = feed(p, [ALICE] * 3, t0=1000.0 + 39 * 0.5 + 6.0)
     assert actions(d2) == ["none", "none", "grant"]
 
