@@ -56,6 +56,9 @@ class EmbedderConfig(Section):
     num_threads: Optional[int] = Field(None, ge=1, le=16, description="Interpreter threads; default min(4, cores).")
     source_weights: Optional[str] = Field(
         None, description="Keras FaceNet .h5 to convert from when the model file is missing (needs edgeface[convert]).")
+    representative_dir: Optional[str] = Field(
+        None, description="Face photos (<person>/*.jpg) to calibrate that conversion to full int8; without it the "
+                          "missing model is converted with int8 weights only (dynamic range).")
 
 
 class GalleryConfig(Section):
@@ -154,7 +157,7 @@ class LivenessConfig(Section):
         "any", description="Cue that proves liveness: 3-D head motion (parallax), a blink, or either (any).")
     min_motion: float = Field(0.02, ge=0, le=1, description="Minimum landmark motion across the decision window "
                                                           "(inter-ocular distances) before parallax is judged.")
-    min_parallax: float = Field(0.03, gt=0, le=1, description="Non-planar residual (inter-ocular distances) that counts "
+    min_parallax: float = Field(0.04, gt=0, le=1, description="Non-planar residual (inter-ocular distances) that counts "
                                                             "as a real head turning; a flat photo stays below it.")
     min_blink: float = Field(0.45, gt=0, le=1, description="Relative drop of eye openness that counts as a blink.")
     window_s: float = Field(4.0, gt=0, le=60, description="Frames of the last this many seconds are judged.")
