@@ -300,19 +300,23 @@ class _Index:
         self.ids = ids
         self.names = names
         self.starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(owners) else np.zeros(0, int)
+        # (P, max rows per person) row numbers, padded with M (points at an +inf distance), for top-k
+        counts = np.diff(np.r_[self.starts, len(owners)]) if len(owners) else np.zeros(0, int)
+        self.counts = counts
+        width = int(counts.max()) if len(counts) else 0
+        cols = np.arange(width)
+        self.padded = np.where(cols[None, :] < counts[:, None], self.starts[:, None] + cols[None, :], len(owners))
 
     def person_distances(self, q: np.ndarray, mode: str, k: int) -> np.ndarray:
         """Per-person distance of query q: best (min) or mean of the k best embeddings."""
         d = 1.0 - self.vectors @ q
         if mode == "best" or k == 1:
             return np.minimum.reduceat(d, self.starts)
-        order = np.lexsort((d, self.owners))
-        ds, os_ = d[order], self.owners[order]
-        rank = np.arange(len(ds)) - self.starts[np.searchsorted(self.starts, np.arange(len(ds)), side="right") - 1]
-        keep = rank < k
-        sums = np.bincount(os_[keep], weights=ds[keep], minlength=len(self.ids))
-        counts = np.bincount(os_[keep], minlength=len(self.ids))
-        return sums / np.maximum(counts, 1)
+        grid = np.append(d, np.inf)[self.padded]
+        kk = min(k, grid.shape[1])
+        best = np.partition(grid, kk - 1, axis=1)[:, :kk] if kk < grid.shape[1] else grid
+        best = np.where(np.isfinite(best), best, 0.0)
+        return best.sum(axis=1) / np.minimum(self.counts, kk)
 
 
 # ----------------------------------------------------------------------------------------------- gallery
@@ -654,12 +658,16 @@ class Gallery:
         schedule = validate_schedule(schedule)
         reports: list[EnrollReport] = []
         with self._write() as c:
+            rows = c.execute("SELECT p.name, e.vector FROM embeddings e JOIN people p ON p.id = e.person_id "
+                             "WHERE e.model_id = ?", (self.model_id,)).fetchall()
+            known = ([r[0] for r in rows], [np.frombuffer(r[1], dtype="<f4") for r in rows])
             for name, items in zip(names, (b[1] for b in batches)):
-                reports.append(self._enroll_one(c, name, items, external_id if len(batches) == 1 else None, schedule))
+                reports.append(self._enroll_one(c, name, items, external_id if len(batches) == 1 else None, schedule,
+                                                known))
         return reports
 
     def _enroll_one(self, c: sqlite3.Connection, name: str, items: Sequence[EnrollItem], external_id: Optional[str],
-                    schedule: Optional[dict]) -> EnrollReport:
+                    schedule: Optional[dict], known: tuple[list[str], list[np.ndarray]]) -> EnrollReport:
         row = c.execute("SELECT id FROM people WHERE name = ?", (name,)).fetchone()
         accepted = [it for it in items if it.accepted]
         rejected = [(it.source, it.reason or "no embedding") for it in items if not it.accepted]
@@ -685,25 +693,25 @@ class Gallery:
         created = row is None
         pid = self._insert_person(c, name, external_id, schedule) if created else int(row[0])
         if fresh:
-            warnings.extend(self._identity_warnings(c, pid, name, fresh))
+            new = np.stack([_unit(it.embedding, self.embedding_dim) for it in fresh])
+            warnings.extend(self._identity_warnings(name, new, known))
+            known[0].extend([name] * len(new))
+            known[1].extend(new)
             self._insert_embeddings(c, pid, np.stack([it.embedding for it in fresh]),
                                     [it.image_sha256 for it in fresh], [it.quality for it in fresh],
                                     [it.chip for it in fresh])
         return EnrollReport(name, pid, created, [it.source for it in fresh], rejected, duplicates, warnings)
 
-    def _identity_warnings(self, c: sqlite3.Connection, pid: int, name: str, items: Sequence[EnrollItem]) -> list[str]:
+    def _identity_warnings(self, name: str, new: np.ndarray, known: tuple[list[str], list[np.ndarray]]) -> list[str]:
         """Warn when the new faces are already within the threshold of SOMEONE ELSE (same person twice?)."""
-        rows = c.execute("SELECT p.name, e.vector FROM embeddings e JOIN people p ON p.id = e.person_id "
-                         "WHERE e.model_id = ? AND p.id != ?", (self.model_id, pid)).fetchall()
-        if not rows:
+        others = [i for i, n in enumerate(known[0]) if n != name]
+        if not others:
             return []
-        vecs = np.stack([np.frombuffer(r[1], dtype="<f4") for r in rows])
-        new = np.stack([_unit(it.embedding, self.embedding_dim) for it in items])
-        d = 1.0 - new @ vecs.T  # (n_new, n_stored)
-        per_stored = np.median(d, axis=0)
+        vecs = np.stack([known[1][i] for i in others])
+        per_stored = np.median(1.0 - new @ vecs.T, axis=0)  # each stored face vs all the new ones
         best = int(np.argmin(per_stored))
         if per_stored[best] <= self.max_distance:
-            return [f"{name!r} looks like the already enrolled {rows[best][0]!r} (median distance "
+            return [f"{name!r} looks like the already enrolled {known[0][others[best]]!r} (median distance "
                     f"{per_stored[best]:.3f} <= threshold {self.max_distance:.3f}): the same person twice?"]
         return []
 
