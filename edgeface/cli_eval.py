@@ -29,20 +29,12 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def _landmarks_available() -> bool:
-    try:
-        from . import landmarks  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @click.command("eval")
 @click.argument("dataset", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--model", "models", multiple=True, metavar="MODEL",
               help="Embedder: manifest name, .tflite path, PATH:TEMPLATE:PREPROCESSING for a model outside the manifest "
-                   "(e.g. mobilefacenet.tflite:arcface112:arcface), suffix +flip / +lm for flip averaging / mesh "
-                   "landmarks, or 'face_recognition' (the dlib peer). Repeat to compare. Default: the config's embedder.")
+                   "(e.g. mobilefacenet.tflite:arcface112:arcface), suffix +flip for flip averaging, +lm / -lm to force "
+                   "the face mesh on / off (default: detector.refine_landmarks), or 'face_recognition' (the dlib peer). Repeat to compare. Default: the config's embedder.")
 @click.option("--pairs", "pairs_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="LFW-style pairs.txt; default: every pair of photos in DATASET.")
 @click.option("--open-set", "open_set_mode", is_flag=True,
@@ -52,14 +44,15 @@ def _landmarks_available() -> bool:
               help="Enrollment photos per person (repeatable). Default: 3 and 1 with --open-set, else 1.")
 @click.option("--draws", type=click.IntRange(1), default=20, show_default=True, help="Random galleries averaged.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--template", type=click.Choice(["mean", "best"]), default="mean", show_default=True,
-              help="Per-person score: distance to the mean of the E embeddings, or the best of the E.")
+@click.option("--template", type=click.Choice(["mean", "best"]), default=None,
+              help="Per-person score: distance to the mean of the E embeddings, or the best of the E. "
+                   "Default: as the gallery matches (gallery.match_mode best -> best).")
 @click.option("--split", type=click.Choice(["tune", "report", "all"]), default=None,
               help="Identities to use (fixed by a hash of the name). Without --open-set: default all. With --open-set: "
                    "default report (tables of the reporting half, thresholds also calibrated on the tuning half); "
                    "'tune' shows the tuning half only.")
-@click.option("--ablation", is_flag=True, help="With --open-set: also measure each lever (template, flip, landmarks, "
-                                                "fusion, cohort normalisation, per-K thresholds).")
+@click.option("--ablation", is_flag=True, help="With --open-set: also measure each lever (template, flip, face mesh, "
+                                                "fusion of the first two models, cohort normalisation, per-K thresholds).")
 @click.option("--threshold", "thresholds", multiple=True, metavar="LABEL=DIST",
               help="Default threshold of a model (default: config gallery.max_distance, else the manifest's; "
                    "face_recognition: 0.6).")
@@ -80,7 +73,7 @@ def _landmarks_available() -> bool:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @pass_ctx
 def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file: Optional[Path], open_set_mode: bool,
-             k: int, enrolls: tuple[int, ...], draws: int, seed: int, template: str, split: Optional[str], ablation: bool,
+             k: int, enrolls: tuple[int, ...], draws: int, seed: int, template: Optional[str], split: Optional[str], ablation: bool,
              thresholds: tuple[str, ...], target_far: float, report_path: Path, json_path: Optional[Path],
              plots_dir: Optional[Path], cache_dir: Path, no_cache: bool, peer_python: Optional[str],
              threads: Optional[int], quiet: bool) -> None:
@@ -97,6 +90,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
     if not 0 < target_far < 1:
         raise ConfigError(f"--target-far {target_far}: expected a rate between 0 and 1")
     cfg = obj.config
+    template = template or ("best" if cfg.gallery.match_mode == "best" else "mean")
     choices = [ev.ModelChoice.parse(m) for m in (models or (cfg.embedder.model,))]
     labels = [c.label for c in choices]
     if len(set(labels)) != len(labels):
@@ -142,34 +136,34 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
         baseline = variants[0].name
         calibrate: list[str] = []
         if ablation:
-            base = [c for c in choices if not c.is_peer and not c.flip and not c.landmarks]
-            lm = _landmarks_available()
+            base = [c for c in choices if not c.is_peer and not c.flip and c.landmarks is None]
+            mesh_on = cfg.detector.refine_landmarks
+            toggled = not mesh_on
+            other = "best" if template == "mean" else "mean"
             for c in base:
-                extra = [ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True)]
-                if lm:
-                    extra += [ev.ModelChoice(c.model, c.template, c.preprocessing, landmarks=True),
-                              ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True, landmarks=True)]
-                for x in extra:
+                flip = ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True)
+                lm = ev.ModelChoice(c.model, c.template, c.preprocessing, landmarks=toggled)
+                for x in (flip, lm):
                     if x.label not in sets:
                         sets[x.label] = embed(x)
-                other = "best" if template == "mean" else "mean"
-                variants.append(ev.Variant(f"{c.label} {other}-of-E", f"{other} template", (c.label,), template=other))
-                variants += [ev.Variant(x.label, " + ".join(f for f, on in (("flip TTA", x.flip), ("mesh landmarks", x.landmarks)) if on),
-                                        (x.label,), template=template) for x in extra]
-                variants.append(ev.Variant(f"{c.label} +cohort", "cohort s-norm (top 100)", (c.label,), template=template,
-                                           cohort_top=100, deployable=False))
-                best_single = extra[-1].label
-                variants.append(ev.Variant(f"{best_single} +cohort", "all single-model levers", (best_single,),
-                                           template=template, cohort_top=100, deployable=False))
+                variants += [
+                    ev.Variant(f"{c.label} {other}-of-E", f"{other} template" if other == "mean" else "best of E photos",
+                               (c.label,), template=other),
+                    ev.Variant(flip.label, "flip TTA", (flip.label,), template=template),
+                    ev.Variant(lm.label, "face mesh on" if toggled else "face mesh off (BlazeFace points)", (lm.label,),
+                               template=template),
+                    ev.Variant(f"{c.label} +cohort", "cohort s-norm (top 100)", (c.label,), template=template,
+                               cohort_top=100, deployable=False),
+                    ev.Variant(f"{flip.label} +cohort", "flip TTA + cohort s-norm", (flip.label,), template=template,
+                               cohort_top=100, deployable=False)]
             if len(base) >= 2:
                 a, b = base[0], base[1]
                 variants.append(ev.Variant(f"{a.label} ⊕ {b.label}", "score fusion", (a.label, b.label), template=template,
                                            deployable=False))
-                fa = f"{a.label}{'+lm' if lm else ''}+flip"
-                fb = f"{b.label}{'+lm' if lm else ''}+flip"
-                variants.append(ev.Variant(f"{fa} ⊕ {fb} +cohort", "all levers", (fa, fb), template=template,
-                                           cohort_top=100, deployable=False))
-            calibrate = [v.name for v in variants if v.deployable and len(v.labels) == 1 and not v.labels[0] == "face_recognition"][:1]
+                fa, fb = f"{a.label}+flip", f"{b.label}+flip"
+                variants.append(ev.Variant(f"{fa} ⊕ {fb} +cohort", "fusion + flip TTA + cohort s-norm", (fa, fb),
+                                           template=template, cohort_top=100, deployable=False))
+            calibrate = [variants[0].name] if not choices[0].is_peer else []
         study = ev.open_set_study(ds, sets, variants, ks=(k,), enrolls=enrolls, draws=draws, seed=seed, thresholds=thr,
                                   calibration_ks=sorted({10, 25, 50, k}) if ablation else (), calibrate=calibrate,
                                   only_tune=(split == "tune"))

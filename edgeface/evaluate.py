@@ -93,13 +93,15 @@ def split_persons(persons: Sequence[str], split: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------- models
 @dataclass(frozen=True)
 class ModelChoice:
-    """One --model argument: `NAME|PATH[:TEMPLATE:PREPROCESSING][+flip][+lm]`, or `face_recognition` (the peer)."""
+    """One --model argument: `NAME|PATH[:TEMPLATE:PREPROCESSING][+flip][+lm|-lm]`, or `face_recognition` (the peer).
+
+    `landmarks` None follows the config (detector.refine_landmarks); +lm / -lm force the face mesh on / off."""
 
     model: str
     template: Optional[str] = None
     preprocessing: Optional[str] = None
     flip: bool = False
-    landmarks: bool = False
+    landmarks: Optional[bool] = None
 
     @property
     def is_peer(self) -> bool:
@@ -112,7 +114,8 @@ class ModelChoice:
 
     @property
     def label(self) -> str:
-        return self.base_label + ("+lm" if self.landmarks else "") + ("+flip" if self.flip else "")
+        lm = {None: "", True: "+lm", False: "-lm"}[self.landmarks]
+        return self.base_label + lm + ("+flip" if self.flip else "")
 
     @property
     def metric(self) -> str:
@@ -123,7 +126,7 @@ class ModelChoice:
         raw = text.strip()
         flags = set()
         while True:
-            for flag in ("+flip", "+lm"):
+            for flag in ("+flip", "+lm", "-lm"):
                 if raw.endswith(flag):
                     flags.add(flag)
                     raw = raw[: -len(flag)]
@@ -146,8 +149,11 @@ class ModelChoice:
         if not raw:
             raise ConfigError(f"--model {text!r} names no model")
         if raw == PEER_NAME and flags:
-            raise ConfigError(f"--model {text}: +flip/+lm apply to edgeface's embedders only")
-        return ModelChoice(raw, template, preprocessing, "+flip" in flags, "+lm" in flags)
+            raise ConfigError(f"--model {text}: +flip/+lm/-lm apply to edgeface's embedders only")
+        if {"+lm", "-lm"} <= flags:
+            raise ConfigError(f"--model {text}: +lm and -lm contradict each other")
+        lm = True if "+lm" in flags else (False if "-lm" in flags else None)
+        return ModelChoice(raw, template, preprocessing, "+flip" in flags, lm)
 
 
 # ------------------------------------------------------------------------------------------ embedded sets
@@ -173,8 +179,8 @@ class EmbeddedSet:
         for key, values in self.timings.items():
             vals = values if key == "ms_decode" else values[found]
             out[key] = float(np.median(vals)) if len(vals) else None
-        stages = [k for k in ("ms_detect", "ms_align", "ms_embed") if out.get(k) is not None]
-        per_face = self.timings.get("ms_detect", 0) + self.timings.get("ms_align", 0) + self.timings.get("ms_embed", 0)
+        stages = [k for k in ("ms_detect", "ms_mesh", "ms_align", "ms_embed") if out.get(k) is not None]
+        per_face = sum(np.nan_to_num(self.timings[k]) for k in stages) if stages else 0
         out["ms_face_total"] = float(np.median(np.asarray(per_face)[found])) if stages and found.any() else None
         return out
 
@@ -233,6 +239,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     from .models import resolve_model
 
     det_cfg = detector_config or DetectorConfig()
+    use_mesh = det_cfg.refine_landmarks if choice.landmarks is None else choice.landmarks
     path, info = resolve_model(choice.model)
     spec = None
     if choice.template:
@@ -242,7 +249,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
         raise ConfigError(f"--model {choice.model}: not in models/manifest.json; give PATH:TEMPLATE:PREPROCESSING "
                           "(e.g. :arcface112:arcface)")
     key_src = json.dumps({"v": CACHE_VERSION, "model": _sha256_file(Path(path)), "spec": [choice.template, choice.preprocessing],
-                          "flip": choice.flip, "lm": choice.landmarks, "det": det_cfg.model_dump(exclude={"num_threads"}),
+                          "flip": choice.flip, "lm": use_mesh, "det": det_cfg.model_dump(exclude={"num_threads", "refine_landmarks"}),
                           "images": _images_key(ds.paths)}, sort_keys=True)
     cache = cache_dir / f"{choice.label}-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}.npz" if cache_dir else None
     if cache is not None:
@@ -257,13 +264,13 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
                                  num_threads=num_threads)
     embedder = TFLiteEmbedder(path, spec=spec, num_threads=num_threads, flip_augment=choice.flip)
     refiner = None
-    if choice.landmarks:
+    if use_mesh:
         from .landmarks import LandmarkRefiner
         refiner = LandmarkRefiner(num_threads=num_threads)
     n = len(ds)
     emb = np.full((n, embedder.spec.embedding_dim), np.nan, np.float32)
     n_faces = np.zeros(n, np.int32)
-    timings = {k: np.full(n, np.nan) for k in ("ms_decode", "ms_detect", "ms_align", "ms_embed")}
+    timings = {k: np.full(n, np.nan) for k in ("ms_decode", "ms_detect", "ms_mesh", "ms_align", "ms_embed")}
     iterator: Iterable[int] = range(n)
     if progress:
         from tqdm import tqdm
@@ -274,15 +281,19 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
         t1 = time.perf_counter()
         faces = detector.detect(image)
         t2 = time.perf_counter()
+        if refiner is not None:  # as FaceAnalyzer.detect: mesh on every face, drop those the mesh calls non-faces
+            faces = [f for f in (refiner.refine(image, f) for f in faces)
+                     if f.presence is not None and f.presence >= det_cfg.min_presence]
+        t2b = time.perf_counter()
         timings["ms_decode"][i], timings["ms_detect"][i] = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        timings["ms_mesh"][i] = (t2b - t2) * 1e3
         n_faces[i] = len(faces)
         idx = main_face_index(faces, image.shape)
         if idx is None:
             continue
         face = faces[idx]
-        if refiner is not None:
-            face = refiner.refine(image, face)
         crop = align_face(image, face, embedder.template)
+        t2 = t2b
         t3 = time.perf_counter()
         emb[i] = embedder.embed(crop)[0]
         t4 = time.perf_counter()
@@ -342,7 +353,9 @@ def fuse(a: EmbeddedSet, b: EmbeddedSet) -> EmbeddedSet:
     timings = {k: a.timings[k] + b.timings[k] for k in a.timings if k in b.timings and k != "ms_decode"}
     if "ms_decode" in a.timings:
         timings["ms_decode"] = a.timings["ms_decode"]
-        timings["ms_detect"] = a.timings["ms_detect"]  # one detector pass feeds both embedders
+        timings["ms_detect"] = a.timings["ms_detect"]  # one detector (and mesh) pass feeds both embedders
+        if "ms_mesh" in a.timings:
+            timings["ms_mesh"] = a.timings["ms_mesh"]
     return EmbeddedSet(f"{a.label}⊕{b.label}", "cosine", emb.astype(np.float32), np.where(found, a.n_faces, 0), timings)
 
 
@@ -649,30 +662,15 @@ def _det_curve(gs: np.ndarray, gc: np.ndarray, ss: np.ndarray, n_points: int = 3
 
 
 # ------------------------------------------------------------------------------------------- default thresholds
-def default_threshold(choice: ModelChoice, gallery_max_distance: Optional[float] = None) -> Optional[float]:
-    """The threshold the product would use: config gallery.max_distance, else the manifest's calibrated value;
-    for the peer its documented tolerance 0.6."""
+def default_threshold(choice: ModelChoice, gallery_max_distance: Optional[float] = None) -> float:
+    """The threshold the product would use (config gallery.max_distance, else the manifest's calibrated
+    default_max_distance, else the gallery's fallback); for the peer its documented tolerance 0.6."""
     if choice.is_peer:
         return PEER_DEFAULT_TOLERANCE
     if gallery_max_distance is not None:
         return float(gallery_max_distance)
-    from .models import resolve_model
-    try:
-        _, info = resolve_model(choice.model)
-    except ModelError:
-        return None
-    if info is None:
-        return None
-    for key in ("threshold", "max_distance", "default_threshold"):
-        if key in info.extra:
-            value = info.extra[key]
-            if isinstance(value, dict):
-                value = value.get("max_distance", value.get("value"))
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                return None
-    return None
+    from .gallery import default_max_distance
+    return default_max_distance(choice.model)
 
 
 def public(obj: Any) -> Any:
@@ -714,7 +712,8 @@ def plot_roc(curves: dict[str, dict[str, list[float]]], path: Path, title: str, 
     for name, c in curves.items():
         x, y = np.asarray(c[x_key]), np.asarray(c[y_key])
         keep = x > 0
-        ax.plot(x[keep], y[keep], label=name, lw=1.6)
+        if keep.any():
+            ax.plot(x[keep], y[keep], label=name, lw=1.6)
     ax.set_xscale("log")
     ax.set_xlim(1e-4, 1)
     ax.set_ylim(0, 1.01)
@@ -1098,14 +1097,20 @@ def open_set_plots(study: dict[str, Any], plot_dir: Path, prefix: str, link_base
     # DET: miss rate (1 - correct accept) against stranger accept, both log.
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=100)
+    plotted = 0
     for name, c in curves.items():
         x, y = np.asarray(c["stranger_accept"]), 1.0 - np.asarray(c["correct_accept"])
         keep = (x > 0) & (y > 0)
-        ax.plot(x[keep], y[keep], label=name, lw=1.4)
-    ax.set_xscale("log"); ax.set_yscale("log"); ax.set_xlim(1e-4, 1)
+        if keep.any():
+            ax.plot(x[keep], y[keep], label=name, lw=1.4)
+            plotted += 1
+    if plotted:
+        ax.set_xscale("log"); ax.set_yscale("log"); ax.set_xlim(1e-4, 1)
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no point with both rates above zero", ha="center", transform=ax.transAxes)
     ax.set_xlabel("stranger false-accept rate"); ax.set_ylabel("miss rate (1 - correct accept)")
     ax.set_title(f"Open-set DET, reporting half, K={k}, E={e}"); ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     p = plot_dir / f"{prefix}_det_k{k}_e{e}.png"
     fig.savefig(p)
