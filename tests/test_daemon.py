@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -337,9 +338,22 @@ def test_sigterm_during_an_unlock_pulse_leaves_the_relay_released(tmp_path, enro
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     audit = Path(cfg.state_dir) / "audit.db"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a real sd_notify socket, as systemd gives a Type=notify service with WatchdogSec
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(0.1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "600000"}
     proc = subprocess.Popen([sys.executable, "-m", "edgeface", "--config", str(config_file), "run"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    messages: list[str] = []
+
+    def drain_notify():
+        while True:
+            try:
+                messages.append(notify.recv(4096).decode())
+            except OSError:
+                return
 
     def relay_rows():
         if not audit.exists():
@@ -354,14 +368,21 @@ def test_sigterm_during_an_unlock_pulse_leaves_the_relay_released(tmp_path, enro
         assert wait_until(lambda: any(r[0] == "unlocked" for r in relay_rows()) or proc.poll() is not None, 60), \
             "no unlock"
         assert proc.poll() is None, proc.stderr.read()
+        assert wait_until(lambda: drain_notify() or "WATCHDOG=1" in messages, 10)
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=20)  # far less than the 30 s pulse
+        drain_notify()
     finally:
+        notify.close()
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
     assert "received SIGTERM" in err
+    assert messages[0] == "READY=1" and "WATCHDOG=1" in messages and messages[-1] == "STOPPING=1"
+    for part in ("models: detector", "gallery: ", "(2 people, 2 enabled)", "camera: folder:", "relay pin 17",
+                 "mqtt: disabled"):
+        assert part in err, part  # the start-up summary
     rows = relay_rows()
     assert [r[0] for r in rows] == ["unlocked", "locked"]
     assert json.loads(rows[0][1])["pin_level"] is True and json.loads(rows[-1][1])["pin_level"] is False
@@ -417,3 +438,32 @@ def test_demo_prints_granted_and_unknown_events(tmp_path):
     assert granted and granted <= {"barack_obama", "guido_van_rossum", "paul_allen"}
     assert any(e["result"] == "unknown" for e in events)
     assert not any(e["result"] == "granted" and e["person_name"] is None for e in events)
+
+
+def test_door_contact_opened_without_grant_is_a_forced_open_alarm(tmp_path, analyzer, enrolled_gallery, pins):
+    cfg = make_config(tmp_path, enrolled_gallery, None, door={"contact_pin": 27, "held_open_s": 0.3})
+    events = []
+    with Daemon(cfg, analyzer=analyzer, source=FolderSource(FACES), pin_factory=pins,
+                event_sink=events.append) as daemon:
+        contact = pins.pin(27)
+        contact.drive_low()  # closed
+        assert wait_until(lambda: daemon.contact.state == "closed")
+        events.clear()
+        before = len(daemon.audit.rows("door"))
+        contact.drive_high()  # opened, nobody was granted
+        assert wait_until(lambda: any(e.get("event_type") == "door_held_open" for e in events))
+        contact.drive_low()
+        assert wait_until(lambda: events[-1].get("event_type") == "door_closed")
+        audit = daemon.audit
+        kinds = [r["result"] for r in audit.rows("door")[before:]]
+    assert kinds == ["door_opened", "door_forced_open", "door_held_open", "door_closed"]
+    assert relay_levels(pins.pin(17)) == [False]
+
+
+def test_door_release_command(tmp_path, capsys):
+    from edgeface.cli import main
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("door:\n  relay_pin: 22\n  active_high: false\n  pin_factory: mock\n")
+    assert main(["--config", str(cfg), "door", "release"]) == 0
+    assert "relay on pin 22 released" in capsys.readouterr().out
