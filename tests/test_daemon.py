@@ -49,7 +49,9 @@ STRANGER = FACES / "steve_wozniak" / "steve_wozniak_01.jpg"
 
 def embedder_section() -> dict:
     """The shipped default embedder when it is in models/, else MobileFaceNet from ../shared (dev checkouts)."""
-    if (REPO / "models" / "facenet_int8.tflite").is_file():
+    from edgeface.models import default_models_dir, load_manifest
+
+    if "facenet_int8" in load_manifest(default_models_dir()) and (REPO / "models" / "facenet_int8.tflite").is_file():
         return {}
     if MOBILEFACENET.is_file():
         return {"model": str(MOBILEFACENET), "preprocessing": "arcface", "template": "arcface112"}
