@@ -169,6 +169,7 @@ class _LiveSource(_Health):
         self._seq = 0
         self._lost = False
         self._grabber: Optional[threading.Thread] = None
+        self._session_stop = threading.Event()
         self.reconnects = 0
 
     # -- to implement --------------------------------------------------------------------------
@@ -182,8 +183,8 @@ class _LiveSource(_Health):
         raise NotImplementedError
 
     # -- loop ----------------------------------------------------------------------------------
-    def _grab_loop(self) -> None:
-        while not self._stop.is_set():
+    def _grab_loop(self, session_stop: threading.Event) -> None:
+        while not (self._stop.is_set() or session_stop.is_set()):
             try:
                 image = self._read()
             except Exception as exc:  # noqa: BLE001  (driver errors: treat as a lost camera)
@@ -210,7 +211,9 @@ class _LiveSource(_Health):
             self._lost = False
             self._latest = None
         if self.live:
-            self._grabber = threading.Thread(target=self._grab_loop, name=f"grab-{self.name}", daemon=True)
+            self._session_stop = threading.Event()
+            self._grabber = threading.Thread(target=self._grab_loop, args=(self._session_stop,),
+                                             name=f"grab-{self.name}", daemon=True)
             self._grabber.start()
         return True
 
@@ -222,13 +225,15 @@ class _LiveSource(_Health):
         self._stop.wait(delay)
 
     def _release_quietly(self) -> None:
+        # stop the grabber first: releasing a capture while another thread reads it can crash drivers
+        if self._grabber is not None:
+            self._session_stop.set()
+            self._grabber.join(timeout=2.0)
+            self._grabber = None
         try:
             self._release()
         except Exception:  # noqa: BLE001
             log.debug("camera release failed", exc_info=True)
-        if self._grabber is not None:
-            self._grabber.join(timeout=2.0)
-            self._grabber = None
 
     def frames(self) -> Iterator[Frame]:
         index = 0
