@@ -1,0 +1,193 @@
+"""Per-stage latency of the recognition pipeline, per embedder and thread count, plus the face_recognition peer.
+
+Run by hand (never a test): timings depend on the machine and on what else runs on it.
+
+    /work/venv/bin/python bench/bench_pipeline.py --embedder facenet_int8 \
+        --embedder /tmp/facenet_float/facenet_float.tflite:facenet160:prewhiten \
+        --threads 1 --threads 2 --threads 4 --peer-python /work/bench-venv/bin/python
+
+Every (embedder, threads) pair runs in a fresh Python process so that its model load time and peak RSS are its
+own. A "frame" is one photo of the set: JPEG decode -> BlazeFace -> face mesh (when the config enables it) ->
+align -> embed -> 1:N match against a gallery of 100 people x 3 embeddings, i.e. the daemon's per-frame work.
+Writes bench/results/pipeline.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, np.float64)
+    return {"median": float(np.median(a)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean()), "n": int(len(a))}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict:
+    """Measure one configuration in this process."""
+    from edgeface.align import align_face
+    from edgeface.analyze import main_face_index
+    from edgeface.config import EdgefaceConfig
+    from edgeface.detect import BlazeFaceDetector
+    from edgeface.embed import EmbedderSpec, TFLiteEmbedder
+    from edgeface.evaluate import ModelChoice
+    from edgeface.images import decode_image
+    from edgeface.landmarks import LandmarkRefiner
+    from edgeface.models import resolve_model
+
+    cfg = EdgefaceConfig()
+    rss_start = _rss_mb()
+    choice = ModelChoice.parse(embedder)
+    spec = None
+    if choice.template:
+        from edgeface.align import TEMPLATES
+        spec = EmbedderSpec(choice.base_label, TEMPLATES[choice.template].size, choice.template, choice.preprocessing)
+    path, _ = resolve_model(choice.model)
+    t0 = time.perf_counter()
+    det = BlazeFaceDetector(cfg.detector.model, variant=cfg.detector.variant, score_threshold=cfg.detector.score_threshold,
+                            num_threads=threads)
+    use_mesh = cfg.detector.refine_landmarks if choice.landmarks is None else choice.landmarks
+    mesh = LandmarkRefiner(num_threads=threads) if use_mesh else None
+    t1 = time.perf_counter()
+    emb = TFLiteEmbedder(path, spec=spec, num_threads=threads, flip_augment=choice.flip)
+    t2 = time.perf_counter()
+    # First inference (XNNPACK packs weights lazily on the first invoke): part of start-up, not of a frame.
+    emb.embed(np.zeros((1, emb.input_size, emb.input_size, 3), np.uint8))
+    t3 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((300, emb.spec.embedding_dim)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    starts = np.arange(0, 300, 3)
+    blobs = [p.read_bytes() for p in images]
+    stages: dict[str, list[float]] = {k: [] for k in ("decode", "detect", "mesh", "align", "embed", "match", "frame")}
+    faces_found = frames = 0
+    for rep in range(passes + 1):
+        for blob in blobs:
+            a = time.perf_counter()
+            rgb = decode_image(blob)
+            b = time.perf_counter()
+            faces = det.detect(rgb)
+            c = time.perf_counter()
+            if mesh is not None:
+                faces = [f for f in (mesh.refine(rgb, f) for f in faces)
+                         if f.presence is not None and f.presence >= cfg.detector.min_presence]
+            d = time.perf_counter()
+            idx = main_face_index(faces, rgb.shape)
+            e = f = g = d
+            if idx is not None:
+                crop = align_face(rgb, faces[idx], emb.template)
+                e = time.perf_counter()
+                vec = emb.embed(crop)[0]
+                f = time.perf_counter()
+                dist = np.minimum.reduceat(1.0 - gallery @ vec, starts)
+                int(np.argmin(dist))
+                g = time.perf_counter()
+            if rep == 0:
+                continue  # warm-up pass: caches, lazy allocations
+            frames += 1
+            stages["decode"].append((b - a) * 1e3)
+            stages["detect"].append((c - b) * 1e3)
+            if mesh is not None:
+                stages["mesh"].append((d - c) * 1e3)
+            stages["frame"].append((g - a) * 1e3)
+            if idx is not None:
+                faces_found += 1
+                stages["align"].append((e - d) * 1e3)
+                stages["embed"].append((f - e) * 1e3)
+                stages["match"].append((g - f) * 1e3)
+    out = {
+        "embedder": choice.label, "model_file": str(path), "model_bytes": os.path.getsize(path),
+        "quantized": bool(emb.quantized), "threads": threads, "face_mesh": bool(mesh is not None),
+        "frames": frames, "frames_with_face": faces_found,
+        "load_ms": {"detector_and_mesh": (t1 - t0) * 1e3, "embedder": (t2 - t1) * 1e3, "first_inference": (t3 - t2) * 1e3},
+        "stages_ms": {k: _stats(v) for k, v in stages.items() if v},
+        "rss_mb": {"after_imports": rss_start, "peak": _rss_mb()},
+    }
+    frame = np.asarray(stages["frame"])
+    out["fps"] = float(1000.0 / frame.mean())
+    k = cfg.policy.min_frames
+    out["decision"] = {"k_frames": k, "median_ms": float(k * np.median(frame)), "p95_ms": float(k * np.percentile(frame, 95))}
+    return out
+
+
+def run_peer(python: str, images: list[Path]) -> dict:
+    """face_recognition on the same photos, in its own venv (its own process: its RSS is its own)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = Path(tmp) / "list.txt"
+        listing.write_text("".join(f"{p}\n" for p in images) * 2, encoding="utf-8")  # pass 1 warms up
+        out = Path(tmp) / "out.npz"
+        t0 = time.perf_counter()
+        subprocess.run([python, str(REPO / "bench" / "peer_face_recognition.py"), str(listing), str(out)], check=True,
+                       stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+        with np.load(out) as d:
+            n = len(images)
+            found = d["n_faces"][n:] > 0
+            res = {"embedder": "face_recognition (dlib HOG + ResNet-34)", "threads": 1, "frames": n,
+                   "frames_with_face": int(found.sum()),
+                   "stages_ms": {"decode": _stats(d["ms_decode"][n:].tolist()),
+                                 "detect": _stats(d["ms_detect"][n:].tolist()),
+                                 "embed": _stats(d["ms_embed"][n:][found].tolist()),
+                                 "frame": _stats((d["ms_decode"][n:] + d["ms_detect"][n:] + d["ms_embed"][n:]).tolist())},
+                   "wall_s": wall, "rss_mb": {"peak_children_max": rss}}
+            frame = d["ms_decode"][n:] + d["ms_detect"][n:] + d["ms_embed"][n:]
+            res["fps"] = float(1000.0 / frame.mean())
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--embedder", action="append", default=[], help="as `edgeface eval --model` (repeat)")
+    ap.add_argument("--threads", action="append", type=int, default=[], help="interpreter threads (repeat)")
+    ap.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "faces")
+    ap.add_argument("--passes", type=int, default=1, help="timed passes over the photos (after one warm-up pass)")
+    ap.add_argument("--peer-python", default=None)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "pipeline.json")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if args.worker:
+        print(json.dumps(worker(args.embedder[0], args.threads[0], images, args.passes)))
+        return 0
+    # The peer first: RUSAGE_CHILDREN keeps the maximum over all children, so it must not follow ours.
+    peer = run_peer(args.peer_python, images) if args.peer_python else None
+    if peer:
+        print(f"face_recognition frame median {peer['stages_ms']['frame']['median']:.1f} ms", file=sys.stderr)
+    results = []
+    for embedder in args.embedder or ["facenet_int8"]:
+        for threads in args.threads or [1, 2, 4]:
+            proc = subprocess.run([sys.executable, __file__, "--worker", "--embedder", embedder, "--threads", str(threads),
+                                   "--images", str(args.images), "--passes", str(args.passes)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{r['embedder']:<28} threads={threads} frame median {r['stages_ms']['frame']['median']:.1f} ms "
+                  f"embed {r['stages_ms']['embed']['median']:.1f} ms  fps {r['fps']:.1f}  peak RSS {r['rss_mb']['peak']:.0f} MB",
+                  file=sys.stderr)
+            results.append(r)
+    from edgeface.evaluate import machine_description
+    doc = {"machine": machine_description(), "images": str(args.images), "n_images": len(images),
+           "passes": args.passes, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "results": results, "peer": peer}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
