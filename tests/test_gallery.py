@@ -359,3 +359,60 @@ def test_default_threshold_falls_back_without_manifest_entry(tmp_path):
          "input_shape": [1, 160, 160, 3], "input_dtype": "int8", "default_max_distance": 0.33}]}))
     assert default_max_distance("emb", tmp_path) == 0.33
     assert default_max_distance("emb.tflite", tmp_path) == 0.33
+
+
+def test_matcher_agrees_with_brute_force(tmp_path):
+    """Vectorised per-person best and top-k mean equal a plain loop, for uneven numbers of photos per person."""
+    rng = np.random.default_rng(11)
+    path = tmp_path / "g.db"
+    stored: dict[str, np.ndarray] = {}
+    with open_g(path, max_distance=2.0) as g:
+        for i in range(30):
+            vecs = rng.normal(size=(1 + i % 7, DIM)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            stored[f"p{i:02d}"] = vecs
+            g.enroll(f"p{i:02d}", items(f"p{i}", vecs))
+        g.disable("p07")
+        enabled = {n: v for n, v in stored.items() if n != "p07"}
+        for mode, k in [("best", 1), ("topk_mean", 3), ("topk_mean", 10)]:
+            g.match_mode, g.top_k = mode, k
+            for q in rng.normal(size=(20, DIM)).astype(np.float32):
+                q /= np.linalg.norm(q)
+                per = {n: float(np.sort(1.0 - v @ q)[:k].mean()) for n, v in enabled.items()}
+                name = min(per, key=per.get)
+                m = g.match(q)
+                assert m.name == name and abs(m.distance - per[name]) < 1e-5
+
+
+def test_concurrent_matching_while_another_process_edits(tmp_path, people):
+    """Daemon threads keep matching while the CLI connection enrolls and disables: no errors, right answers."""
+    import threading
+
+    path = tmp_path / "g.db"
+    daemon = open_g(path)
+    cli = open_g(path)
+    cli.enroll("alice", items("alice", people["alice"][:3]))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def worker():
+        try:
+            while not stop.is_set():
+                m = daemon.match(people["alice"][4])
+                assert m.name in ("alice", None)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(20):
+        cli.enroll(f"extra{i}", items(f"extra{i}", cluster(200 + i, 2)))
+        cli.disable("alice") if i % 2 == 0 else cli.enable("alice")
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert daemon.match(people["alice"][4]).name == "alice"
+    daemon.close()
+    cli.close()
