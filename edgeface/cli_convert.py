@@ -1,6 +1,8 @@
 """`edgeface convert`: Keras FaceNet .h5 -> TFLite model + manifest entry + accuracy report (needs edgeface[convert])."""
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +38,7 @@ def convert_cmd(weights: Path, out_dir: Path, quantization: str, representative:
     result = convert_facenet(weights, out_dir, quantization=quantization, representative=representative,
                              name=name, evaluate=evaluate, max_representative=max_representative,
                              representative_per_person=per_person, keep_float=keep_float,
+                             command=shlex.join(["edgeface", *sys.argv[1:]]),
                              log=lambda msg: click.echo(msg, err=True))
     rep = result.report
     click.echo(f"wrote {result.model_path} ({rep['bytes']:,} bytes, sha256 {rep['sha256'][:12]}...) "

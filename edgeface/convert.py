@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -193,6 +194,9 @@ def write_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model or manifest is meant to be readable
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -217,7 +221,16 @@ def update_manifest(models_dir: Path, entry: dict[str, Any]) -> None:
     position = manifest.get("models", []).index(old[0]) if old else len(models)
     models.insert(position, entry)
     manifest["models"] = models
-    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(path, dump_json(manifest).encode())
+
+
+def dump_json(data: Any) -> str:
+    """Indented JSON with short lists of numbers kept on one line ("input_shape": [1, 160, 160, 3])."""
+    text = json.dumps(data, indent=2)
+    number = r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
+    # Only lists json.dumps broke over lines (never text inside strings, which holds no raw newline).
+    return re.sub(rf"\[\n\s*({number}(?:,\n\s*{number})*)\n\s*\]",
+                  lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
@@ -300,7 +313,7 @@ def convert_facenet(weights: str | os.PathLike[str], out_dir: str | os.PathLike[
                     representative: str | os.PathLike[str] | None = None, name: Optional[str] = None,
                     evaluate: str | os.PathLike[str] | None = None, max_representative: int = 200,
                     representative_per_person: Optional[int] = 1, keep_float: Optional[Path] = None,
-                    log: Callable[[str], None] = lambda _msg: None) -> ConvertResult:
+                    command: Optional[str] = None, log: Callable[[str], None] = lambda _msg: None) -> ConvertResult:
     """Rebuild FaceNet from `weights`, convert, write `<out_dir>/<name>.tflite`, its manifest entry and a report.
 
     `evaluate`: a folder of <person>/*.jpg; when given, the float TFLite and the new model are compared on it
@@ -379,6 +392,7 @@ def convert_facenet(weights: str | os.PathLike[str], out_dir: str | os.PathLike[
         threshold = round(cmp["candidate"]["threshold_at_far"], 3)
     report["total_seconds"] = round(time.monotonic() - started, 1)
 
+    report["command"] = command
     entry = manifest_entry(name, model_path, quantization, threshold, report)
     update_manifest(out_dir, entry)
     report_paths = write_report(out_dir / f"{name}.report", report, entry)
@@ -402,9 +416,9 @@ def manifest_entry(name: str, path: Path, quantization: str, threshold: Optional
                    report: dict[str, Any]) -> dict[str, Any]:
     dtype = "int8" if quantization == "int8" else "float32"
     rep = report.get("representative") or {}
-    cmd = f"edgeface convert --weights facenet_keras.h5 --out models/ --quantization {quantization} --name {name}"
-    if rep:
-        cmd += " --representative DIR"
+    cmd = report.get("command") or (f"edgeface convert --weights facenet_keras.h5 --out models/ "
+                                    f"--quantization {quantization} --name {name}"
+                                    + (f" --representative {rep['folder']}" if rep else ""))
     entry: dict[str, Any] = {
         "name": name, "kind": "embedder", "file": path.name, "sha256": report["sha256"], "bytes": report["bytes"],
         "input_shape": [1, INPUT_SIZE, INPUT_SIZE, 3], "input_dtype": dtype,
@@ -430,9 +444,9 @@ def manifest_entry(name: str, path: Path, quantization: str, threshold: Optional
 
 def write_report(stem: Path, report: dict[str, Any], entry: dict[str, Any]) -> list[Path]:
     """<stem>.json (everything) and <stem>.md (the numbers a reader needs)."""
-    json_path = stem.with_suffix(".json")
-    md_path = stem.with_suffix(".md")
-    write_atomic(json_path, (json.dumps(report, indent=2) + "\n").encode())
+    json_path = stem.parent / f"{stem.name}.json"
+    md_path = stem.parent / f"{stem.name}.md"
+    write_atomic(json_path, dump_json(report).encode())
     write_atomic(md_path, render_report_md(report, entry).encode())
     return [json_path, md_path]
 
@@ -512,7 +526,9 @@ def ensure_embedder_model(config: Any) -> Path:
         name = emb.model
     else:
         path = Path(emb.model)
-        if not path.is_absolute() and not path.exists() and (models_dir / path).exists():
+        if not path.suffix:  # a model name the manifest does not (yet) list: its file would be <name>.tflite
+            path = models_dir / f"{emb.model}.tflite"
+        elif not path.is_absolute() and not path.exists() and (models_dir / path).exists():
             path = models_dir / path
         name = path.stem
     if path.is_file():
