@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import tracemalloc
@@ -78,7 +79,8 @@ def main() -> int:
               f"f16 {r16['median_ms']:.3f} ms ({mat16.nbytes / 2**20:.1f} MiB)  same={same}", file=sys.stderr)
         del mat, mat16, index
     doc = {"machine": machine_description(), "dim": args.dim, "per_person": args.per_person,
-           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+           "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "load_average_1min_at_end": os.getloadavg()[0], "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return 0

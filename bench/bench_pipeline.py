@@ -183,6 +183,7 @@ def main() -> int:
     from edgeface.evaluate import machine_description
     doc = {"machine": machine_description(), "images": str(args.images), "n_images": len(images),
            "passes": args.passes, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "load_average_1min_at_end": os.getloadavg()[0],
            "results": results, "peer": peer}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")

@@ -94,6 +94,7 @@ def main() -> int:
         print(f"{name} {quant}: here {ours:.1f} ms ({args.threads} threads), Pi 4 published {pi_ms} ms, "
               f"ratio {pi_ms / ours:.2f}", file=sys.stderr)
     doc = {"machine": machine_description(), "source": SOURCE, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "load_average_1min_at_end": os.getloadavg()[0],
            "pi5_over_pi4_speedup": {"low": 2.0, "high": 3.0,
                                     "source": "Raspberry Pi Ltd, Raspberry Pi 5 launch announcement (Sept 2023): "
                                               "'a 2-3x increase in CPU performance relative to Raspberry Pi 4'"},

@@ -132,7 +132,8 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
         variants: list[ev.Variant] = []
         for c in choices:
             sets[c.label] = embed(c)
-            variants.append(ev.Variant(c.label, "as given", (c.label,), template=template))
+            variants.append(ev.Variant(c.label, "as configured" if not c.is_peer else "its defaults", (c.label,),
+                                       template=template, deployable=not c.is_peer))
         baseline = variants[0].name
         calibrate: list[str] = []
         if ablation:
@@ -147,8 +148,9 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                     if x.label not in sets:
                         sets[x.label] = embed(x)
                 variants += [
+                    # The gallery matches best-of-E (or top-k mean distances), not a mean template: not deployable.
                     ev.Variant(f"{c.label} {other}-of-E", f"{other} template" if other == "mean" else "best of E photos",
-                               (c.label,), template=other),
+                               (c.label,), template=other, deployable=(other == "best")),
                     ev.Variant(flip.label, "flip TTA", (flip.label,), template=template),
                     ev.Variant(lm.label, "face mesh on" if toggled else "face mesh off (BlazeFace points)", (lm.label,),
                                template=template),
