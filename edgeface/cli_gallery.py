@@ -49,13 +49,19 @@ def embedder_identity(cfg: EdgefaceConfig) -> tuple[str, int]:
     return spec.model_id, spec.embedding_dim
 
 
+def gallery_path(cfg: EdgefaceConfig) -> Path:
+    """gallery.path; a relative one is relative to state_dir (the daemon's rule, so both open the same file)."""
+    p = Path(cfg.gallery.path).expanduser()
+    return p if p.is_absolute() else Path(cfg.state_dir).expanduser() / p
+
+
 def open_gallery(cfg: EdgefaceConfig, *, create: bool = False, model: Optional[tuple[str, int]] = None,
                  allow_model_change: bool = False):
     from .gallery import Gallery, resolve_max_distance
 
     model_id, dim = model or embedder_identity(cfg)
     g = cfg.gallery
-    return Gallery.open(g.path, model_id=model_id, embedding_dim=dim,
+    return Gallery.open(gallery_path(cfg), model_id=model_id, embedding_dim=dim,
                         max_distance=resolve_max_distance(g, cfg.embedder, cfg.models_dir), create=create,
                         keep_crops=g.keep_crops, match_mode=g.match_mode, top_k=g.top_k,
                         allow_model_change=allow_model_change)

@@ -282,3 +282,17 @@ def test_enroll_from_camera_frames(capsys, tmp_path):
     assert report["rejected"] == [{"source": "frame 0", "reason": "no face found"}]
     photo = sorted((FACES / "steve_wozniak").glob("*.jpg"))[4]
     assert run(capsys, cfg, "identify", photo)[1][0].split(",")[1] == "Woz"
+
+
+def test_relative_gallery_path_is_under_state_dir(capsys, tmp_path, monkeypatch):
+    """A relative gallery.path lives in state_dir, wherever the command is run from (the daemon's rule too)."""
+    cfg = tmp_path / "c.yaml"
+    doc = {"state_dir": str(tmp_path / "state"), "gallery": {"path": "people.db"}}
+    emb = embedder_section()
+    if emb:
+        doc["embedder"] = emb
+    cfg.write_text(yaml.safe_dump(doc))
+    monkeypatch.chdir(tmp_path)
+    photo = sorted((FACES / "paul_allen").glob("*.jpg"))[0]
+    assert run(capsys, cfg, "enroll", "Paul", photo)[0] == 0
+    assert (tmp_path / "state" / "people.db").is_file() and not (tmp_path / "people.db").exists()

@@ -100,8 +100,9 @@ def openset_eval(analyzer, cfg, root: Path, tmp_path: Path, n_enroll: int, stran
 def test_openset_accuracy_on_shared_faces(analyzer, cfg, tmp_path):
     """18 people: 12 enrolled with 3 photos each, 6 never enrolled; 3 rotations.
 
-    Measured (MobileFaceNet, max_distance 0.40): rank-1 130/130, accepted 124/130, wrong person 0,
-    strangers rejected 117/117."""
+    Measured: MobileFaceNet at 0.40: rank-1 130/130, accepted 124/130, wrong person 0, strangers rejected
+    117/117. facenet_int8 at 0.40: 130/130, 122/130, 0, 116/117; at the provisional manifest value 0.562:
+    130/130, 130/130, 0, only 91/117 (fails: too loose for 1:N, see docs/gallery.md)."""
     t = openset_eval(analyzer, cfg, shared_path("data", "faces"), tmp_path, n_enroll=3, stranger_every=3)
     print(t)
     assert t["known"] >= 100 and t["strangers"] >= 100
@@ -114,7 +115,7 @@ def test_openset_accuracy_on_shared_faces(analyzer, cfg, tmp_path):
 def test_openset_accuracy_on_fixture_faces(analyzer, cfg, tmp_path, fixture_faces):
     """7 committed people: ~5 enrolled with 2 photos, the others strangers; 3 rotations.
 
-    Measured (MobileFaceNet, 0.40): rank-1 26/26, accepted 26/26, strangers 28/28 rejected."""
+    Measured (MobileFaceNet 0.40, facenet_int8 0.40 and 0.562): rank-1 26/26, accepted 26/26, strangers 28/28."""
     t = openset_eval(analyzer, cfg, fixture_faces, tmp_path, n_enroll=2, stranger_every=3)
     print(t)
     assert t["known"] >= 20 and t["strangers"] >= 15
