@@ -134,12 +134,13 @@ def test_live_source_never_hands_out_stale_frames():
     numbers = []
     for f in cam.frames():
         numbers.append(int(f.image[0, 0, 0]) + 256 * int(f.image[0, 0, 1]))
-        time.sleep(0.05)  # a slow pipeline: the camera makes ~10 frames meanwhile
+        time.sleep(0.1)  # a slow pipeline: the camera makes up to ~20 frames meanwhile
         if len(numbers) == 8:
             cam.close()
     gaps = np.diff(numbers)
-    assert (gaps > 0).all()
-    assert gaps[1:].mean() > 3  # frames made during processing were skipped, not queued
+    assert (gaps > 0).all()  # never an old frame again
+    # frames made during processing were skipped, not queued (a queue would give gaps of exactly 1)
+    assert gaps[1:].mean() > 1.5
 
 
 def test_live_camera_failure_reconnects_and_reports_health():
