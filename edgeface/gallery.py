@@ -516,6 +516,7 @@ class Gallery:
                 raise GalleryError(f"gallery {self.path}: {exc}") from None
 
     def _person_row(self, name: str) -> tuple:
+        name = unicodedata.normalize("NFC", name) if isinstance(name, str) else name
         rows = self._query("SELECT id, name, external_id, enabled, schedule, created, updated FROM people "
                            "WHERE name = ?", (name,))
         if not rows:

@@ -416,3 +416,31 @@ def test_concurrent_matching_while_another_process_edits(tmp_path, people):
     assert daemon.match(people["alice"][4]).name == "alice"
     daemon.close()
     cli.close()
+
+
+def test_any_name_is_either_refused_or_stored_exactly(tmp_path_factory):
+    """Property: validate_name never lets a control character or separator through, and what it accepts
+    round-trips through the database unchanged (NFC form)."""
+    import unicodedata
+
+    from hypothesis import given, settings, strategies as st
+
+    path = tmp_path_factory.mktemp("names") / "g.db"
+    g = open_g(path)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.text(max_size=70))
+    def check(name):
+        try:
+            ok = validate_name(name)
+        except GalleryError as exc:
+            assert "\n" not in str(exc)
+            return
+        assert 1 <= len(ok) <= 64 and "/" not in ok and "\\" not in ok
+        assert not any(unicodedata.category(c)[0] == "C" for c in ok)
+        if ok not in [p.name for p in g.people()]:
+            g.add_person(name)
+        assert g.person(name).name == ok
+
+    check()
+    g.close()
