@@ -163,6 +163,8 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
     keep = cfg.gallery.keep_crops
     with make_analyzer(cfg) as analyzer:
         model = _analyzer_model(analyzer)
+        if gallery_path(cfg).exists():  # a foreign/other-model gallery fails now, not after all the photos
+            open_gallery(cfg, model=model).close()
         if camera:
             from .frames import open_source
 

@@ -252,6 +252,10 @@ def test_gallery_of_another_model(capsys, tmp_path):
     assert rc == 1 and out == []
     assert "'some_other_model'" in err and f"'{_model_id(cfg)}'" in err and "re-enroll" in err
     assert err.count("\n") == 1
+    rc, out, err = run(capsys, cfg, "enroll", "bob", sorted((FACES / "paul_allen").glob("*.jpg"))[0])
+    assert rc == 1 and "'some_other_model'" in err and err.count("\n") == 1
+    with Gallery.open(path, model_id="some_other_model", max_distance=0.4) as g:
+        assert [p.name for p in g.people()] == ["alice"]
 
 
 @pytest.mark.parametrize("args", [[], ["enroll"], ["identify"], ["verify"], ["people"], ["people", "list"],
