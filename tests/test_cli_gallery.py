@@ -300,3 +300,30 @@ def test_relative_gallery_path_is_under_state_dir(capsys, tmp_path, monkeypatch)
     photo = sorted((FACES / "paul_allen").glob("*.jpg"))[0]
     assert run(capsys, cfg, "enroll", "Paul", photo)[0] == 0
     assert (tmp_path / "state" / "people.db").is_file() and not (tmp_path / "people.db").exists()
+
+
+@pytest.mark.shared
+def test_model_change_with_kept_crops_reembeds(capsys, tmp_path):
+    """Enrolled with MobileFaceNet and keep_crops; the config switches to another embedder: the gallery is
+    refused until `gallery reembed`, after which identification works with the new model."""
+    if not MOBILEFACENET.is_file():
+        pytest.skip("needs ../shared MobileFaceNet")
+    if not embedder_section() == {}:
+        pytest.skip("needs the default embedder in models/ as the second model")
+    gallery = tmp_path / "g.db"
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({"gallery": {"path": str(gallery), "keep_crops": True},
+                                   "embedder": {"model": str(MOBILEFACENET), "preprocessing": "arcface",
+                                                "template": "arcface112"}}))
+    new = tmp_path / "new.yaml"
+    new.write_text(yaml.safe_dump({"gallery": {"path": str(gallery), "keep_crops": True}}))
+    for name in ["paul_allen", "steve_wozniak"]:
+        assert run(capsys, old, "enroll", name, *sorted((FACES / name).glob("*.jpg"))[:2])[0] == 0
+    probe = sorted((FACES / "steve_wozniak").glob("*.jpg"))[3]
+    rc, out, err = run(capsys, new, "identify", probe)
+    assert rc == 1 and "'mobilefacenet'" in err and "edgeface gallery reembed" in err
+    rc, out, err = run(capsys, new, "gallery", "reembed")
+    assert rc == 0 and "re-embedded 4 face chips" in err
+    assert run(capsys, new, "identify", probe)[1][0].split(",")[1] == "steve_wozniak"
+    stats = json.loads("\n".join(run(capsys, new, "gallery", "stats", "--json")[1]))
+    assert stats["model_id"] == _model_id(new) and stats["embeddings"] == 4 and stats["crops"] == 4

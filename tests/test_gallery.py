@@ -310,6 +310,10 @@ def test_keep_crops_and_reembed(tmp_path, people):
     with open_g(path, model_id="old", keep_crops=True) as g:
         g.enroll("alice", [EnrollItem(f"a{i}", f"h{i}", people["alice"][i], 0.9, chip=chips[i]) for i in range(2)])
         assert g.stats()["crops"] == 2
+        g.export(tmp_path / "with_chips.json")
+    with open_g(tmp_path / "copy.db", model_id="old", keep_crops=True) as copy:
+        copy.import_(tmp_path / "with_chips.json")
+        assert copy.stats()["crops"] == 2  # chips travel with the export
     with pytest.raises(GalleryError, match="edgeface gallery reembed"):
         open_g(path, model_id="pixels")
     emb = PixelEmbedder()
