@@ -134,12 +134,12 @@ class MqttPublisher:
 
     def set_state(self, topic: str, value: str) -> None:
         """A retained latest-value state (relay, contact, camera, ...); re-sent on every reconnect."""
-        with self._states_lock:
+        with self._states_lock:  # held while publishing, so a reconnect never re-sends an older value after it
             if self._states.get(topic) == value:
                 return
             self._states[topic] = value
-        if self.connected:
-            self._publish_quietly(topic, value, retain=True)
+            if self.connected:
+                self._publish_quietly(topic, value, retain=True)
 
     def publish_now(self, topic: str, payload: str, *, retain: bool = False, qos: int = 1) -> None:
         if self.connected:
@@ -169,11 +169,10 @@ class MqttPublisher:
             client.subscribe(subs)
         client.publish(self.topics.availability, "online", qos=1, retain=True)
         self._send_discovery()
-        with self._states_lock:
-            states = dict(self._states)
-        for topic, value in states.items():
-            client.publish(topic, value, qos=1, retain=True)
-        self._connected.set()
+        with self._states_lock:  # a state set from now on is published by set_state itself
+            for topic, value in self._states.items():
+                client.publish(topic, value, qos=1, retain=True)
+            self._connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._connected.is_set():
