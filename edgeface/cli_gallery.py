@@ -22,10 +22,12 @@ import click
 
 from .cli import CliContext, pass_ctx
 from .config import EdgefaceConfig
+from .enroll import QualityGate
 from .errors import ConfigError, EdgefaceError, ExitStatus, ImageError, NoFaceError
 
 UNKNOWN = "unknown"
 NO_FACE = "no_face"
+_GATE = QualityGate()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -133,10 +135,17 @@ def _report_enrollment(reports: list, as_json: bool) -> None:
 @click.option("--max-frames", type=click.IntRange(1, 100000), default=300, show_default=True,
               help="With --camera: give up after this many frames.")
 @click.option("--external-id", default=None, help="Your own id for the person (badge number, HA user...).")
+@click.option("--min-face-size", type=click.FloatRange(20, 4000), default=_GATE.min_face_size, show_default=True,
+              help="Quality gate: smallest face (box side, pixels).")
+@click.option("--min-sharpness", type=click.FloatRange(0, None), default=_GATE.min_sharpness, show_default=True,
+              help="Quality gate: variance of the Laplacian of the aligned face (real photos >= ~100).")
+@click.option("--max-nose-offset", type=click.FloatRange(0, 0.5), default=_GATE.max_nose_offset, show_default=True,
+              help="Quality gate: how far the nose may be off the middle of the eyes (0.5 = no frontal check).")
 @click.option("--json", "as_json", is_flag=True, help="Print the enrollment report as JSON on stdout.")
 @pass_ctx
 def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], folder: Optional[Path], camera: bool,
-               n_frames: int, max_frames: int, external_id: Optional[str], as_json: bool) -> None:
+               n_frames: int, max_frames: int, external_id: Optional[str], min_face_size: float,
+               min_sharpness: float, max_nose_offset: float, as_json: bool) -> None:
     """Enroll NAME from IMAGE... (files or folders), from --camera, or everyone under --folder.
 
     Every photo passes a quality gate (one face, large enough, sharp, roughly frontal); rejected photos are
@@ -145,6 +154,8 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
     from .gallery import validate_name
 
     cfg = obj.config
+    gate = QualityGate(min_face_size=min_face_size, min_sharpness=min_sharpness, max_nose_offset=max_nose_offset,
+                       max_roll_deg=_GATE.max_roll_deg)
     if folder is not None:
         if name or images or camera:
             raise click.UsageError("--folder takes no NAME or IMAGE arguments (names are the subfolder names)")
@@ -175,14 +186,15 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
                         if item.accepted:
                             bar.update(1)
                     items = capture_from_frames(analyzer, source.frames(), count=n_frames, max_frames=max_frames,
-                                                keep_chips=keep, on_item=on_item)
+                                                gate=gate, keep_chips=keep, on_item=on_item)
             finally:
                 source.close()
             batches = [(name, items)]
         else:
             total = sum(len(p) for _, p in batches_paths)
             with _progress(total, "enrolling") as bar:
-                batches = [(n, enroll_images(analyzer, paths, keep_chips=keep, progress=lambda: bar.update(1)))
+                batches = [(n, enroll_images(analyzer, paths, gate=gate, keep_chips=keep,
+                                             progress=lambda: bar.update(1)))
                            for n, paths in batches_paths]
     with open_gallery(cfg, create=True, model=model) as gallery:
         reports = gallery.enroll_many(batches, external_id=external_id)

@@ -327,3 +327,13 @@ def test_model_change_with_kept_crops_reembeds(capsys, tmp_path):
     assert run(capsys, new, "identify", probe)[1][0].split(",")[1] == "steve_wozniak"
     stats = json.loads("\n".join(run(capsys, new, "gallery", "stats", "--json")[1]))
     assert stats["model_id"] == _model_id(new) and stats["embeddings"] == 4 and stats["crops"] == 4
+
+
+def test_enroll_quality_gate_options(capsys, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "g.db")
+    photo = sorted((FACES / "paul_allen").glob("*.jpg"))[0]
+    rc, out, err = run(capsys, cfg, "enroll", "Paul", photo, "--min-face-size", "1000")
+    assert rc == 3 and f"{photo}: face too small" in err and "need >= 1000 px" in err
+    guido = sorted((FACES / "guido_van_rossum").glob("*.jpg"))[4]  # a turned head, rejected by default
+    rc, out, err = run(capsys, cfg, "enroll", "Guido", guido, "--max-nose-offset", "0.5")
+    assert rc == 0 and "enrolled 'Guido': 1 added" in err
