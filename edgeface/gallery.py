@@ -361,33 +361,24 @@ class Gallery:
             raise GalleryError(f"gallery {path} does not exist (enroll someone first: edgeface enroll NAME IMAGE...)")
         else:
             parent = path.parent
-            if not parent.exists():
-                try:
+            try:
+                if not parent.exists():
                     parent.mkdir(mode=0o700, parents=True)
-                except OSError as exc:
-                    raise GalleryError(f"cannot create gallery directory {parent}: {exc.strerror or exc}") from None
-        old_umask = os.umask(0o077)
+                # Create the file 0600 ourselves (SQLite gives its -wal/-shm files the same mode). No umask
+                # games: the umask is process-wide and the daemon has other threads writing files.
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass  # another process created it a moment ago: fine, it is checked below
+            except OSError as exc:
+                raise GalleryError(f"cannot create gallery {path}: {exc.strerror or exc}") from None
         try:
             conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise GalleryError(f"cannot open gallery {path}: {exc}") from None
-        finally:
-            os.umask(old_umask)
         try:
             gallery = cls(conn, path, model_id=model_id, embedding_dim=int(embedding_dim),
                           max_distance=max_distance, keep_crops=keep_crops, match_mode=match_mode, top_k=top_k)
-            old_umask = os.umask(0o077)
-            try:
-                gallery._prepare(allow_model_change)
-            finally:
-                os.umask(old_umask)
-            for suffix in ("", "-wal", "-shm"):
-                p = Path(str(path) + suffix)
-                if p.exists():
-                    try:
-                        os.chmod(p, 0o600)
-                    except OSError:
-                        pass
+            gallery._prepare(allow_model_change)
             return gallery
         except sqlite3.DatabaseError as exc:
             conn.close()

@@ -224,8 +224,14 @@ def test_import_of_garbage_is_one_line_error(tmp_path, gallery):
 
 def test_file_permissions(tmp_path):
     path = tmp_path / "state" / "sub" / "g.db"
-    with open_g(path) as g:
-        g.add_person("alice")
+    old_umask = os.umask(0o022)  # a typical umask would give 0644 files
+    try:
+        with open_g(path) as g:
+            g.add_person("alice")
+            wal = path.with_name(path.name + "-wal")
+            assert wal.exists() and stat.S_IMODE(os.stat(wal).st_mode) == 0o600
+    finally:
+        os.umask(old_umask)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
 
