@@ -69,6 +69,8 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--peer-python", type=click.Path(dir_okay=False), default=None,
               help="Python of the peer venv (bench/setup_peer_env.sh) for --model face_recognition; "
                    "default $EDGEFACE_PEER_PYTHON.")
+@click.option("--exclude", "exclude_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File of persons or person/photo entries to leave out (label errors), one per line, # comments.")
 @click.option("--threads", type=click.IntRange(1, 16), default=None, help="Interpreter threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @pass_ctx
@@ -76,7 +78,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
              k: int, enrolls: tuple[int, ...], draws: int, seed: int, template: Optional[str], split: Optional[str], ablation: bool,
              thresholds: tuple[str, ...], target_far: float, report_path: Path, json_path: Optional[Path],
              plots_dir: Optional[Path], cache_dir: Path, no_cache: bool, peer_python: Optional[str],
-             threads: Optional[int], quiet: bool) -> None:
+             exclude_file: Optional[Path], threads: Optional[int], quiet: bool) -> None:
     """Measure accuracy on DATASET (one folder of photos per person) and write a report.
 
     Without --open-set: 1:1 verification (ROC, EER, TAR at FAR 1e-2/1e-3/1e-4 where enough impostor pairs exist)
@@ -99,11 +101,14 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
     unknown = set(overrides) - set(labels)
     if unknown:
         raise ConfigError(f"--threshold names {sorted(unknown)}, which is not among the models {labels}")
-    ds = ev.load_folder_dataset(dataset)
+    exclusions = ev.read_exclusions(exclude_file) if exclude_file else set()
+    full = ev.load_folder_dataset(dataset)
+    dropped = set(exclusions)
     if split and split != "all" and not open_set_mode:
-        ds = ds.subset(ev.split_persons(ds.persons, split))
-        if len(ds.persons) < 2:
-            raise ConfigError(f"--split {split} leaves {len(ds.persons)} person(s) of {dataset}")
+        dropped |= {p for p in full.persons if ev.identity_split(p) != split}
+    ds, keep = full.without(dropped)
+    if len(ds.persons) < 2:
+        raise ConfigError(f"{dataset}: {len(ds.persons)} person(s) left after --split/--exclude; need at least 2")
     cache = None if no_cache else cache_dir
     json_path = json_path or report_path.with_suffix(".json")
     plots_dir = plots_dir or report_path.parent / "img"
@@ -112,8 +117,10 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
         else "edgeface eval " + shlex.quote(str(dataset))
 
     def embed(choice: "ev.ModelChoice") -> "ev.EmbeddedSet":
-        return ev.embed_dataset(ds, choice, cache_dir=cache, detector_config=cfg.detector, num_threads=threads,
-                                peer_python=peer_python, progress=not quiet)
+        # Embeddings are made (and cached) for the whole folder, then cut to the photos kept.
+        es = ev.embed_dataset(full, choice, cache_dir=cache, detector_config=cfg.detector, num_threads=threads,
+                              peer_python=peer_python, progress=not quiet)
+        return es.take(keep)
 
     thr = {c.label: overrides.get(c.label, ev.default_threshold(c, cfg.gallery.max_distance)) for c in choices}
     if not open_set_mode:
@@ -121,6 +128,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
         pairs = ev.lfw_pairs(ds, pairs_file) if pairs_file else ev.folder_pairs(ds)
         settings = ev.OpenSetSettings(k=k, enroll=(enrolls or (1,))[0], draws=draws, seed=seed, template=template)
         report = ev.evaluate_models(ds, sets, pairs=pairs, thresholds=thr, id_settings=settings, target_far=target_far)
+        report["excluded"] = sorted(exclusions)
         plots = ev.eval_plots(report, plots_dir, prefix, report_path.parent)
         md = ev.render_eval_markdown(report, plots, command)
         _summary_eval(report)
@@ -154,6 +162,9 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                     ev.Variant(flip.label, "flip TTA", (flip.label,), template=template),
                     ev.Variant(lm.label, "face mesh on" if toggled else "face mesh off (BlazeFace points)", (lm.label,),
                                template=template),
+                    ev.Variant(f"{c.label} face >= {cfg.policy.min_face_size}px", "the product's face-size rule: enrollment "
+                               f"and the door refuse faces under {cfg.policy.min_face_size} px", (c.label,), template=template,
+                               min_face_px=float(cfg.policy.min_face_size)),
                     ev.Variant(f"{c.label} +cohort", "cohort s-norm (top 100)", (c.label,), template=template,
                                cohort_top=100, deployable=False),
                     ev.Variant(f"{flip.label} +cohort", "flip TTA + cohort s-norm", (flip.label,), template=template,
@@ -169,6 +180,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
         study = ev.open_set_study(ds, sets, variants, ks=(k,), enrolls=enrolls, draws=draws, seed=seed, thresholds=thr,
                                   calibration_ks=sorted({10, 25, 50, k}) if ablation else (), calibrate=calibrate,
                                   only_tune=(split == "tune"))
+        study["excluded"] = sorted(exclusions)
         rec = ev.recommend(study, k=k, enroll=enrolls[0], far_target=target_far)
         study["recommendation"] = rec
         plots = {}

@@ -50,6 +50,17 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def without(self, exclude: Iterable[str]) -> tuple["Dataset", np.ndarray]:
+        """Leave out whole persons (`name`) or single photos (`name/file`), e.g. label errors found by eye.
+        Returns the smaller set and the indices of the kept photos (to cut embeddings made on the full set)."""
+        exclude = set(exclude)
+        keep = np.array([i for i, p in enumerate(self.paths)
+                         if p.parent.name not in exclude and f"{p.parent.name}/{p.name}" not in exclude], np.int64)
+        kept_persons = sorted({self.paths[i].parent.name for i in keep})
+        remap = {n: k for k, n in enumerate(kept_persons)}
+        return (Dataset(self.root, kept_persons, [self.paths[i] for i in keep],
+                        np.array([remap[self.paths[i].parent.name] for i in keep], np.int64)), keep)
+
     def subset(self, persons: Iterable[str]) -> "Dataset":
         keep = set(persons)
         idx = [i for i, lab in enumerate(self.labels) if self.persons[lab] in keep]
@@ -57,6 +68,24 @@ class Dataset:
         remap = {n: k for k, n in enumerate(names)}
         return Dataset(self.root, names, [self.paths[i] for i in idx],
                        np.array([remap[self.persons[self.labels[i]]] for i in idx], np.int64))
+
+
+def read_exclusions(path: str | os.PathLike[str]) -> set[str]:
+    """An exclusion list: one `person` or `person/photo.jpg` per line, `#` starts a comment (say why)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read exclusion list {path}: {exc.strerror}") from None
+    out = set()
+    for lineno, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if entry.count("/") > 1 or entry.startswith("/"):
+            raise ConfigError(f"{path}:{lineno}: expected 'person' or 'person/photo.jpg', got {entry!r}")
+        out.add(entry)
+    return out
 
 
 def load_folder_dataset(root: str | os.PathLike[str]) -> Dataset:
@@ -167,10 +196,17 @@ class EmbeddedSet:
     n_faces: np.ndarray
     timings: dict[str, np.ndarray] = field(default_factory=dict)
     from_cache: bool = False
+    #: Box side (px) of the face used per photo (NaN without a face; None when an old cache lacks it).
+    face_px: Optional[np.ndarray] = None
 
     @property
     def found(self) -> np.ndarray:
         return self.n_faces > 0
+
+    def take(self, idx: np.ndarray) -> "EmbeddedSet":
+        return EmbeddedSet(self.label, self.metric, self.emb[idx], self.n_faces[idx],
+                           {k: v[idx] for k, v in self.timings.items()}, self.from_cache,
+                           None if self.face_px is None else self.face_px[idx])
 
     def ms_per_face(self) -> dict[str, Optional[float]]:
         """Median milliseconds per stage over photos with a face (decode over all photos)."""
@@ -224,7 +260,8 @@ def _load_cached(path: Path, label: str, metric: str, n: int) -> Optional[Embedd
     if len(arrays.get("n_faces", ())) != n:
         return None
     timings = {k: v for k, v in arrays.items() if k.startswith("ms_")}
-    return EmbeddedSet(label, metric, arrays["emb"].astype(np.float32), arrays["n_faces"], timings, from_cache=True)
+    return EmbeddedSet(label, metric, arrays["emb"].astype(np.float32), arrays["n_faces"], timings, from_cache=True,
+                       face_px=arrays.get("face_px"))
 
 
 def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path] = None,
@@ -270,6 +307,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     n = len(ds)
     emb = np.full((n, embedder.spec.embedding_dim), np.nan, np.float32)
     n_faces = np.zeros(n, np.int32)
+    face_px = np.full(n, np.nan, np.float32)
     timings = {k: np.full(n, np.nan) for k in ("ms_decode", "ms_detect", "ms_mesh", "ms_align", "ms_embed")}
     iterator: Iterable[int] = range(n)
     if progress:
@@ -292,6 +330,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
         if idx is None:
             continue
         face = faces[idx]
+        face_px[i] = face.size
         crop = align_face(image, face, embedder.template)
         t2 = t2b
         t3 = time.perf_counter()
@@ -301,9 +340,9 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     for part in (detector, embedder, refiner):
         if part is not None:
             part.close()
-    result = EmbeddedSet(choice.label, choice.metric, emb, n_faces, timings)
+    result = EmbeddedSet(choice.label, choice.metric, emb, n_faces, timings, face_px=face_px)
     if cache is not None:
-        _save_npz(cache, emb=emb, n_faces=n_faces, **timings)
+        _save_npz(cache, emb=emb, n_faces=n_faces, face_px=face_px, **timings)
     return result
 
 
@@ -356,7 +395,8 @@ def fuse(a: EmbeddedSet, b: EmbeddedSet) -> EmbeddedSet:
         timings["ms_detect"] = a.timings["ms_detect"]  # one detector (and mesh) pass feeds both embedders
         if "ms_mesh" in a.timings:
             timings["ms_mesh"] = a.timings["ms_mesh"]
-    return EmbeddedSet(f"{a.label}⊕{b.label}", "cosine", emb.astype(np.float32), np.where(found, a.n_faces, 0), timings)
+    return EmbeddedSet(f"{a.label}⊕{b.label}", "cosine", emb.astype(np.float32), np.where(found, a.n_faces, 0), timings,
+                       face_px=a.face_px)
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -511,6 +551,8 @@ class OpenSetSettings:
     seed: int = 0
     template: str = "mean"  # "mean": one unit-mean template per person; "best": best of the E photos
     cohort_top: int = 0  # >0: adaptive s-norm against the `cohort_top` most similar cohort photos
+    #: >0: the product's face-size rules: enrollment refuses, and the door never accepts, a face smaller than this.
+    min_face_px: float = 0.0
 
 
 def _draw_gallery(rng: np.random.Generator, eligible: np.ndarray, photos_by_person: dict[int, np.ndarray],
@@ -568,6 +610,12 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
     labels_in = np.array(sorted(name_to_label[p] for p in persons if p in name_to_label), np.int64)
     photos_by_person = {int(lab): np.flatnonzero(ds.labels == lab) for lab in labels_in}
     found = es.found
+    too_small = np.zeros(len(found), bool)
+    if settings.min_face_px > 0:
+        if es.face_px is None:
+            raise ConfigError(f"{es.label}: cached embeddings lack face sizes; re-embed (--no-cache) for a face-size rule")
+        too_small = found & ~(np.nan_to_num(es.face_px) >= settings.min_face_px)
+        found = found & ~too_small  # usable faces: a too-small face is a rejection, like no face
     e = settings.enroll
     eligible = np.array([lab for lab in labels_in if len(photos_by_person[int(lab)]) > e], np.int64)
     if len(eligible) < 2:
@@ -580,6 +628,7 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
     gen_scores, gen_correct, str_scores = [], [], []
     per_draw: list[tuple[int, int]] = []  # (first probe index, first stranger index) into the pooled arrays
     counts = {"probe": 0, "probe_no_face": 0, "stranger": 0, "stranger_no_face": 0, "enroll_refused_no_face": 0,
+              "probe_face_too_small": 0, "stranger_face_too_small": 0,
               "enrolled_with_fewer_photos": 0, "enrolled_with_no_photo": 0}
     for draw in range(settings.draws):
         rng = np.random.default_rng([settings.seed, draw])
@@ -619,7 +668,8 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
                 best_owner[ok] = owners_arr[j]
             key = "probe" if is_probe else "stranger"
             counts[key] += len(idx)
-            counts[f"{key}_no_face"] += int((~ok).sum())
+            counts[f"{key}_no_face"] += int((~ok).sum())  # includes faces under the size rule
+            counts[f"{key}_face_too_small"] += int(too_small[idx].sum())
             if is_probe:
                 gen_scores.extend(scores.tolist())
                 gen_correct.extend((best_owner == ds.labels[idx]).tolist())
@@ -640,7 +690,8 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
 
     result = {
         "settings": {"k": int(k), "enroll": e, "draws": settings.draws, "seed": settings.seed,
-                     "template": settings.template, "cohort_top": settings.cohort_top if norm is not None else 0},
+                     "template": settings.template, "cohort_top": settings.cohort_top if norm is not None else 0,
+                     "min_face_px": settings.min_face_px},
         "n_persons": int(len(labels_in)), "n_eligible": int(len(eligible)), "counts": counts,
         "rank1_of_probes_with_face": float(np.mean(gc[np.isfinite(gs)])) if np.isfinite(gs).any() else None,
         "at_far": [dict(far_target=target, **at(threshold_at_far(ss, target))) for target in far_targets],
@@ -806,13 +857,20 @@ def evaluate_models(ds: Dataset, sets: Sequence[tuple[ModelChoice, EmbeddedSet]]
             "pairs_source": pairs.source, "machine": machine_description(), "models": models}
 
 
+def _excluded_lines(report: dict[str, Any]) -> list[str]:
+    excl = report.get("excluded") or []
+    if not excl:
+        return []
+    return [f"Left out (--exclude, label errors checked by eye): {', '.join(f'`{e}`' for e in excl)}.", ""]
+
+
 def render_eval_markdown(report: dict[str, Any], plots: dict[str, str], command: str) -> str:
     m0 = report["models"][0]
     fars = [a["far_target"] for a in m0["verification"]["at_far"]]
     lines = [f"# edgeface eval: {Path(report['dataset']).name}", "",
              "Generated by `edgeface eval`; do not edit by hand.", "", f"Command: `{command}`", "",
              f"Data: {report['n_persons']} people, {report['n_photos']} photos ({report['dataset']}). "
-             f"Machine: {report['machine']}.", "",
+             f"Machine: {report['machine']}.", ""] + _excluded_lines(report) + [
              "A photo in which no face is found is never dropped: in a genuine pair it counts as a false rejection, "
              "in an impostor pair or for a stranger as a correct rejection, and as a rejection for an enrolled probe.",
              "", "## Verification (1:1)", "",
@@ -886,6 +944,7 @@ class Variant:
     labels: tuple[str, ...]
     template: str = "mean"
     cohort_top: int = 0
+    min_face_px: float = 0.0
     #: Can the shipped daemon run it as it is (config switches only)? Only these are recommended as defaults.
     deployable: bool = True
 
@@ -920,7 +979,8 @@ def open_set_study(ds: Dataset, sets: dict[str, EmbeddedSet], variants: Sequence
         ms = es.ms_per_face()
         for k in ks:
             for e in enrolls:
-                st = OpenSetSettings(k=k, enroll=e, draws=draws, seed=seed, template=v.template, cohort_top=v.cohort_top)
+                st = OpenSetSettings(k=k, enroll=e, draws=draws, seed=seed, template=v.template, cohort_top=v.cohort_top,
+                                     min_face_px=v.min_face_px)
                 cohort_for = {"tune": es.emb[half_mask["report"]], "report": es.emb[half_mask["tune"]]}
                 tune = open_set(es, ds, halves["tune"], st, far_targets=far_targets,
                                 cohort=cohort_for["tune"] if v.cohort_top else None)
@@ -998,7 +1058,7 @@ def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], comma
              f"Data: {study['n_persons']} people, {study['n_photos']} photos ({Path(study['dataset']).name}). "
              f"Identities are split by a hash of their name: tuning half {h['tune']['persons']} people "
              f"({h['tune']['photos']} photos), reporting half {h['report']['persons']} people ({h['report']['photos']} photos). "
-             f"Machine: {study['machine']}.", "",
+             f"Machine: {study['machine']}.", ""] + _excluded_lines(study) + [
              f"Protocol: {study['draws']} random galleries (seed {study['seed']}, the same galleries for every model) of K "
              "people, each enrolled with E photos (the first E photos in a random order in which a face is found: an "
              "enrollment tool refuses a photo without one); probes are all their other photos, strangers every photo of "
