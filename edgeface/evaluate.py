@@ -1131,6 +1131,7 @@ def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], comma
             lines += [f"### {cal['variant']} (E={cal['enroll']})", "",
                       md_table(["K", "target", "per-K threshold", "report: stranger accept / correct accept",
                                 "largest-K threshold", "report: stranger accept / correct accept"], rows), ""]
+    lines += _targets_lines(study)
     if rec:
         t, rp, ro = rec["tune"], rec["report_at_tune_threshold"], rec["report_at_own_far"]
         lines += ["## Recommended default (chosen on the tuning half)", "",
@@ -1145,6 +1146,35 @@ def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], comma
     if plots:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     return "\n".join(lines) + "\n"
+
+
+#: Issue 8's targets on the reporting half, K=100, E=3: correct accept at each stranger-FAR, wrong person at most.
+ISSUE8_TARGETS = {"k": 100, "enroll": 3, "correct_accept": {1e-2: 0.92, 1e-3: 0.75}, "wrong_person_max": 1e-3}
+
+
+def _targets_lines(study: dict[str, Any]) -> list[str]:
+    t = ISSUE8_TARGETS
+    rows = []
+    for r in study["results"]:
+        if r["k"] != t["k"] or r["enroll"] != t["enroll"] or study.get("only_tune"):
+            continue
+        cells, ok_all = [r["variant"], "yes" if r["deployable"] else "no"], True
+        for a in r["report"]["at_far"]:
+            goal = t["correct_accept"].get(a["far_target"])
+            if goal is None:
+                continue
+            ca, wp = a["correct_accept"], a["wrong_person_accept"]
+            ok = ca is not None and ca >= goal and wp is not None and wp <= t["wrong_person_max"]
+            ok_all &= ok
+            cells.append(f"{pct(ca)} / {pct(wp, 2)} {'meets' if ok else 'misses'}")
+        cells.append("**all met**" if ok_all else "not met")
+        rows.append(cells)
+    if not rows:
+        return []
+    head = ["variant", "shippable as configured"] + [
+        f"stranger {pct(f, 1)}: correct accept (goal {pct(g, 0)}) / wrong person (goal <= {pct(t['wrong_person_max'], 1)})"
+        for f, g in t["correct_accept"].items()] + ["targets"]
+    return ["## Against the issue-8 targets (reporting half, K=100, E=3)", "", md_table(head, rows), ""]
 
 
 def open_set_plots(study: dict[str, Any], plot_dir: Path, prefix: str, link_base: Path, k: int, e: int) -> dict[str, str]:
