@@ -1,4 +1,4 @@
-"""`edgeface convert`: Keras FaceNet .h5 -> TFLite model + manifest entry + accuracy report (needs edgeface[convert])."""
+"""`edgeface convert`: Keras FaceNet .h5 -> TFLite model, manifest entry, accuracy report (needs edgeface[convert])."""
 from __future__ import annotations
 
 import shlex
@@ -27,10 +27,13 @@ import click
                    "Keep it apart from --representative.")
 @click.option("--keep-float", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also keep the float32 reference TFLite at this path (not for shipping: ~90 MB).")
+@click.option("--refine/--no-refine", default=True, show_default=True,
+              help="Align calibration/evaluation faces on face-mesh five points, as the daemon does by default "
+                   "(detector.refine_landmarks).")
 @click.option("--name", default=None, help="Model name in the manifest (default: facenet_<quantization>).")
 def convert_cmd(weights: Path, out_dir: Path, quantization: str, representative: Optional[Path],
                 max_representative: int, per_person: int, evaluate: Optional[Path], keep_float: Optional[Path],
-                name: Optional[str]) -> None:
+                refine: bool, name: Optional[str]) -> None:
     """Convert the Keras FaceNet weights to a TFLite embedder for edgeface."""
     from .convert import convert_facenet, require_tensorflow
 
@@ -38,7 +41,7 @@ def convert_cmd(weights: Path, out_dir: Path, quantization: str, representative:
     result = convert_facenet(weights, out_dir, quantization=quantization, representative=representative,
                              name=name, evaluate=evaluate, max_representative=max_representative,
                              representative_per_person=per_person, keep_float=keep_float,
-                             command=shlex.join(["edgeface", *sys.argv[1:]]),
+                             refine=refine, command=shlex.join(["edgeface", *sys.argv[1:]]),
                              log=lambda msg: click.echo(msg, err=True))
     rep = result.report
     click.echo(f"wrote {result.model_path} ({rep['bytes']:,} bytes, sha256 {rep['sha256'][:12]}...) "

