@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -17,6 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
+
+#: A real command is ~150 bytes; anything much larger is refused before it is parsed (no JSON bombs).
+MAX_COMMAND_BYTES = 1024
 
 
 def sign(secret: str, door_id: str, nonce: str, ts: float) -> str:
@@ -73,16 +77,21 @@ class CommandVerifier:
     def verify(self, payload: bytes, *, retained: bool, now: float) -> Verdict:
         if retained:
             return Verdict(False, "retained command ignored")
+        if len(payload) > MAX_COMMAND_BYTES:
+            return Verdict(False, f"command too large ({len(payload)} bytes > {MAX_COMMAND_BYTES})")
         try:
             data = json.loads(payload.decode("utf-8"))
             nonce, ts, sig = data["nonce"], data["ts"], data["sig"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError, RecursionError):
             return Verdict(False, "malformed command (expected JSON {nonce, ts, sig})")
         if not isinstance(nonce, str) or not (8 <= len(nonce) <= 128) or not isinstance(sig, str) \
                 or not isinstance(ts, (int, float)) or isinstance(ts, bool):
             return Verdict(False, "malformed command fields")
+        if not math.isfinite(ts) or abs(ts) > 2 ** 53:  # NaN/inf would never be stale; huge ints overflow float
+            return Verdict(False, "malformed command fields")
         expected = sign(self.secret, self.door_id, nonce, ts)
-        if not hmac.compare_digest(expected, sig.lower()):
+        # bytes: compare_digest refuses str with non-ASCII characters (TypeError) instead of saying "no"
+        if not hmac.compare_digest(expected.encode(), sig.lower().encode("utf-8", "surrogatepass")):
             return Verdict(False, "bad signature", nonce)
         if abs(now - float(ts)) > self.max_age_s:
             return Verdict(False, f"stale command (|now - ts| = {abs(now - float(ts)):.0f} s > {self.max_age_s:.0f} s)",

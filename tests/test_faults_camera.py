@@ -186,7 +186,8 @@ def test_daemon_survives_camera_faults_and_reports_health(tmp_path):
         "state_dir": str(tmp_path / "state"), "embedder": _embedder_section(),
         "camera": {"max_fps": 25, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2, "frozen_after_s": 0.6},
         "door": {"pin_factory": "mock", "pulse_s": 0.5},
-        "mqtt": {"host": broker.host, "port": broker.port, "ha_discovery": False, "keepalive_s": 5},
+        "gallery": {"path": "gallery.db"}, "audit": {"path": "audit.db"},
+                        "mqtt": {"outbox_path": "outbox.db", "host": broker.host, "port": broker.port, "ha_discovery": False, "keepalive_s": 5},
     })
     cam = FlakyCamera(load_image(PHOTO), max_fps=None, reconnect_min_s=0.05, reconnect_max_s=0.2,
                       frozen_after_s=0.6)
