@@ -166,6 +166,28 @@ def accuracy_section(ev: dict) -> list[str]:
             "![ROC](img/eval_faces_roc.png)", "", "![scores](img/eval_faces_scores.png)", ""]
 
 
+def summary(pipe: Optional[dict], ev: Optional[dict]) -> list[str]:
+    """The headline numbers, each pulled from the tables below."""
+    out = []
+    if ev:
+        for m in ev["models"]:
+            v = m["verification"]
+            d = m["identification"]["fixed"].get("default") or {}
+            out.append(f"- {m['label']} on data/faces: TAR {pct(v['tar_at_default'])} at its default threshold "
+                       f"{num(v['default_threshold'])} (impostor pairs accepted: {pct(v['far_at_default'], 2)}); in 1:N "
+                       f"galleries a stranger was accepted {pct(d.get('stranger_accept'), 2)} of the time; "
+                       f"{m['photos_no_face']} of {m['photos']} photos without a detected face.")
+    if pipe and pipe.get("peer"):
+        peer = pipe["peer"]
+        quantized = [x for x in pipe["results"] if x["quantized"]]
+        for r in ([min(quantized, key=lambda x: stage(x, "frame"))] if quantized else []):
+                ours = stage(r, "frame")
+                out.append(f"- Per photo in one run ({pipe['n_images']} photos): edgeface {r['embedder']} "
+                           f"{ours:.0f} ms (embed step {stage(r, 'embed'):.1f} ms, {r['threads']} threads) vs face_recognition "
+                           f"{stage(peer, 'frame'):.0f} ms (embed step {stage(peer, 'embed'):.0f} ms).")
+    return (["## Summary", ""] + out + [""]) if out else []
+
+
 def plots(pipe: Optional[dict], match: Optional[dict]) -> list[str]:
     plt = _plt()
     out = []
@@ -227,6 +249,7 @@ def main() -> int:
                   "higher means other processes competed for the CPU and the timings are pessimistic): " +
                   ", ".join(f"{k} {v:.1f}" for k, v in loads.items() if v is not None) + ".", ""]
     notes = (ev or {}).get("notes")
+    lines += summary(pipe, ev)
     if pipe:
         lines += pipeline_section(pipe, ref)
     if ev:
