@@ -69,10 +69,11 @@ def test_shipped_facenet_int8_matches_manifest_and_separates_people(fixture_crop
     auc = np.mean(np.asarray(same)[:, None] < np.asarray(diff)[None, :])
     assert auc >= 0.97, auc
     # At the manifest's provisional threshold (set at FAR 1% on ../shared/data/faces) measured here: all
-    # same-person pairs match, 4.6% (13 of 283) of the different-person ones do: these 7 people are few and alike.
+    # same-person pairs match, 6.4% (18 of 283) of the different-person ones do: FAR 1% on 18 people is a loose
+    # operating point and these 7 people are few (the daemon's threshold must come from an open-set test).
     thr = info.extra["default_max_distance"]
     assert np.mean(np.asarray(same) <= thr) >= 0.9
-    assert np.mean(np.asarray(diff) <= thr) <= 0.10
+    assert np.mean(np.asarray(diff) <= thr) <= 0.12
 
 
 # ------------------------------------------------------------------------------------------- no TensorFlow path
