@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import EdgefaceError
+from .security import create_private_file
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,12 @@ class AuditLog:
         self._lock = threading.Lock()
         self._since_rotate = 0
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            create_private_file(self.path)  # 0600 before SQLite opens it; -wal/-shm inherit the mode
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise AuditError(f"audit.path {self.path}: cannot open the audit database: {exc}") from exc
         self._closed = False
         self.rotate()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+from .security import create_private_file
+
 #: A real command is ~150 bytes; anything much larger is refused before it is parsed (no JSON bombs).
 MAX_COMMAND_BYTES = 1024
 
@@ -48,7 +50,8 @@ class NonceStore:
     def __init__(self, path: Union[str, os.PathLike[str]], keep_s: float) -> None:
         self.keep_s = keep_s
         self._lock = threading.Lock()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        create_private_file(path)  # 0600: SQLite gives -wal/-shm the same mode
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS used_nonces (nonce TEXT PRIMARY KEY, seen REAL NOT NULL)")

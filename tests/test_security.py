@@ -414,3 +414,104 @@ def test_people_remove_erases_embeddings_and_images_from_the_file(tmp_path):
     for n in needles[:-1]:
         assert n not in raw, "a removed person's embedding bytes are still in the gallery file"
     assert np.asarray(bob[0].embedding, "<f4").tobytes()[:32] in raw
+
+
+# --------------------------------------------------------------------------------------------- the daemon
+
+def _embedder_section() -> dict:
+    from edgeface.errors import ModelError
+    from edgeface.models import resolve_model
+
+    try:
+        resolve_model("facenet_int8")
+        return {}
+    except ModelError:
+        pass
+    mfn = Path(os.environ.get("EDGEFACE_SHARED", REPO.parent / "shared")) / "weights" / "mobilefacenet" / \
+        "mobilefacenet.tflite"
+    if mfn.is_file():
+        return {"model": str(mfn), "preprocessing": "arcface", "template": "arcface112"}
+    pytest.skip("no usable embedder model")
+
+
+@needs_broker
+@pytest.mark.broker
+@pytest.mark.slow
+def test_daemon_run_keeps_secrets_out_of_logs_and_state_private(tmp_path, caplog, monkeypatch):
+    """A whole daemon run with an MQTT password and the unlock secret set: enrollment, grants, a stranger,
+    good and bad remote commands, a broker that refuses a wrong password. No log line (DEBUG included, paho
+    too) contains either secret, and every file the daemon created is 0600 in a 0700 state directory."""
+    from gpiozero.pins.mock import MockFactory
+
+    from edgeface.analyze import FaceAnalyzer
+    from edgeface.daemon import Daemon
+    from edgeface.enroll import enroll_images
+    from edgeface.frames import FolderSource
+    from edgeface.gallery import Gallery, resolve_max_distance
+
+    password = "mqtt-Pa55-daemon-run-x9"
+    pwfile = tmp_path / "passwd"
+    pwfile.write_text(f"door:{password}\nwatcher:{password}\n")
+    subprocess.run(["mosquitto_passwd", "-U", str(pwfile)], check=True, capture_output=True)
+    broker = TlsBroker(tmp_path, tmp_path, tls=False, password_file=pwfile)
+    monkeypatch.setenv("EDGEFACE_MQTT_PASSWORD", password)
+    monkeypatch.setenv("EDGEFACE_UNLOCK_SECRET", SECRET)
+    caplog.set_level(logging.DEBUG)
+    faces = REPO / "tests" / "fixtures" / "faces"
+    state = tmp_path / "state"
+    cfg = parse_config({
+        "state_dir": str(state), "embedder": _embedder_section(), "log_level": "DEBUG",
+        "camera": {"source": str(faces), "max_fps": 100},
+        "gallery": {"path": "gallery.db", "keep_crops": True}, "audit": {"path": "audit.db"},
+        "policy": {"min_frames": 1, "window_frames": 1, "cooldown_s": 0.5},
+        "door": {"pin_factory": "mock", "pulse_s": 0.1},
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "door", "remote_unlock": True,
+                 "outbox_path": "outbox.db", "keepalive_s": 5}})
+    analyzer = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
+    pins = MockFactory()
+    try:
+        g = Gallery.open(state / "gallery.db", model_id=analyzer.embedder.model_id,
+                         embedding_dim=analyzer.embedder.spec.embedding_dim, keep_crops=True,
+                         max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir))
+        g.enroll("barack_obama", enroll_images(analyzer, sorted((faces / "barack_obama").glob("*.jpg"))[:2],
+                                               keep_chips=True))
+        g.close()
+        import paho.mqtt.client as mqtt  # a client that authenticates like Home Assistant would
+
+        ha = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="ha")
+        ha.username_pw_set("watcher", password)
+        ha.connect("127.0.0.1", broker.port)
+        ha.loop_start()
+        with Daemon(cfg, analyzer=analyzer, source=FolderSource(faces), pin_factory=pins) as daemon:
+            daemon.start()
+            assert daemon.mqtt.wait_connected(10)
+            time.sleep(0.3)
+            for payload in (json.dumps(make_command(SECRET, "front")), "junk",
+                            json.dumps(make_command(SECRET + "-guess", "front"))):
+                ha.publish("edgeface/front/unlock/set", payload, qos=1).wait_for_publish(5)
+            daemon.run()
+            time.sleep(0.5)
+            results = [r["result"] for r in daemon.audit.rows("access")]
+            remote = [r["result"] for r in daemon.audit.rows("remote_unlock")]
+        ha.loop_stop()
+        ha.disconnect()
+        # a second daemon with a wrong password: refused by the broker, reported, not printed
+        monkeypatch.setenv("EDGEFACE_MQTT_PASSWORD", password + "-wrong")
+        with Daemon(cfg, analyzer=analyzer, source=FolderSource(faces), pin_factory=pins) as daemon:
+            daemon.start()
+            assert not daemon.mqtt.wait_connected(3)
+        files = sorted(state.iterdir())
+        modes = {p.name: _mode(p) for p in files}
+    finally:
+        pins.close()
+        analyzer.close()
+        broker.close()
+    assert "granted" in results and "unknown" in results
+    assert remote == ["accepted", "refused", "refused"]
+    assert "refused the connection" in caplog.text
+    text = caplog.text + "\n".join(str(r.__dict__) for r in caplog.records)
+    assert password not in text, "the MQTT password reached a log record"
+    assert SECRET not in text, "the unlock secret reached a log record"
+    assert _mode(state) == 0o700
+    assert {"gallery.db", "audit.db", "outbox.db", "nonces.db"} <= set(modes)
+    assert all(m == 0o600 for m in modes.values()), modes
