@@ -228,3 +228,63 @@ class MeshLiveness:
         close = getattr(self.refiner, "close", None)
         if close:
             close()
+
+
+class LivenessPolicy:
+    """decide.Policy with the liveness gate in front of every grant (the daemon uses it when liveness.enabled).
+
+    A known face is held back from the policy until the gate says live; then the held frames of the track
+    are replayed into the policy in order (its clock is passed in, so this is exactly as if they had been
+    fed live) and the grant comes at once. Strangers and "no face" frames go straight through, so
+    `unknown` events are unchanged. A track that stays not-live for the gate's window_s gets ONE `deny`
+    with the liveness reason (audited and published like any deny), at most once per policy.cooldown_s
+    per person. The caller feeds the gate (mesh points) for each frame before calling observe().
+    """
+
+    def __init__(self, policy: Any, gate: Any, *, window_s: Optional[float] = None) -> None:
+        self.policy = policy
+        self.gate = gate
+        inner = getattr(gate, "gate", gate)
+        self.window_s = float(window_s if window_s is not None else inner.window_s)
+        self._held: list[tuple[float, Any, float, Any]] = []
+        self._track_start: Optional[float] = None
+        self._denied: dict[int, float] = {}
+
+    def reset(self) -> None:
+        self._held.clear()
+        self._track_start = None
+        self.gate.reset()
+        self.policy.reset()
+
+    def observe(self, now: float, match: Any, *, face_size: float = 0.0, box: Any = None) -> Any:
+        from .decide import Decision
+
+        if match is None:  # the face left: a new track starts with the next face
+            self._held.clear()
+            self._track_start = None
+            self.gate.reset()
+            return self.policy.observe(now, None)
+        if not match.known or face_size < self.policy.cfg.min_face_size:
+            return self.policy.observe(now, match, face_size=face_size, box=box)
+        if self._track_start is None:
+            self._track_start = now
+        verdict = self.gate.verdict(now)
+        if verdict.live:
+            held, self._held = self._held, []
+            decisions = [self.policy.observe(t, m, face_size=fs, box=b) for t, m, fs, b in held
+                         if now - t <= self.policy.cfg.window_s]
+            decisions.append(self.policy.observe(now, match, face_size=face_size, box=box))
+            return next((d for d in decisions if d.action != "none"), decisions[-1])
+        self._held.append((now, match, face_size, box))
+        self._held = [h for h in self._held if now - h[0] <= self.policy.cfg.window_s][-self.policy.cfg.window_frames:]
+        pid = int(match.person_id)
+        if now - self._track_start >= self.window_s:
+            last = self._denied.get(pid)
+            self._held.clear()
+            self._track_start = now  # the next attempt gets a full window again
+            if last is None or now - last >= self.policy.cfg.cooldown_s:
+                self._denied[pid] = now
+                return Decision("deny", pid, match.name, verdict.reason, float(match.distance),
+                                float(match.threshold), verdict.frames, box, now)
+        return Decision("none", pid, match.name, f"waiting for liveness ({verdict.reason})", float(match.distance),
+                        float(match.threshold), len(self._held), box, now)

@@ -189,3 +189,72 @@ def test_config_section():
         parse_config({"liveness": {"method": "magic"}})
     with pytest.raises(ValueError, match="liveness.method"):
         LivenessGate(method="magic")
+
+
+# ------------------------------------------------------------------------------------------------ policy
+
+def _policy():
+    from edgeface.config import PolicyConfig
+    from edgeface.decide import Policy
+
+    return Policy(PolicyConfig(min_frames=3, window_frames=5, window_s=3.0, cooldown_s=10.0, unknown_interval_s=5.0))
+
+
+def _obama(distance: float = 0.2):
+    from edgeface.types import Match
+
+    return Match(1, "obama", distance, 0.4)
+
+
+def test_liveness_policy_refuses_a_moved_photo_once_and_grants_a_turning_head(real_mesh):
+    from edgeface.liveness import LivenessPolicy
+
+    # a photo: the mesh only moves by homographies
+    gate = LivenessGate(window_s=4.0)
+    lp = LivenessPolicy(_policy(), gate)
+    rng = np.random.default_rng(1)
+    actions = []
+    for i in range(81):  # 16 s at 5 fps
+        t = 1000.0 + i * 0.2
+        hm = np.eye(3) + np.r_[rng.normal(0, 0.03, 6), rng.normal(0, 1e-4, 2), 0].reshape(3, 3)
+        gate.observe(t, cv2.perspectiveTransform(real_mesh[None], hm)[0])
+        d = lp.observe(t, _obama(), face_size=200, box=(0, 0, 200, 200))
+        actions.append((round(t - 1000, 1), d.action, d.reason))
+    acted = [a for a in actions if a[1] != "none"]
+    # never a grant; a deny after each 4 s window, at most one per 10 s cooldown (at 4 s and 16 s)
+    assert [(a[0], a[1]) for a in acted] == [(4.0, "deny"), (16.0, "deny")], acted
+    assert "flat picture" in acted[0][2]
+    assert all("waiting for liveness" in a[2] for a in actions if a[1] == "none")
+
+    # a head that turns: granted as soon as the gate says live, from the held frames
+    head = _head(real_mesh)
+    c = head.mean(axis=0)
+    gate = LivenessGate(window_s=4.0)
+    lp = LivenessPolicy(_policy(), gate)
+    actions, live = [], []
+    for i, yaw in enumerate(np.linspace(0, 18, 12)):
+        t = 2000.0 + i * 0.2
+        gate.observe(t, ((head - c) @ _rot(yaw).T + c)[:, :2])
+        live.append(gate.verdict(t).live)
+        actions.append(lp.observe(t, _obama(), face_size=200).action)
+    assert actions.count("grant") == 1 and "deny" not in actions
+    # granted on the very frame the gate turns live (>= K = 3 frames held): no extra K-frame wait
+    assert actions.index("grant") == live.index(True) >= 3, (actions, live)
+
+
+def test_liveness_policy_passes_strangers_and_resets_on_no_face(real_mesh):
+    from edgeface.liveness import LivenessPolicy
+    from edgeface.types import Match
+
+    gate = LivenessGate()
+    lp = LivenessPolicy(_policy(), gate)
+    stranger = Match(None, None, 0.9, 0.4)
+    out = [lp.observe(10 + i * 0.2, stranger, face_size=200).action for i in range(3)]
+    assert out == ["none", "none", "unknown"]  # the policy's own K-of-N, liveness not involved
+    gate.observe(20.0, real_mesh)
+    lp.observe(20.0, _obama(), face_size=200)
+    assert len(gate) == 1
+    lp.observe(20.2, None)
+    assert len(gate) == 0
+    small = lp.observe(20.4, _obama(), face_size=10)
+    assert small.action == "none" and "too small" in small.reason
