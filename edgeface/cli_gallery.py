@@ -23,7 +23,7 @@ import click
 from .cli import CliContext, pass_ctx
 from .config import EdgefaceConfig
 from .enroll import QualityGate
-from .errors import ConfigError, EdgefaceError, ExitStatus, ImageError, NoFaceError
+from .errors import ConfigError, ExitStatus, ImageError, NoFaceError
 
 UNKNOWN = "unknown"
 NO_FACE = "no_face"
@@ -456,4 +456,4 @@ def register(group: click.Group) -> None:
         group.add_command(cmd)
 
 
-__all__ = ["register", "embedder_identity", "open_gallery", "UNKNOWN", "NO_FACE", "EdgefaceError"]
+__all__ = ["register", "embedder_identity", "gallery_path", "open_gallery", "UNKNOWN", "NO_FACE"]
