@@ -300,19 +300,24 @@ class _Index:
         self.ids = ids
         self.names = names
         self.starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(owners) else np.zeros(0, int)
-        # (P, max rows per person) row numbers, padded with M (points at an +inf distance), for top-k
-        counts = np.diff(np.r_[self.starts, len(owners)]) if len(owners) else np.zeros(0, int)
-        self.counts = counts
-        width = int(counts.max()) if len(counts) else 0
-        cols = np.arange(width)
-        self.padded = np.where(cols[None, :] < counts[:, None], self.starts[:, None] + cols[None, :], len(owners))
+        self.counts = np.diff(np.r_[self.starts, len(owners)]) if len(owners) else np.zeros(0, int)
+        self._padded: Optional[np.ndarray] = None
+
+    def padded(self) -> np.ndarray:
+        """(P, max rows per person) row numbers padded with M (an +inf distance); built on first top-k use."""
+        if self._padded is None:
+            width = int(self.counts.max()) if len(self.counts) else 0
+            cols = np.arange(width)
+            self._padded = np.where(cols[None, :] < self.counts[:, None], self.starts[:, None] + cols[None, :],
+                                    len(self.owners))
+        return self._padded
 
     def person_distances(self, q: np.ndarray, mode: str, k: int) -> np.ndarray:
         """Per-person distance of query q: best (min) or mean of the k best embeddings."""
         d = 1.0 - self.vectors @ q
         if mode == "best" or k == 1:
             return np.minimum.reduceat(d, self.starts)
-        grid = np.append(d, np.inf)[self.padded]
+        grid = np.append(d, np.inf)[self.padded()]
         kk = min(k, grid.shape[1])
         best = np.partition(grid, kk - 1, axis=1)[:, :kk] if kk < grid.shape[1] else grid
         best = np.where(np.isfinite(best), best, 0.0)
