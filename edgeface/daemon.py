@@ -125,7 +125,15 @@ class Daemon:
                                    top_k=cfg.gallery.top_k)
             self._parts.append(gallery)
         self.gallery = gallery
-        self.policy = Policy(cfg.policy, rules=self._rule)
+        self.policy: Any = Policy(cfg.policy, rules=self._rule)
+        self.liveness: Any = None
+        if cfg.liveness.enabled:  # a blink or 3-D head motion before any grant (edgeface.liveness)
+            from .liveness import LivenessPolicy, MeshLiveness
+
+            self.liveness = MeshLiveness.from_config(cfg.liveness, models_dir=cfg.models_dir,
+                                                     num_threads=cfg.detector.num_threads)
+            self._parts.append(self.liveness)
+            self.policy = LivenessPolicy(self.policy, self.liveness)  # type: ignore[assignment]
 
         self.mqtt = None
         self.outbox = None
@@ -184,6 +192,7 @@ class Daemon:
             + (f", contact pin {cfg.door.contact_pin}" if cfg.door.contact_pin is not None else ""),
             f"policy: {cfg.policy.min_frames} of {cfg.policy.window_frames} frames in {cfg.policy.window_s:g} s, "
             f"cooldown {cfg.policy.cooldown_s:g} s, min face {cfg.policy.min_face_size} px"
+            + (f", liveness {cfg.liveness.method}" if cfg.liveness.enabled else ", no liveness check")
             + ("" if cfg.policy.enabled else ", ACCESS DISABLED"),
         ]
         if cfg.mqtt.enabled:
@@ -248,6 +257,8 @@ class Daemon:
         if result is None:
             decision = self.policy.observe(frame.timestamp, None)
         else:
+            if self.liveness is not None:
+                self.liveness.observe(frame.timestamp, frame.image, result.face)
             match = self._match(result.embedding)
             decision = self.policy.observe(frame.timestamp, match, face_size=result.face.size,
                                            box=tuple(float(v) for v in result.face.box))

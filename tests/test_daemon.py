@@ -472,3 +472,14 @@ def test_door_release_command(tmp_path, capsys):
     cfg.write_text("door:\n  relay_pin: 22\n  active_high: false\n  pin_factory: mock\n")
     assert main(["--config", str(cfg), "door", "release"]) == 0
     assert "relay on pin 22 released" in capsys.readouterr().out
+
+
+def test_liveness_on_a_still_photo_never_opens_the_door(tmp_path, analyzer, enrolled_gallery, pins):
+    """liveness.enabled: the same photo held still for 6 s (a printed-photo attack) gets one liveness deny."""
+    cfg = make_config(tmp_path, enrolled_gallery, None, liveness={"enabled": True, "window_s": 4.0})
+    events = []
+    source = FolderSource(photo_folder(tmp_path, OBAMA_PROBE), repeat=30, clock=TickClock())  # 6 s at 5 fps
+    with Daemon(cfg, analyzer=analyzer, source=source, pin_factory=pins, event_sink=events.append) as daemon:
+        daemon.run()
+    assert [(e["result"], e["person_name"]) for e in events] == [("denied", "barack_obama")]
+    assert relay_levels(pins.pin(17)) == [False]
