@@ -124,6 +124,11 @@ class LivenessGate:
         """Forget the track (a different person, or the face left the frame)."""
         self._frames.clear()
 
+    def forget_before(self, t: float) -> None:
+        """Drop frames older than t (a new track began at t)."""
+        while self._frames and self._frames[0][0] < t:
+            self._frames.popleft()
+
     def observe(self, t: float, points: np.ndarray) -> None:
         """Add one frame's 468 mesh points (x, y pixels) of the main face."""
         pts = np.asarray(points, dtype=np.float64)
@@ -224,6 +229,9 @@ class MeshLiveness:
     def reset(self) -> None:
         self.gate.reset()
 
+    def forget_before(self, t: float) -> None:
+        self.gate.forget_before(t)
+
     def close(self) -> None:
         close = getattr(self.refiner, "close", None)
         if close:
@@ -241,29 +249,39 @@ class LivenessPolicy:
     per person. The caller feeds the gate (mesh points) for each frame before calling observe().
     """
 
-    def __init__(self, policy: Any, gate: Any, *, window_s: Optional[float] = None) -> None:
+    def __init__(self, policy: Any, gate: Any, *, window_s: Optional[float] = None, gap_s: float = 1.0) -> None:
         self.policy = policy
         self.gate = gate
         inner = getattr(gate, "gate", gate)
         self.window_s = float(window_s if window_s is not None else inner.window_s)
+        #: A face missing for longer than this ends the track (one missed detection does not).
+        self.gap_s = gap_s
         self._held: list[tuple[float, Any, float, Any]] = []
         self._track_start: Optional[float] = None
+        self._last_face: Optional[float] = None
         self._denied: dict[int, float] = {}
 
-    def reset(self) -> None:
+    def _end_track(self, now: Optional[float] = None) -> None:
         self._held.clear()
         self._track_start = None
-        self.gate.reset()
+        self._last_face = None
+        if now is None:
+            self.gate.reset()
+        else:
+            self.gate.forget_before(now)  # the caller may already have fed this frame's mesh
+
+    def reset(self) -> None:
+        self._end_track()
         self.policy.reset()
 
     def observe(self, now: float, match: Any, *, face_size: float = 0.0, box: Any = None) -> Any:
         from .decide import Decision
 
-        if match is None:  # the face left: a new track starts with the next face
-            self._held.clear()
-            self._track_start = None
-            self.gate.reset()
+        if self._last_face is not None and now - self._last_face > self.gap_s:
+            self._end_track(now)  # the face left: a new track starts with this frame
+        if match is None:
             return self.policy.observe(now, None)
+        self._last_face = now
         if not match.known or face_size < self.policy.cfg.min_face_size:
             return self.policy.observe(now, match, face_size=face_size, box=box)
         if self._track_start is None:

@@ -254,7 +254,88 @@ def test_liveness_policy_passes_strangers_and_resets_on_no_face(real_mesh):
     gate.observe(20.0, real_mesh)
     lp.observe(20.0, _obama(), face_size=200)
     assert len(gate) == 1
-    lp.observe(20.2, None)
+    lp.observe(20.2, None)  # one missed detection keeps the track
+    assert len(gate) == 1
+    lp.observe(21.5, None)  # gone for more than gap_s: a new track
     assert len(gate) == 0
-    small = lp.observe(20.4, _obama(), face_size=10)
+    small = lp.observe(21.7, _obama(), face_size=10)
     assert small.action == "none" and "too small" in small.reason
+
+
+# ------------------------------------------------------------------------------------------------ daemon
+
+def _embedder_section() -> dict:
+    import os
+    from pathlib import Path
+
+    from edgeface.errors import ModelError
+    from edgeface.models import resolve_model
+
+    try:
+        resolve_model("facenet_int8")
+        return {}
+    except ModelError:
+        pass
+    mfn = Path(os.environ.get("EDGEFACE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "weights" / \
+        "mobilefacenet" / "mobilefacenet.tflite"
+    if mfn.is_file():
+        return {"model": str(mfn), "preprocessing": "arcface", "template": "arcface112"}
+    pytest.skip("no usable embedder model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("liveness", [False, True])
+def test_daemon_with_liveness_refuses_a_moved_photo_of_an_enrolled_person(tmp_path, fixture_faces, liveness):
+    """The attack: a print of an enrolled person's (never enrolled) photo held up and moved for 6 s.
+    Without the gate the door opens (the control); with liveness.enabled it stays shut and one `denied`
+    event says why."""
+    from gpiozero.pins.mock import MockFactory
+
+    from edgeface.analyze import FaceAnalyzer
+    from edgeface.daemon import Daemon
+    from edgeface.enroll import enroll_images
+    from edgeface.frames import FolderSource
+    from edgeface.gallery import Gallery, resolve_max_distance
+    from edgeface.images import save_image
+
+    obama = sorted((fixture_faces / "barack_obama").glob("*.jpg"))
+    cfg = parse_config({
+        "state_dir": str(tmp_path / "state"), "embedder": _embedder_section(),
+        "gallery": {"path": "gallery.db"}, "audit": {"path": "audit.db"}, "mqtt": {"enabled": False},
+        "policy": {"min_frames": 3, "window_frames": 5, "window_s": 3.0},
+        "door": {"pin_factory": "mock"}, "liveness": {"enabled": liveness}})
+    analyzer = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
+    g = Gallery.open(tmp_path / "state" / "gallery.db", model_id=analyzer.embedder.model_id,
+                     embedding_dim=analyzer.embedder.spec.embedding_dim,
+                     max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir))
+    g.enroll("barack_obama", enroll_images(analyzer, obama[:3]))
+    g.close()
+    photo = load_image(obama[3])
+    h, w = photo.shape[:2]
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    for i in range(30):  # 6 s at 5 fps: the print tilted and turned, +-12 degrees
+        t = i / 29
+        hm = _plane_homography(w, h, 12 * np.sin(2 * np.pi * t), 8 * np.cos(2 * np.pi * t), 4 * np.sin(4 * t),
+                               1.1, 0.03 * w * np.sin(2 * np.pi * t), 0.0)
+        save_image(cam / f"{i:03d}.jpg", cv2.warpPerspective(photo, hm, (w, h), borderValue=(90, 90, 90)))
+    clock = iter(1_700_000_000.0 + 0.2 * np.arange(1000))
+    events: list[dict] = []
+    pins = MockFactory()
+    try:
+        with Daemon(cfg, analyzer=analyzer, source=FolderSource(cam, clock=lambda: float(next(clock))),
+                    pin_factory=pins, event_sink=events.append) as daemon:
+            daemon.start()
+            daemon.run()
+            relay = [s.state for s in pins.pin(17).states]
+    finally:
+        pins.close()
+        analyzer.close()
+    results = [(e["result"], e["reason"]) for e in events]
+    if not liveness:
+        assert [r for r, _ in results] == ["granted"], results  # the attack works without the gate
+        assert True in relay
+    else:
+        assert [r for r, _ in results] == ["denied"], results
+        assert "liveness failed" in results[0][1]
+        assert True not in relay, "a photo must never open the door with liveness enabled"
