@@ -224,7 +224,12 @@ class MqttPublisher:
                 continue
             if item is None:
                 continue
-            info = self.client.publish(item.topic, item.payload, qos=1, retain=False)
+            try:
+                info = self.client.publish(item.topic, item.payload, qos=1, retain=False)
+            except Exception:  # noqa: BLE001  (the sender thread must survive anything; retry later)
+                log.exception("publishing event %s failed; retrying", item.event_id)
+                self._stop.wait(1.0)
+                continue
             # paho keeps a QoS 1 message and re-sends it after a reconnect itself, so it is published
             # once per process and we wait for its PUBACK however long the outage lasts.
             if self._wait_ack(info.mid):
