@@ -114,6 +114,7 @@ class LivenessGate:
         self.min_parallax = min_parallax
         self.min_blink = min_blink
         self._frames: deque[tuple[float, np.ndarray]] = deque(maxlen=max_frames)
+        self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, tuple[float, float, Optional[float]]]] = {}
 
     @classmethod
     def from_config(cls, cfg: Any) -> "LivenessGate":
@@ -123,6 +124,7 @@ class LivenessGate:
     def reset(self) -> None:
         """Forget the track (a different person, or the face left the frame)."""
         self._frames.clear()
+        self._cache.clear()
 
     def forget_before(self, t: float) -> None:
         """Drop frames older than t (a new track began at t)."""
@@ -152,8 +154,7 @@ class LivenessGate:
         n = len(frames)
         if n < self.min_frames:
             return LivenessVerdict(False, f"liveness: {n}/{self.min_frames} frames with a face mesh", n)
-        motion, parallax = self._parallax(frames)
-        blink = self._blink(frames)
+        motion, parallax, blink = self._measure(frames)
         moved = motion >= self.min_motion
         by_parallax = moved and parallax >= self.min_parallax
         by_blink = blink >= self.min_blink
@@ -175,35 +176,43 @@ class LivenessGate:
             reason = f"liveness failed: no blink (eye closure {blink:.2f} < {self.min_blink})"
         return LivenessVerdict(live, reason, n, motion, parallax, blink)
 
-    def _parallax(self, frames: list[np.ndarray]) -> tuple[float, float]:
-        ref = frames[0]
-        iod = inter_ocular(ref)
-        motions, residuals = [], []
-        for pts in frames[1:]:
-            d = (pts - pts.mean(axis=0)) - (ref - ref.mean(axis=0))
-            motions.append(float(np.sqrt(np.mean(np.sum(d ** 2, axis=1)))) / iod)
-            residuals.append(planar_residual(ref, pts) / iod)
-        # Second-largest residual: one bad mesh (motion blur, a hand) must not decide alone.
-        ordered = sorted(residuals)
-        robust = ordered[-2] if len(ordered) >= 2 else ordered[-1]
-        return max(motions), (robust if math.isfinite(robust) else 0.0)
+    def _stats(self, ref: np.ndarray, pts: np.ndarray) -> tuple[float, float, Optional[float]]:
+        """(motion, planar residual, rectified eye openness) of one frame against the reference frame.
 
-    def _blink(self, frames: list[np.ndarray]) -> float:
-        ref = frames[0]
+        Cached per (reference, frame): while the reference stays (a track shorter than the window) each
+        verdict costs one new frame's worth of work, not the whole window's."""
+        key = (id(ref), id(pts))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit[2]
+        iod = inter_ocular(ref)
+        d = (pts - pts.mean(axis=0)) - (ref - ref.mean(axis=0))
+        motion = float(np.sqrt(np.mean(np.sum(d ** 2, axis=1)))) / iod
+        residual = planar_residual(ref, pts) / iod if pts is not ref else 0.0
         rigid = list(RIGID_POINTS)
-        opens = []
-        for pts in frames:
-            h = _homography(pts[rigid], ref[rigid])
-            if h is None:
-                continue
-            opens.append(eye_openness(_apply(h, pts)))
-        if len(opens) < 2:
-            return 0.0
-        top = max(opens)
-        if top <= 1e-6:
-            return 0.0
-        # The eyes must have been open at some point in the window and (nearly) closed at another.
-        return float(max(0.0, (top - min(opens)) / top))
+        h = _homography(pts[rigid], ref[rigid])
+        openness = None if h is None else eye_openness(_apply(h, pts))
+        # the arrays are kept in the entry: while cached, their id()s cannot be reused by new frames
+        self._cache[key] = (ref, pts, (motion, residual, openness))
+        return motion, residual, openness
+
+    def _measure(self, frames: list[np.ndarray]) -> tuple[float, float, float]:
+        """(motion, parallax, blink) of the window; the reference is its first frame."""
+        ref = frames[0]
+        live_keys = {(id(ref), id(p)) for p in frames}
+        self._cache = {k: v for k, v in self._cache.items() if k in live_keys}
+        stats = [self._stats(ref, pts) for pts in frames]
+        motion = max(m for m, _r, _o in stats[1:])
+        # Second-largest residual: one bad mesh (motion blur, a hand) must not decide alone.
+        ordered = sorted(r for _m, r, _o in stats[1:])
+        robust = ordered[-2] if len(ordered) >= 2 else ordered[-1]
+        parallax = robust if math.isfinite(robust) else 0.0
+        opens = [o for _m, _r, o in stats if o is not None]
+        blink = 0.0
+        if len(opens) >= 2 and max(opens) > 1e-6:
+            # The eyes must have been open at some point in the window and (nearly) closed at another.
+            blink = float(max(0.0, (max(opens) - min(opens)) / max(opens)))
+        return motion, parallax, blink
 
 
 class MeshLiveness:
@@ -299,7 +308,8 @@ class LivenessPolicy:
         if now - self._track_start >= self.window_s:
             last = self._denied.get(pid)
             self._held.clear()
-            self._track_start = now  # the next attempt gets a full window again
+            self._track_start = now  # the next attempt gets a full window of fresh frames
+            self.gate.forget_before(now)
             if last is None or now - last >= self.policy.cfg.cooldown_s:
                 self._denied[pid] = now
                 return Decision("deny", pid, match.name, verdict.reason, float(match.distance),
