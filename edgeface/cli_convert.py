@@ -36,8 +36,11 @@ def convert_cmd(weights: Path, out_dir: Path, quantization: str, representative:
                 refine: bool, name: Optional[str]) -> None:
     """Convert the Keras FaceNet weights to a TFLite embedder for edgeface."""
     from .convert import convert_facenet, require_tensorflow
+    from .errors import ModelError
 
-    require_tensorflow()  # fail first, with the install hint, before any work
+    if not weights.is_file():
+        raise ModelError(f"Keras FaceNet weights not found: {weights} (see models/MODELS.md for where to get them)")
+    require_tensorflow()  # then the install hint, before any work
     result = convert_facenet(weights, out_dir, quantization=quantization, representative=representative,
                              name=name, evaluate=evaluate, max_representative=max_representative,
                              representative_per_person=per_person, keep_float=keep_float,

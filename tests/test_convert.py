@@ -99,6 +99,16 @@ def test_convert_without_tensorflow_prints_install_hint(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_names_missing_weights_file(tmp_path: Path, capsys) -> None:
+    from edgeface.cli import main
+
+    missing = tmp_path / "facenet_keras.h5"
+    assert main(["convert", "--weights", str(missing), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: Keras FaceNet weights not found: {missing} (see models/MODELS.md for where to get them)"]
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------- ensure_embedder_model errors
 def _config(tmp_path: Path, **embedder: object):
     return parse_config({"models_dir": str(tmp_path), "embedder": {"model": "facenet_int8", **embedder}})
