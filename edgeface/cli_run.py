@@ -226,6 +226,10 @@ def register(group: click.Group) -> None:
         path = obj.resolved_config_path()
         cfg = obj.config
         setup_logging(cfg.log_level)
+        from .security import install_redaction
+
+        # a last line of defence: these values are masked in every log record, whatever formats them
+        install_redaction([read_secret(cfg.mqtt.password_env), read_secret(cfg.mqtt.remote_unlock_secret_env)])
         log.info("edgeface %s starting (config: %s)", _version(), path or "built-in defaults")
         daemon = build_daemon(cfg)
         for line in daemon.summary():

@@ -515,3 +515,47 @@ def test_daemon_run_keeps_secrets_out_of_logs_and_state_private(tmp_path, caplog
     assert _mode(state) == 0o700
     assert {"gallery.db", "audit.db", "outbox.db", "nonces.db"} <= set(modes)
     assert all(m == 0o600 for m in modes.values()), modes
+
+
+def test_edgeface_run_masks_secrets_in_every_log_handler(tmp_path, monkeypatch):
+    """`edgeface run` attaches the redactor to the log handlers: even a record that carries a secret (as a
+    library might, e.g. in a connection URL) comes out masked."""
+    from edgeface.cli import main
+
+    password = "run-cli-password-77aa"
+    monkeypatch.setenv("EDGEFACE_MQTT_PASSWORD", password)
+    monkeypatch.setenv("EDGEFACE_UNLOCK_SECRET", SECRET)
+    faces = REPO / "tests" / "fixtures" / "faces" / "elon_musk"
+    cfg = tmp_path / "config.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"), "embedder": _embedder_section(),
+        "gallery": {"path": "gallery.db"}, "audit": {"path": "audit.db"},
+        "camera": {"source": str(faces)}, "door": {"pin_factory": "mock"}, "mqtt": {"enabled": False}}))
+    root = logging.getLogger()
+    before = list(root.handlers)
+    lines: list[str] = []
+
+    class ListHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = ListHandler()
+    root.addHandler(handler)
+    try:
+        assert main(["--config", str(cfg), "run", "--max-frames", "2"]) == 0
+        logging.getLogger("some.library").warning("connecting to mqtt://door:%s@broker with key %s", password, SECRET)
+    finally:
+        root.removeHandler(handler)
+        for h in root.handlers:
+            if h not in before:
+                root.removeHandler(h)
+        for h in before:
+            for f in list(h.filters):
+                if isinstance(f, SecretRedactor):
+                    h.removeFilter(f)
+    assert any(isinstance(f, SecretRedactor) for f in handler.filters)
+    text = "\n".join(lines)
+    assert "connecting to mqtt://door:***@broker with key ***" in text
+    assert password not in text and SECRET not in text
