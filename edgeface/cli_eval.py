@@ -141,7 +141,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
         for c in choices:
             sets[c.label] = embed(c)
             variants.append(ev.Variant(c.label, "as configured" if not c.is_peer else "its defaults", (c.label,),
-                                       template=template, deployable=not c.is_peer))
+                                       template=template, deployable=c.shipped))
         baseline = variants[0].name
         calibrate: list[str] = []
         if ablation:
@@ -150,6 +150,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
             toggled = not mesh_on
             other = "best" if template == "mean" else "mean"
             for c in base:
+                ship = c.shipped  # only models in the manifest can be recommended as the default
                 flip = ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True)
                 lm = ev.ModelChoice(c.model, c.template, c.preprocessing, landmarks=toggled)
                 for x in (flip, lm):
@@ -158,13 +159,13 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                 variants += [
                     # The gallery matches best-of-E (or top-k mean distances), not a mean template: not deployable.
                     ev.Variant(f"{c.label} {other}-of-E", f"{other} template" if other == "mean" else "best of E photos",
-                               (c.label,), template=other, deployable=(other == "best")),
-                    ev.Variant(flip.label, "flip TTA", (flip.label,), template=template),
+                               (c.label,), template=other, deployable=ship and other == "best"),
+                    ev.Variant(flip.label, "flip TTA", (flip.label,), template=template, deployable=ship),
                     ev.Variant(lm.label, "face mesh on" if toggled else "face mesh off (BlazeFace points)", (lm.label,),
-                               template=template),
+                               template=template, deployable=ship),
                     ev.Variant(f"{c.label} face >= {cfg.policy.min_face_size}px", "the product's face-size rule: enrollment "
                                f"and the door refuse faces under {cfg.policy.min_face_size} px", (c.label,), template=template,
-                               min_face_px=float(cfg.policy.min_face_size)),
+                               min_face_px=float(cfg.policy.min_face_size), deployable=ship),
                     ev.Variant(f"{c.label} +cohort", "cohort s-norm (top 100)", (c.label,), template=template,
                                cohort_top=100, deployable=False),
                     ev.Variant(f"{flip.label} +cohort", "flip TTA + cohort s-norm", (flip.label,), template=template,

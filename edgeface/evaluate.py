@@ -147,6 +147,18 @@ class ModelChoice:
         return self.base_label + lm + ("+flip" if self.flip else "")
 
     @property
+    def shipped(self) -> bool:
+        """An embedder listed in models/manifest.json (what the daemon can be configured to run as it is)."""
+        if self.is_peer:
+            return False
+        from .models import resolve_model
+        try:
+            _, info = resolve_model(self.model, verify=False)
+        except ModelError:
+            return False
+        return info is not None and info.kind == "embedder" and not self.template
+
+    @property
     def metric(self) -> str:
         return "euclidean" if self.is_peer else "cosine"
 
@@ -1073,6 +1085,12 @@ def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], comma
     combos = sorted({(r["k"], r["enroll"]) for r in study["results"]}, key=lambda x: (-x[0], -x[1]))
     for k, e in combos:
         lines += [f"## {'Tuning half (--split tune)' if study.get('only_tune') else 'Reporting half'}, K={k}, E={e}", ""]
+        first = next(r for r in study["results"] if r["k"] == k and r["enroll"] == e)
+        n_str = {h: first[h]["counts"]["stranger"] for h in ("tune", "report")}
+        lines += [f"Stranger trials pooled over the draws: tuning half {n_str['tune']}, reporting half {n_str['report']}. "
+                  f"The {pct(min(fars), 1)} point is set by the {int(min(fars) * n_str['report'])} most stranger-like trials "
+                  "(a few photos that recur across draws), so differences there are noisier than at "
+                  f"{pct(max(fars), 0)}; compare both halves before trusting one.", ""]
         rows = []
         for r in study["results"]:
             if r["k"] != k or r["enroll"] != e:
@@ -1135,7 +1153,8 @@ def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], comma
     if rec:
         t, rp, ro = rec["tune"], rec["report_at_tune_threshold"], rec["report_at_own_far"]
         lines += ["## Recommended default (chosen on the tuning half)", "",
-                  f"Among settings the daemon can run as shipped, `{rec['variant']}` ({rec['template']} template) has the "
+                  f"Among settings the daemon can run as shipped (a model in models/manifest.json, config switches only), "
+                  f"`{rec['variant']}` ({rec['template']} template) has the "
                   f"best tuning-half correct accept at a {pct(rec['far_target'], 1)} stranger false-accept rate (K={rec['k']}, "
                   f"E={rec['enroll']}): {pct(t['correct_accept'])} at threshold {num(t['threshold'], 4)} (wrong person "
                   f"{pct(t['wrong_person_accept'], 2)}).", "",
