@@ -166,6 +166,30 @@ def accuracy_section(ev: dict) -> list[str]:
             "![ROC](img/eval_faces_roc.png)", "", "![scores](img/eval_faces_scores.png)", ""]
 
 
+def open_set_section(acc: dict) -> list[str]:
+    rows = []
+    for r in acc["results"]:
+        if r["levers"] not in ("as configured", "its defaults"):
+            continue
+        rep = r["report"]
+        cal = rep["fixed"].get(f"tune-calibrated {far_name(min(acc['far_targets']))}")
+        rows.append([r["variant"], r["k"], r["enroll"]] +
+                    [f"{pct(a['correct_accept'])} / {pct(a['wrong_person_accept'], 2)}" for a in rep["at_far"]] +
+                    [f"{num(cal['threshold'])}: {pct(cal['stranger_accept'], 2)} / {pct(cal['correct_accept'])}" if cal else "n/a"] +
+                    [f"{num(d['threshold'])}: {pct(d['stranger_accept'], 2)} / {pct(d['correct_accept'])} / "
+                     f"{pct(d['wrong_person_accept'], 2)}" if (d := rep["fixed"].get("default")) else "n/a"])
+    rec = acc.get("recommendation")
+    out = ["## Open-set identification (issue 8 protocol, reporting half)", "",
+           "Same seeded galleries for every model, photos without a face counted as rejections; levers, tuning half and "
+           "plots in [accuracy.md](accuracy.md).", "",
+           md_table(["model", "K", "E"] + [f"stranger {pct(f, 1)}: correct accept / wrong person" for f in acc["far_targets"]] +
+                    [f"threshold from the tuning half ({pct(min(acc['far_targets']), 1)}): stranger / correct accept",
+                     "default threshold: stranger / correct / wrong person"], rows), ""]
+    if rec:
+        out += [f"Recommended default (chosen on the tuning half): `{rec['variant']}`, threshold {num(rec['threshold'], 4)}.", ""]
+    return out
+
+
 def summary(pipe: Optional[dict], ev: Optional[dict]) -> list[str]:
     """The headline numbers, each pulled from the tables below."""
     out = []
@@ -254,6 +278,9 @@ def main() -> int:
         lines += pipeline_section(pipe, ref)
     if ev:
         lines += accuracy_section(ev)
+    acc = load("accuracy.json")
+    if acc:
+        lines += open_set_section(acc)
     if match:
         lines += matching_section(match)
     img = plots(pipe, match)
@@ -261,6 +288,10 @@ def main() -> int:
         lines += ["## Plots", ""] + img + [""]
     if notes:
         lines += ["## Notes", "", notes, ""]
+    script = REPO / "bench" / "run_all.sh"
+    if script.is_file():
+        lines += ["## Reproduce", "", "Everything above comes from these commands (`bench/run_all.sh`):", "", "```sh",
+                  script.read_text(encoding="utf-8").rstrip(), "```", ""]
     write_text_atomic(DOC, "\n".join(lines) + "\n")
     print(f"wrote {DOC}", file=sys.stderr)
     return 0
