@@ -771,12 +771,13 @@ def plot_roc(curves: dict[str, dict[str, list[float]]], path: Path, title: str, 
              y_key: str = "tar", x_label: str = "false-accept rate (impostor pairs)",
              y_label: str = "true-accept rate (genuine pairs)") -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=100)
-    for name, c in curves.items():
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=100)
+    styles = ["-", "--", ":", "-."]
+    for i, (name, c) in enumerate(curves.items()):
         x, y = np.asarray(c[x_key]), np.asarray(c[y_key])
         keep = x > 0
         if keep.any():
-            ax.plot(x[keep], y[keep], label=name, lw=1.6)
+            ax.plot(x[keep], y[keep], label=name, lw=1.6, ls=styles[(i // 10) % len(styles)])
     ax.set_xscale("log")
     ax.set_xlim(1e-4, 1)
     ax.set_ylim(0, 1.01)
@@ -1198,16 +1199,27 @@ def _targets_lines(study: dict[str, Any]) -> list[str]:
 
 def open_set_plots(study: dict[str, Any], plot_dir: Path, prefix: str, link_base: Path, k: int, e: int) -> dict[str, str]:
     out: dict[str, str] = {}
-    curves = {r["variant"]: r["report"]["det"] for r in study["results"] if r["k"] == k and r["enroll"] == e}
+    rows = [r for r in study["results"] if r["k"] == k and r["enroll"] == e]
+    base = [r for r in rows if r["levers"] in ("as configured", "its defaults")] or rows[:1]
+    curves = {r["variant"]: r["report"]["det"] for r in base}
     p = plot_dir / f"{prefix}_openset_k{k}_e{e}.png"
     plot_roc(curves, p, f"Open-set, reporting half, K={k}, E={e}", x_key="stranger_accept", y_key="correct_accept",
              x_label="stranger false-accept rate", y_label="correct accept (right person)")
     out[f"open-set ROC K={k} E={e}"] = os.path.relpath(p, link_base)
+    first = base[0]["labels"][0]
+    levers = [r for r in rows if all(r is not b for b in base)
+              and (r["labels"][0].startswith(first) or len(r["labels"]) > 1)]
+    if levers:
+        p = plot_dir / f"{prefix}_levers_k{k}_e{e}.png"
+        plot_roc({r["variant"]: r["report"]["det"] for r in [base[0]] + levers}, p,
+                 f"Levers on {first}, reporting half, K={k}, E={e}", x_key="stranger_accept", y_key="correct_accept",
+                 x_label="stranger false-accept rate", y_label="correct accept (right person)")
+        out[f"levers K={k} E={e}"] = os.path.relpath(p, link_base)
     # DET: miss rate (1 - correct accept) against stranger accept, both log.
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=100)
     plotted = 0
-    for name, c in curves.items():
+    for name, c in {r["variant"]: r["report"]["det"] for r in base}.items():
         x, y = np.asarray(c["stranger_accept"]), 1.0 - np.asarray(c["correct_accept"])
         keep = (x > 0) & (y > 0)
         if keep.any():
@@ -1225,7 +1237,7 @@ def open_set_plots(study: dict[str, Any], plot_dir: Path, prefix: str, link_base
     fig.savefig(p)
     plt.close(fig)
     out[f"open-set DET K={k} E={e}"] = os.path.relpath(p, link_base)
-    first = [r for r in study["results"] if r["k"] == k and r["enroll"] == e][:4]
+    first = base[:4]
     if first:
         p = plot_dir / f"{prefix}_openset_scores_k{k}_e{e}.png"
         plot_distributions({r["variant"]: (r["report"]["_genuine"][r["report"]["_correct"]], r["report"]["_stranger"],
