@@ -150,8 +150,10 @@ def test_sigkill_mid_pulse_then_restart_starts_released_and_loses_nothing(tmp_pa
     assert relay == ["unlocked"], "the restarted daemon must never have moved the relay for a stranger"
     events = [json.loads(p) for p in collector.on_topic("edgeface/front/event")]
     ids = [e["event_id"] for e in events]
-    assert [e["result"] for e in events if e["result"] == "granted"] == ["granted"]
-    assert len(set(ids)) == len(ids) or all(ids.count(i) <= 2 for i in ids)  # QoS 1: at most a repeat
+    # One grant. It may arrive twice with the same event_id: killed after the broker got it but before the
+    # outbox row was deleted, the restarted daemon sends it again (QoS 1 at-least-once; de-duplicate by id).
+    assert len({e["event_id"] for e in events if e["result"] == "granted"}) == 1
+    assert all(ids.count(i) <= 2 for i in ids)
     for name in ("audit.db", "gallery.db", "outbox.db"):
         assert _integrity(state / name) == "ok", name
     assert _rows(state / "outbox.db", "SELECT count(*) FROM outbox") == [(0,)]
