@@ -380,7 +380,7 @@ class Daemon:
             door.release()
         if getattr(self, "mqtt", None) is not None:
             try:
-                self.mqtt.stop(timeout=2.0)
+                self.mqtt.stop(timeout=5.0)  # deliver what is queued (TimeoutStopSec=15)
             except Exception:  # noqa: BLE001
                 log.exception("MQTT stop failed")
         audit = getattr(self, "audit", None)
