@@ -56,8 +56,12 @@ class Door:
         self._timer: Optional[threading.Timer] = None
         self._closed = False
         self.last_pulse: Optional[float] = None  # time.monotonic() of the last unlock
-        self._device = DigitalOutputDevice(relay_pin, active_high=active_high, initial_value=False,
-                                           pin_factory=pin_factory)
+        try:
+            self._device = DigitalOutputDevice(relay_pin, active_high=active_high, initial_value=False,
+                                               pin_factory=pin_factory)
+        except Exception as exc:  # noqa: BLE001  (no GPIO here, pin busy, no permission)
+            raise ConfigError(f"door.relay_pin = {relay_pin}: cannot drive the pin: {type(exc).__name__}: {exc} "
+                              "(on a Pi: user in group gpio, python3-lgpio; elsewhere: door.pin_factory: mock)") from exc
 
     @classmethod
     def from_config(cls, cfg: DoorConfig, *, pin_factory: Any = None,
@@ -152,7 +156,10 @@ class DoorContact:
         self._opened_at: Optional[float] = None
         self._closed = False
         # pull_up=True: a closed contact pulls the pin low = "pressed" = door closed.
-        self._button = Button(pin, pull_up=closed_is_low, bounce_time=bounce_time, pin_factory=pin_factory)
+        try:
+            self._button = Button(pin, pull_up=closed_is_low, bounce_time=bounce_time, pin_factory=pin_factory)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"door.contact_pin = {pin}: cannot read the pin: {type(exc).__name__}: {exc}") from exc
         self._button.when_pressed = self._on_closed
         self._button.when_released = self._on_opened
 
