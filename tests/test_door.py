@@ -132,3 +132,13 @@ def test_contact_events_forced_and_held_open(factory):
     contact.close()
     contact.close()
     door.close()
+
+
+def test_a_pin_that_cannot_be_driven_is_a_one_line_config_error(factory):
+    with pytest.raises(ConfigError, match=r"door.relay_pin = 99: cannot drive the pin") as e:
+        Door(99, pin_factory=factory)
+    assert "\n" not in str(e.value)
+    door = Door(5, pin_factory=factory)
+    with pytest.raises(ConfigError, match="in use"):
+        Door(5, pin_factory=factory)  # e.g. a second daemon on the same relay
+    door.close()
