@@ -4,6 +4,7 @@ Used by the test suite and handy for trying the daemon by hand. Network use is 1
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -16,6 +17,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 MOSQUITTO = os.environ.get("EDGEFACE_MOSQUITTO", "/usr/sbin/mosquitto")
+
+#: Brokers started by this process and not stopped yet: stopped at exit, so a failing test never leaks one.
+_RUNNING: "set[MosquittoBroker]" = set()
+
+
+@atexit.register
+def _stop_leftover_brokers() -> None:
+    for broker in list(_RUNNING):
+        broker.stop()
 
 
 def mosquitto_path() -> Optional[str]:
@@ -54,6 +64,7 @@ class MosquittoBroker:
             return self
         self._proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _RUNNING.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -72,6 +83,7 @@ class MosquittoBroker:
         return self._proc is not None and self._proc.poll() is None
 
     def stop(self) -> None:
+        _RUNNING.discard(self)
         proc, self._proc = self._proc, None
         if proc is None:
             return
