@@ -34,7 +34,7 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--model", "models", multiple=True, metavar="MODEL",
               help="Embedder: manifest name, .tflite path, PATH:TEMPLATE:PREPROCESSING for a model outside the manifest "
                    "(e.g. mobilefacenet.tflite:arcface112:arcface), suffix +flip for flip averaging, +lm / -lm to force "
-                   "the face mesh on / off (default: detector.refine_landmarks), or 'face_recognition' (the dlib peer). Repeat to compare. Default: the config's embedder.")
+                   "the face mesh on / off (default: detector.refine_landmarks), +full for BlazeFace full range, or 'face_recognition' (the dlib peer). Repeat to compare. Default: the config's embedder.")
 @click.option("--pairs", "pairs_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="LFW-style pairs.txt; default: every pair of photos in DATASET.")
 @click.option("--open-set", "open_set_mode", is_flag=True,
@@ -145,7 +145,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
         baseline = variants[0].name
         calibrate: list[str] = []
         if ablation:
-            base = [c for c in choices if not c.is_peer and not c.flip and c.landmarks is None]
+            base = [c for c in choices if not c.is_peer and not c.flip and c.landmarks is None and c.detector is None]
             mesh_on = cfg.detector.refine_landmarks
             toggled = not mesh_on
             other = "best" if template == "mean" else "mean"
@@ -153,7 +153,12 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                 ship = c.shipped  # only models in the manifest can be recommended as the default
                 flip = ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True)
                 lm = ev.ModelChoice(c.model, c.template, c.preprocessing, landmarks=toggled)
-                for x in (flip, lm):
+                extra = [flip, lm]
+                full_range = None
+                if cfg.detector.variant != "full":
+                    full_range = ev.ModelChoice(c.model, c.template, c.preprocessing, detector="full")
+                    extra.append(full_range)
+                for x in extra:
                     if x.label not in sets:
                         sets[x.label] = embed(x)
                 variants += [
@@ -163,6 +168,8 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                     ev.Variant(flip.label, "flip TTA", (flip.label,), template=template, deployable=ship),
                     ev.Variant(lm.label, "face mesh on" if toggled else "face mesh off (BlazeFace points)", (lm.label,),
                                template=template, deployable=ship),
+                    *([ev.Variant(full_range.label, "BlazeFace full range (finds more, smaller faces)", (full_range.label,),
+                                  template=template, deployable=ship)] if full_range else []),
                     ev.Variant(f"{c.label} face >= {cfg.policy.min_face_size}px", "the product's face-size rule: enrollment "
                                f"and the door refuse faces under {cfg.policy.min_face_size} px", (c.label,), template=template,
                                min_face_px=float(cfg.policy.min_face_size), deployable=ship),

@@ -131,6 +131,8 @@ class ModelChoice:
     preprocessing: Optional[str] = None
     flip: bool = False
     landmarks: Optional[bool] = None
+    #: None follows the config (detector.variant); "+full" forces BlazeFace full range.
+    detector: Optional[str] = None
 
     @property
     def is_peer(self) -> bool:
@@ -144,7 +146,7 @@ class ModelChoice:
     @property
     def label(self) -> str:
         lm = {None: "", True: "+lm", False: "-lm"}[self.landmarks]
-        return self.base_label + lm + ("+flip" if self.flip else "")
+        return self.base_label + lm + ("+full" if self.detector == "full" else "") + ("+flip" if self.flip else "")
 
     @property
     def shipped(self) -> bool:
@@ -167,7 +169,7 @@ class ModelChoice:
         raw = text.strip()
         flags = set()
         while True:
-            for flag in ("+flip", "+lm", "-lm"):
+            for flag in ("+flip", "+lm", "-lm", "+full"):
                 if raw.endswith(flag):
                     flags.add(flag)
                     raw = raw[: -len(flag)]
@@ -190,11 +192,11 @@ class ModelChoice:
         if not raw:
             raise ConfigError(f"--model {text!r} names no model")
         if raw == PEER_NAME and flags:
-            raise ConfigError(f"--model {text}: +flip/+lm/-lm apply to edgeface's embedders only")
+            raise ConfigError(f"--model {text}: +flip/+lm/-lm/+full apply to edgeface's embedders only")
         if {"+lm", "-lm"} <= flags:
             raise ConfigError(f"--model {text}: +lm and -lm contradict each other")
         lm = True if "+lm" in flags else (False if "-lm" in flags else None)
-        return ModelChoice(raw, template, preprocessing, "+flip" in flags, lm)
+        return ModelChoice(raw, template, preprocessing, "+flip" in flags, lm, "full" if "+full" in flags else None)
 
 
 # ------------------------------------------------------------------------------------------ embedded sets
@@ -288,6 +290,8 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     from .models import resolve_model
 
     det_cfg = detector_config or DetectorConfig()
+    if choice.detector and choice.detector != det_cfg.variant:
+        det_cfg = det_cfg.model_copy(update={"variant": choice.detector, "model": None})
     use_mesh = det_cfg.refine_landmarks if choice.landmarks is None else choice.landmarks
     path, info = resolve_model(choice.model)
     spec = None
@@ -744,7 +748,7 @@ def public(obj: Any) -> Any:
         return [public(v) for v in obj]
     if isinstance(obj, (np.floating, float)):
         v = float(obj)
-        return v if math.isfinite(v) else None
+        return float(f"{v:.6g}") if math.isfinite(v) else None  # 6 significant digits: plenty, and a smaller file
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, np.bool_):
