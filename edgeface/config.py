@@ -62,7 +62,7 @@ class EmbedderConfig(Section):
 
 
 class GalleryConfig(Section):
-    path: str = Field("/var/lib/edgeface/gallery.db", description="SQLite gallery file.")
+    path: str = Field("gallery.db", description="SQLite gallery file (a relative path is under state_dir).")
     keep_crops: bool = Field(False, description="Keep aligned enrollment crops (to re-embed after a model change). "
                                                 "Off by default: no face images are stored.")
     max_distance: Optional[float] = Field(
@@ -126,7 +126,7 @@ class MqttConfig(Section):
     client_key: Optional[str] = Field(None, description="Client private key file for TLS.")
     topic_prefix: str = Field("edgeface", pattern=r"^[^#+\s]+$", description="Prefix of every topic.")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
-    outbox_path: str = Field("/var/lib/edgeface/outbox.db", description="SQLite outbox: events wait here while the broker is down.")
+    outbox_path: str = Field("outbox.db", description="SQLite outbox: events wait here while the broker is down (relative: under state_dir).")
     outbox_max_events: int = Field(100_000, ge=100, le=10_000_000, description="Outbox bound (see docs/mqtt.md for the policy).")
     ha_discovery: bool = Field(True, description="Publish Home Assistant MQTT discovery.")
     ha_prefix: str = Field("homeassistant", description="Home Assistant discovery prefix.")
@@ -145,7 +145,7 @@ class MqttConfig(Section):
 
 
 class AuditConfig(Section):
-    path: str = Field("/var/lib/edgeface/audit.db", description="SQLite audit log of decisions and door events.")
+    path: str = Field("audit.db", description="SQLite audit log of decisions and door events (relative: under state_dir).")
     retention_days: int = Field(90, ge=1, le=3650, description="Audit rows older than this are deleted.")
     max_rows: int = Field(1_000_000, ge=1000, le=100_000_000, description="Audit log bound: oldest rows go first.")
 
