@@ -156,3 +156,37 @@ def test_threshold_at_far_needs_enough_impostors():
     assert threshold_at_far(impostor, 1e-4) is None  # 1000 trials cannot show a 1-in-10,000 rate
     with_failures = np.concatenate([impostor, np.full(1000, math.inf)])
     assert np.mean(with_failures <= threshold_at_far(with_failures, 1e-2)) == pytest.approx(0.01)
+
+
+def test_exclusion_list_leaves_out_persons_and_photos(tmp_path):
+    excl = tmp_path / "exclude.txt"
+    excl.write_text("# label errors\nelon_musk   # one photo only\nbarack_obama/barack_obama_04.jpg\n")
+    status = main(["eval", str(FIXTURES / "faces"), "--model", _embedder_arg(), "--draws", "2", "--exclude", str(excl),
+                   "--report", str(tmp_path / "r.md"), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert status == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_persons"] == 6 and report["n_photos"] == 26 - 1 - 1
+    assert report["excluded"] == ["barack_obama/barack_obama_04.jpg", "elon_musk"]
+    assert "`elon_musk`" in (tmp_path / "r.md").read_text()
+
+
+def _peer_python() -> str | None:
+    import os
+    for candidate in (os.environ.get("EDGEFACE_PEER_PYTHON"), "/work/bench-venv/bin/python"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+@pytest.mark.slow
+def test_face_recognition_peer_runs_on_the_same_photos_and_counts_its_misses(dataset_with_a_faceless_photo, tmp_path):
+    peer = _peer_python()
+    if peer is None:
+        pytest.skip("needs the face_recognition venv (bench/setup_peer_env.sh; set EDGEFACE_PEER_PYTHON)")
+    status = main(["eval", str(dataset_with_a_faceless_photo), "--model", "face_recognition", "--peer-python", peer,
+                   "--draws", "3", "--report", str(tmp_path / "r.md"), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert status == 0
+    (m,) = json.loads((tmp_path / "r.json").read_text())["models"]
+    assert m["metric"] == "euclidean" and m["verification"]["default_threshold"] == 0.6  # its documented tolerance
+    assert m["photos_no_face"] >= 1  # the mountain, at least
+    assert m["verification"]["n_genuine_no_face"] >= 5
