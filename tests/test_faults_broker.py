@@ -341,3 +341,42 @@ def test_outbox_survives_publisher_restart_with_broker_down(tmp_path):
         outbox.close()
         collector.close()
         broker.close()
+
+
+def test_daemon_with_full_outbox_keeps_every_event_in_the_audit_log(tmp_path, caplog):
+    """Broker unreachable for a long time: the outbox stops at its bound, the audit log keeps every event
+    (with its event_id), and the drops are counted and logged: nothing disappears silently."""
+    from gpiozero.pins.mock import MockFactory
+
+    from edgeface.config import parse_config
+    from edgeface.daemon import Daemon
+    from edgeface.frames import FolderSource
+
+    faces = Path(__file__).resolve().parent / "fixtures" / "faces"
+    cfg = parse_config({
+        "state_dir": str(tmp_path / "state"), "gallery": {"path": "gallery.db"}, "audit": {"path": "audit.db"},
+        "door": {"pin_factory": "mock", "contact_pin": 27},
+        "mqtt": {"host": "127.0.0.1", "port": free_port(), "outbox_path": "outbox.db", "outbox_max_events": 100}})
+    caplog.set_level(logging.WARNING, logger="edgeface.outbox")
+    pins = MockFactory()
+    try:
+        with Daemon(cfg, source=FolderSource(faces), pin_factory=pins) as daemon:
+            daemon.start()
+            contact = pins.pin(27)
+            contact.drive_low()  # closed
+            for _ in range(75):  # then opened and closed 75 times without a grant: 225 more events
+                contact.drive_high()
+                contact.drive_low()
+            time.sleep(0.2)
+            waiting, dropped = len(daemon.outbox), daemon.outbox.dropped
+            audited = daemon.audit.rows("door", limit=10_000)
+    finally:
+        pins.close()
+    kinds = [r["result"] for r in audited]
+    assert kinds.count("door_opened") == 75 and kinds.count("door_closed") >= 75
+    assert kinds.count("door_forced_open") == 75
+    assert all(r["event_id"] for r in audited)
+    assert waiting == 100 and dropped == len(audited) - 100
+    drops = [r for r in caplog.records if "dropped the oldest" in r.getMessage()]
+    assert len(drops) == dropped
+    assert all("non-critical" in r.getMessage() for r in drops), "forced-open alarms are critical: kept"
