@@ -231,6 +231,12 @@ def update_manifest(models_dir: Path, entry: dict[str, Any]) -> None:
         manifest = {"schema": 1, "models": []}
     models = [m for m in manifest.get("models", []) if m.get("name") != entry["name"]]
     old = [m for m in manifest.get("models", []) if m.get("name") == entry["name"]]
+    if old and "default_max_distance" in old[0] and \
+            not str(old[0].get("default_max_distance_note", "provisional")).startswith("provisional"):
+        # An open-set operating point calibrated with `edgeface eval --open-set` outlives a reconversion
+        # (which only measures a provisional pairwise threshold).
+        entry = {**entry, "default_max_distance": old[0]["default_max_distance"],
+                 "default_max_distance_note": old[0]["default_max_distance_note"]}
     position = manifest.get("models", []).index(old[0]) if old else len(models)
     models.insert(position, entry)
     manifest["models"] = models

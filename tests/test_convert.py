@@ -68,12 +68,12 @@ def test_shipped_facenet_int8_matches_manifest_and_separates_people(fixture_crop
     # alignment changes.
     auc = np.mean(np.asarray(same)[:, None] < np.asarray(diff)[None, :])
     assert auc >= 0.97, auc
-    # At the manifest's provisional threshold (set at FAR 1% on ../shared/data/faces) measured here: all
-    # same-person pairs match, 6.4% (18 of 283) of the different-person ones do: FAR 1% on 18 people is a loose
-    # operating point and these 7 people are few (the daemon's threshold must come from an open-set test).
+    # At the manifest's open-set operating point (0.30, 0.1% stranger false-accept at K=100 on the open-set
+    # tuning half) measured here: 37 of 42 same-person pairs (88%) match and none of the 283 different-person
+    # pairs does (the nearest is 0.45). One photo per side; the daemon votes over several frames.
     thr = info.extra["default_max_distance"]
-    assert np.mean(np.asarray(same) <= thr) >= 0.9
-    assert np.mean(np.asarray(diff) <= thr) <= 0.12
+    assert np.mean(np.asarray(same) <= thr) >= 0.75
+    assert np.mean(np.asarray(diff) <= thr) == 0.0
 
 
 # ------------------------------------------------------------------------------------------- no TensorFlow path
@@ -233,3 +233,22 @@ def test_missing_model_is_converted_at_start_and_agrees_with_float(tmp_path: Pat
         got = emb.embed(crops)
     cos = np.sum(reference * got, axis=1)
     assert cos.mean() >= 0.98, cos
+
+
+def test_reconversion_keeps_an_open_set_threshold_but_replaces_a_provisional_one(tmp_path) -> None:
+    """A calibrated operating point survives `edgeface convert`; a provisional one is re-measured."""
+    from edgeface.convert import update_manifest
+
+    calibrated = {"name": "facenet_int8", "sha256": "a", "default_max_distance": 0.3,
+                  "default_max_distance_note": "open-set operating point: ..."}
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "models": [calibrated]}))
+    fresh = {"name": "facenet_int8", "sha256": "b", "default_max_distance": 0.58,
+             "default_max_distance_note": "provisional: pairs"}
+    update_manifest(tmp_path, fresh)
+    (entry,) = json.loads((tmp_path / "manifest.json").read_text())["models"]
+    assert (entry["sha256"], entry["default_max_distance"]) == ("b", 0.3)
+    update_manifest(tmp_path, {**fresh, "sha256": "c"})
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "models": [fresh]}))
+    update_manifest(tmp_path, {**fresh, "sha256": "d", "default_max_distance": 0.57})
+    (entry,) = json.loads((tmp_path / "manifest.json").read_text())["models"]
+    assert (entry["sha256"], entry["default_max_distance"]) == ("d", 0.57)
