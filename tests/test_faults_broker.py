@@ -28,7 +28,8 @@ from edgeface.mqtt import MqttPublisher
 from edgeface.outbox import Outbox
 from edgeface.testing import free_port, mosquitto_path
 
-pytestmark = pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")
+pytestmark = [pytest.mark.broker,
+              pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")]
 
 
 class KillableBroker:

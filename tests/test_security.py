@@ -199,6 +199,7 @@ def _publisher(tmp_path: Path, port: int, **mqtt_kwargs):
     return pub, outbox
 
 
+@pytest.mark.broker
 @needs_broker
 @needs_openssl
 def test_mqtt_tls_with_client_certificate_delivers(tmp_path, certs):
@@ -225,6 +226,7 @@ def test_mqtt_tls_with_client_certificate_delivers(tmp_path, certs):
         broker.close()
 
 
+@pytest.mark.broker
 @needs_broker
 @needs_openssl
 @pytest.mark.parametrize("variant", ["no_client_cert", "untrusted_ca", "wrong_client_ca"])
@@ -257,6 +259,7 @@ def test_mqtt_tls_refuses_untrusted_peers(tmp_path, certs, variant):
 
 # --------------------------------------------------------------------------------------------- secrets in logs
 
+@pytest.mark.broker
 @needs_broker
 def test_secrets_never_reach_the_logs(tmp_path, caplog, monkeypatch):
     """MQTT password (right and wrong) and the unlock secret: used, refused, logged at DEBUG: never printed."""
