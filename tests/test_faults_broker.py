@@ -220,8 +220,10 @@ def test_burst_and_trickle_exactly_once_in_order_across_broker_restarts(tmp_path
     assert set(unique) == set(expected), f"{len(set(expected) - set(unique))} events never arrived"
     assert unique == expected, "events arrived out of order"
     duplicates = len(got) - len(unique)
-    # QoS 1 may repeat the message in flight when the broker goes away; never more than one per restart.
-    assert duplicates <= restarts, duplicates
+    # QoS 1 may repeat what is in flight when the broker goes away, on both legs: our publisher keeps one
+    # message in flight (at most one repeat per restart), and the persistent broker re-sends to the subscriber
+    # what it had in flight to it (mosquitto's default window, max_inflight_messages = 20). Seen: 6 and 9.
+    assert duplicates <= restarts * (1 + 20), duplicates
     assert max_backlog > 0, "the restarts should have made events wait in the outbox"
     print(f"\nburst+trickle: {len(expected)} events, {restarts} broker restarts, {duplicates} duplicates "
           f"(removed by event_id), max backlog {max_backlog} events, outbox on disk <= {max_disk / 1e6:.2f} MB")
