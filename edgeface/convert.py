@@ -547,14 +547,12 @@ def ensure_embedder_model(config: Any, *, max_representative: int = 200) -> Path
     manifest = load_manifest(models_dir) if (models_dir / MANIFEST_NAME).is_file() else {}
     if emb.model in manifest:
         path = models_dir / manifest[emb.model].file
-        name = emb.model
     else:
         path = Path(emb.model)
         if not path.suffix:  # a model name the manifest does not (yet) list: its file would be <name>.tflite
             path = models_dir / f"{emb.model}.tflite"
         elif not path.is_absolute() and not path.exists() and (models_dir / path).exists():
             path = models_dir / path
-        name = path.stem
     if path.is_file():
         return path
     hint = (f"copy the shipped {path.name} into {path.parent}, or pip install 'edgeface[convert]' and set "

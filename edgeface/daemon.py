@@ -7,9 +7,7 @@ way out (close(), signals via the CLI, exceptions).
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass

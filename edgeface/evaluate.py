@@ -26,7 +26,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, ImageError, ModelError
+from .errors import ConfigError, ModelError
 from .images import list_images, load_image
 
 PEER_NAME = "face_recognition"

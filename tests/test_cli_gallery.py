@@ -14,8 +14,6 @@ import yaml
 
 from conftest import FIXTURES, SHARED
 from edgeface.cli import main
-from edgeface.config import EdgefaceConfig
-from edgeface.errors import ModelError
 from edgeface.gallery import EnrollItem, Gallery
 
 FACES = FIXTURES / "faces"
@@ -25,24 +23,8 @@ ENROLLED = ["alex_lacamoire", "barack_obama", "guido_van_rossum", "paul_allen", 
 STRANGERS = ["elon_musk", "kit_harington"]
 
 
-def embedder_section() -> dict:
-    """The default embedder when shipped; MobileFaceNet from ../shared while facenet_int8 is not in models/."""
-    from edgeface.models import resolve_model
-
-    try:
-        resolve_model(EdgefaceConfig().embedder.model)
-        return {}
-    except ModelError:
-        if not MOBILEFACENET.is_file():
-            pytest.skip("neither models/facenet_int8.tflite nor ../shared MobileFaceNet is available")
-        return {"model": str(MOBILEFACENET), "preprocessing": "arcface", "template": "arcface112"}
-
-
 def write_config(path: Path, gallery: Path, **gallery_extra) -> Path:
     doc = {"gallery": {"path": str(gallery), **gallery_extra}}
-    emb = embedder_section()
-    if emb:
-        doc["embedder"] = emb
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -292,9 +274,6 @@ def test_relative_gallery_path_is_under_state_dir(capsys, tmp_path, monkeypatch)
     """A relative gallery.path lives in state_dir, wherever the command is run from (the daemon's rule too)."""
     cfg = tmp_path / "c.yaml"
     doc = {"state_dir": str(tmp_path / "state"), "gallery": {"path": "people.db"}}
-    emb = embedder_section()
-    if emb:
-        doc["embedder"] = emb
     cfg.write_text(yaml.safe_dump(doc))
     monkeypatch.chdir(tmp_path)
     photo = sorted((FACES / "paul_allen").glob("*.jpg"))[0]
@@ -308,8 +287,6 @@ def test_model_change_with_kept_crops_reembeds(capsys, tmp_path):
     refused until `gallery reembed`, after which identification works with the new model."""
     if not MOBILEFACENET.is_file():
         pytest.skip("needs ../shared MobileFaceNet")
-    if not embedder_section() == {}:
-        pytest.skip("needs the default embedder in models/ as the second model")
     gallery = tmp_path / "g.db"
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump({"gallery": {"path": str(gallery), "keep_crops": True},

@@ -19,7 +19,6 @@ from io import StringIO
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 import yaml
 from gpiozero.pins.mock import MockFactory
@@ -50,20 +49,9 @@ GUIDO_PROBE = FACES / "guido_van_rossum" / "guido_van_rossum_05.jpg"
 STRANGER = FACES / "kit_harington" / "kit_harington_02.jpg"
 
 
-def embedder_section() -> dict:
-    """The shipped default embedder when it is in models/, else MobileFaceNet from ../shared (dev checkouts)."""
-    from edgeface.models import default_models_dir, load_manifest
-
-    if "facenet_int8" in load_manifest(default_models_dir()) and (REPO / "models" / "facenet_int8.tflite").is_file():
-        return {}
-    if MOBILEFACENET.is_file():
-        return {"model": str(MOBILEFACENET), "preprocessing": "arcface", "template": "arcface112"}
-    pytest.skip("no embedder: models/facenet_int8.tflite is not committed yet and ../shared is absent")
-
-
 @pytest.fixture(scope="module")
 def analyzer():
-    cfg = parse_config({"embedder": embedder_section()})
+    cfg = parse_config({})
     a = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
     yield a
     a.close()
@@ -75,7 +63,7 @@ def enrolled_gallery(analyzer, tmp_path_factory):
     from edgeface.enroll import enroll_images
     from edgeface.gallery import Gallery, resolve_max_distance
 
-    cfg = parse_config({"embedder": embedder_section()})
+    cfg = parse_config({})
     path = tmp_path_factory.mktemp("gallery") / "gallery.db"
     g = Gallery.open(path, model_id=analyzer.embedder.model_id, embedding_dim=analyzer.embedder.spec.embedding_dim,
                      max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir))
@@ -93,7 +81,6 @@ def make_config(tmp_path: Path, gallery_file: Path, broker=None, **sections) -> 
     data = {
         "state_dir": str(state),
         "camera": {"source": str(FACES), "max_fps": 100, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2},
-        "embedder": embedder_section(),
         "gallery": {"path": "gallery.db"},
         "policy": {"min_frames": 3, "window_frames": 5, "window_s": 5.0, "cooldown_s": 3.0,
                    "unknown_interval_s": 5.0},
@@ -435,7 +422,6 @@ def test_remote_unlock_needs_a_valid_signed_fresh_command(tmp_path, analyzer, en
 def test_demo_prints_granted_and_unknown_events(tmp_path):
     from edgeface.cli_run import run_demo
 
-    embedder_section()  # skips when there is no embedder
     out = StringIO()
     assert run_demo(out=out, mqtt_port=1, state_dir=tmp_path) == 0  # no broker there: must not matter
     events = [json.loads(line) for line in out.getvalue().splitlines()]

@@ -14,7 +14,7 @@ import pytest
 from conftest import SHARED, shared_path
 from edgeface.analyze import FaceAnalyzer
 from edgeface.config import EdgefaceConfig
-from edgeface.errors import GalleryError, ModelError, NoFaceError
+from edgeface.errors import GalleryError, NoFaceError
 from edgeface.enroll import (QualityGate, assess_image, capture_from_frames, enroll_images, scan_people_folder,
                              sharpness)
 from edgeface.gallery import Gallery, image_sha256, resolve_max_distance
@@ -25,19 +25,8 @@ MOBILEFACENET = SHARED / "weights" / "mobilefacenet" / "mobilefacenet.tflite"
 
 
 def make_config() -> EdgefaceConfig:
-    """The default config; its embedder swapped for MobileFaceNet only while facenet_int8 is not shipped."""
-    cfg = EdgefaceConfig()
-    try:
-        from edgeface.models import resolve_model
-
-        resolve_model(cfg.embedder.model)
-        return cfg
-    except ModelError:
-        if not MOBILEFACENET.is_file():
-            pytest.skip("neither models/facenet_int8.tflite nor ../shared MobileFaceNet is available")
-        cfg.embedder = cfg.embedder.model_copy(update={"model": str(MOBILEFACENET), "preprocessing": "arcface",
-                                                       "template": "arcface112"})
-        return cfg
+    """The default config: the shipped facenet_int8 embedder."""
+    return EdgefaceConfig()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from edgeface.config import parse_config
-from edgeface.errors import CameraError, ModelError
+from edgeface.errors import CameraError
 from edgeface.frames import FolderSource, OpenCVSource, _LiveSource
 from edgeface.images import load_image, to_rgb
 from edgeface.testing import Collector, MosquittoBroker, mosquitto_path
@@ -161,19 +161,6 @@ class FlakyCamera(_LiveSource):
         pass
 
 
-def _embedder_section() -> dict:
-    from edgeface.models import resolve_model
-
-    try:
-        resolve_model("facenet_int8")
-        return {}
-    except ModelError:
-        pass
-    if MOBILEFACENET.is_file():
-        return {"model": str(MOBILEFACENET), "preprocessing": "arcface", "template": "arcface112"}
-    pytest.skip("no usable embedder model")
-
-
 @pytest.mark.slow
 @pytest.mark.broker
 @pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")
@@ -183,7 +170,7 @@ def test_daemon_survives_camera_faults_and_reports_health(tmp_path):
     broker = MosquittoBroker().start()
     collector = Collector(broker.host, broker.port, "edgeface/front/camera")
     cfg = parse_config({
-        "state_dir": str(tmp_path / "state"), "embedder": _embedder_section(),
+        "state_dir": str(tmp_path / "state"),
         "camera": {"max_fps": 25, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2, "frozen_after_s": 0.6},
         "door": {"pin_factory": "mock", "pulse_s": 0.5},
         "gallery": {"path": "gallery.db"}, "audit": {"path": "audit.db"},

@@ -264,25 +264,6 @@ def test_liveness_policy_passes_strangers_and_resets_on_no_face(real_mesh):
 
 # ------------------------------------------------------------------------------------------------ daemon
 
-def _embedder_section() -> dict:
-    import os
-    from pathlib import Path
-
-    from edgeface.errors import ModelError
-    from edgeface.models import resolve_model
-
-    try:
-        resolve_model("facenet_int8")
-        return {}
-    except ModelError:
-        pass
-    mfn = Path(os.environ.get("EDGEFACE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "weights" / \
-        "mobilefacenet" / "mobilefacenet.tflite"
-    if mfn.is_file():
-        return {"model": str(mfn), "preprocessing": "arcface", "template": "arcface112"}
-    pytest.skip("no usable embedder model")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("liveness", [False, True])
 def test_daemon_with_liveness_refuses_a_moved_photo_of_an_enrolled_person(tmp_path, fixture_faces, liveness):
@@ -300,7 +281,7 @@ def test_daemon_with_liveness_refuses_a_moved_photo_of_an_enrolled_person(tmp_pa
 
     obama = sorted((fixture_faces / "barack_obama").glob("*.jpg"))
     cfg = parse_config({
-        "state_dir": str(tmp_path / "state"), "embedder": _embedder_section(),
+        "state_dir": str(tmp_path / "state"),
         "gallery": {"path": "gallery.db"}, "audit": {"path": "audit.db"}, "mqtt": {"enabled": False},
         "policy": {"min_frames": 3, "window_frames": 5, "window_s": 3.0},
         "door": {"pin_factory": "mock"}, "liveness": {"enabled": liveness}})

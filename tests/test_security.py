@@ -421,22 +421,6 @@ def test_people_remove_erases_embeddings_and_images_from_the_file(tmp_path):
 
 # --------------------------------------------------------------------------------------------- the daemon
 
-def _embedder_section() -> dict:
-    from edgeface.errors import ModelError
-    from edgeface.models import resolve_model
-
-    try:
-        resolve_model("facenet_int8")
-        return {}
-    except ModelError:
-        pass
-    mfn = Path(os.environ.get("EDGEFACE_SHARED", REPO.parent / "shared")) / "weights" / "mobilefacenet" / \
-        "mobilefacenet.tflite"
-    if mfn.is_file():
-        return {"model": str(mfn), "preprocessing": "arcface", "template": "arcface112"}
-    pytest.skip("no usable embedder model")
-
-
 @needs_broker
 @pytest.mark.broker
 @pytest.mark.slow
@@ -463,7 +447,7 @@ def test_daemon_run_keeps_secrets_out_of_logs_and_state_private(tmp_path, caplog
     faces = REPO / "tests" / "fixtures" / "faces"
     state = tmp_path / "state"
     cfg = parse_config({
-        "state_dir": str(state), "embedder": _embedder_section(), "log_level": "DEBUG",
+        "state_dir": str(state), "log_level": "DEBUG",
         "camera": {"source": str(faces), "max_fps": 100},
         "gallery": {"path": "gallery.db", "keep_crops": True}, "audit": {"path": "audit.db"},
         "policy": {"min_frames": 1, "window_frames": 1, "cooldown_s": 0.5},
@@ -533,7 +517,7 @@ def test_edgeface_run_masks_secrets_in_every_log_handler(tmp_path, monkeypatch):
     import yaml
 
     cfg.write_text(yaml.safe_dump({
-        "state_dir": str(tmp_path / "state"), "embedder": _embedder_section(),
+        "state_dir": str(tmp_path / "state"),
         "gallery": {"path": "gallery.db"}, "audit": {"path": "audit.db"},
         "camera": {"source": str(faces)}, "door": {"pin_factory": "mock"}, "mqtt": {"enabled": False}}))
     root = logging.getLogger()
