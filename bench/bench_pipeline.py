@@ -42,7 +42,7 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
     from edgeface.align import align_face
     from edgeface.analyze import main_face_index
     from edgeface.config import EdgefaceConfig
-    from edgeface.detect import BlazeFaceDetector
+    from edgeface.detect import build_detector
     from edgeface.embed import EmbedderSpec, TFLiteEmbedder
     from edgeface.evaluate import ModelChoice
     from edgeface.images import decode_image
@@ -58,8 +58,7 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
         spec = EmbedderSpec(choice.base_label, TEMPLATES[choice.template].size, choice.template, choice.preprocessing)
     path, _ = resolve_model(choice.model)
     t0 = time.perf_counter()
-    det = BlazeFaceDetector(cfg.detector.model, variant=cfg.detector.variant, score_threshold=cfg.detector.score_threshold,
-                            num_threads=threads)
+    det = build_detector(cfg.detector, num_threads=threads)
     use_mesh = cfg.detector.refine_landmarks if choice.landmarks is None else choice.landmarks
     mesh = LandmarkRefiner(num_threads=threads) if use_mesh else None
     t1 = time.perf_counter()

@@ -8,7 +8,7 @@ import numpy as np
 
 from .align import align_face
 from .config import DetectorConfig, EmbedderConfig
-from .detect import BlazeFaceDetector, Detector
+from .detect import Detector, build_detector
 from .embed import Embedder, EmbedderSpec, TFLiteEmbedder
 from .landmarks import LandmarkRefiner
 from .types import Face
@@ -51,9 +51,7 @@ class FaceAnalyzer:
     @classmethod
     def from_config(cls, detector: DetectorConfig, embedder: EmbedderConfig,
                     models_dir: Optional[str] = None) -> "FaceAnalyzer":
-        det = BlazeFaceDetector(detector.model, variant=detector.variant, score_threshold=detector.score_threshold,
-                                nms_iou=detector.nms_iou, min_face_size=detector.min_face_size,
-                                num_threads=detector.num_threads, models_dir=models_dir)
+        det = build_detector(detector, models_dir=models_dir)
         spec = None
         if embedder.preprocessing and embedder.template:
             from .align import TEMPLATES

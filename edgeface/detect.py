@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
@@ -18,6 +18,9 @@ from .images import to_rgb
 from .models import check_io, resolve_model
 from .runtime import load_interpreter
 from .types import Face
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import DetectorConfig
 
 
 class Detector(Protocol):
@@ -167,3 +170,34 @@ class BlazeFaceDetector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CascadeDetector:
+    """Run a second detector only when the first finds nothing (e.g. short range, then full range)."""
+
+    def __init__(self, first: Detector, second: Detector) -> None:
+        self.first = first
+        self.second = second
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        return self.first.detect(image) or self.second.detect(image)
+
+    def close(self) -> None:
+        for part in (self.first, self.second):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
+
+
+def build_detector(cfg: "DetectorConfig", *, num_threads: int | None = None,
+                   models_dir: str | os.PathLike[str] | None = None) -> Detector:
+    """The detector a config asks for (one place, shared by the daemon, enrollment, eval and benchmarks)."""
+    threads = cfg.num_threads if num_threads is None else num_threads
+    primary = BlazeFaceDetector(cfg.model, variant=cfg.variant, score_threshold=cfg.score_threshold,
+                                nms_iou=cfg.nms_iou, min_face_size=cfg.min_face_size, num_threads=threads,
+                                models_dir=models_dir)
+    if not cfg.fallback_full_range or cfg.variant == "full":
+        return primary
+    fallback = BlazeFaceDetector(variant="full", nms_iou=cfg.nms_iou, min_face_size=cfg.min_face_size,
+                                 num_threads=threads, models_dir=models_dir)
+    return CascadeDetector(primary, fallback)

@@ -285,7 +285,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     if choice.is_peer:
         return _embed_peer(ds, cache_dir=cache_dir, peer_python=peer_python)
     from .config import DetectorConfig
-    from .detect import BlazeFaceDetector
+    from .detect import build_detector
     from .embed import EmbedderSpec, TFLiteEmbedder
     from .models import resolve_model
 
@@ -312,9 +312,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
 
     from .align import align_face
     from .analyze import main_face_index
-    detector = BlazeFaceDetector(det_cfg.model, variant=det_cfg.variant, score_threshold=det_cfg.score_threshold,
-                                 nms_iou=det_cfg.nms_iou, min_face_size=det_cfg.min_face_size,
-                                 num_threads=num_threads)
+    detector = build_detector(det_cfg, num_threads=num_threads)
     embedder = TFLiteEmbedder(path, spec=spec, num_threads=num_threads, flip_augment=choice.flip)
     refiner = None
     if use_mesh:

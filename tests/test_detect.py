@@ -151,3 +151,25 @@ def test_missing_and_corrupt_detector_models_give_clear_errors(tmp_path) -> None
         BlazeFaceDetector(str(junk))
     with pytest.raises(ModelError, match="unknown BlazeFace variant"):
         BlazeFaceDetector(variant="medium")
+
+
+def test_full_range_fallback_finds_a_distant_face_the_short_model_misses() -> None:
+    """A 1280x720 frame with the face at about 80 px: short range misses it, the configured fallback finds it."""
+    import cv2
+
+    from edgeface.config import DetectorConfig
+    from edgeface.detect import CascadeDetector, build_detector
+
+    image = load_image(FIXTURES / "faces" / "barack_obama" / "barack_obama_01.jpg")
+    small = cv2.resize(image, None, fx=0.5, fy=0.5)
+    frame = np.full((720, 1280, 3), 128, np.uint8)
+    frame[: small.shape[0], 400: 400 + small.shape[1]] = small[:720]
+    plain = build_detector(DetectorConfig(min_face_size=0))
+    assert isinstance(plain, BlazeFaceDetector) and plain.detect(frame) == []
+    cascade = build_detector(DetectorConfig(min_face_size=0, fallback_full_range=True))
+    assert isinstance(cascade, CascadeDetector)
+    (face,) = cascade.detect(frame)
+    assert 400 < face.center[0] < 400 + small.shape[1] and face.center[1] < small.shape[0]
+    # With a face close to the camera the first model answers and the fallback is not needed.
+    (near,) = cascade.detect(image)
+    assert near.size > 150
