@@ -92,7 +92,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
     if not 0 < target_far < 1:
         raise ConfigError(f"--target-far {target_far}: expected a rate between 0 and 1")
     cfg = obj.config
-    template = template or ("best" if cfg.gallery.match_mode == "best" else "mean")
+    template = template or ("mean" if cfg.gallery.match_mode == "centroid" else "best")
     choices = [ev.ModelChoice.parse(m) for m in (models or (cfg.embedder.model,))]
     labels = [c.label for c in choices]
     if len(set(labels)) != len(labels):
@@ -122,7 +122,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                               peer_python=peer_python, progress=not quiet)
         return es.take(keep)
 
-    thr = {c.label: overrides.get(c.label, ev.default_threshold(c, cfg.gallery.max_distance)) for c in choices}
+    thr = {c.label: overrides.get(c.label, ev.default_threshold(c, cfg.gallery.max_distance, cfg.gallery.match_mode)) for c in choices}
     if not open_set_mode:
         sets = [(c, embed(c)) for c in choices]
         pairs = ev.lfw_pairs(ds, pairs_file) if pairs_file else ev.folder_pairs(ds)
@@ -162,9 +162,9 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                     if x.label not in sets:
                         sets[x.label] = embed(x)
                 variants += [
-                    # The gallery matches best-of-E (or top-k mean distances), not a mean template: not deployable.
+                    # Both are gallery match modes (gallery.match_mode best / centroid), so both can ship.
                     ev.Variant(f"{c.label} {other}-of-E", f"{other} template" if other == "mean" else "best of E photos",
-                               (c.label,), template=other, deployable=ship and other == "best"),
+                               (c.label,), template=other, deployable=ship),
                     ev.Variant(flip.label, "flip TTA", (flip.label,), template=template, deployable=ship),
                     ev.Variant(lm.label, "face mesh on" if toggled else "face mesh off (BlazeFace points)", (lm.label,),
                                template=template, deployable=ship),

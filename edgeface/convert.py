@@ -235,8 +235,7 @@ def update_manifest(models_dir: Path, entry: dict[str, Any]) -> None:
             not str(old[0].get("default_max_distance_note", "provisional")).startswith("provisional"):
         # An open-set operating point calibrated with `edgeface eval --open-set` outlives a reconversion
         # (which only measures a provisional pairwise threshold).
-        entry = {**entry, "default_max_distance": old[0]["default_max_distance"],
-                 "default_max_distance_note": old[0]["default_max_distance_note"]}
+        entry = {**entry, **{k: v for k, v in old[0].items() if k.startswith("default_max_distance")}}
     position = manifest.get("models", []).index(old[0]) if old else len(models)
     models.insert(position, entry)
     manifest["models"] = models

@@ -727,7 +727,8 @@ def _det_curve(gs: np.ndarray, gc: np.ndarray, ss: np.ndarray, n_points: int = 3
 
 
 # ------------------------------------------------------------------------------------------- default thresholds
-def default_threshold(choice: ModelChoice, gallery_max_distance: Optional[float] = None) -> float:
+def default_threshold(choice: ModelChoice, gallery_max_distance: Optional[float] = None,
+                      match_mode: Optional[str] = None) -> float:
     """The threshold the product would use (config gallery.max_distance, else the manifest's calibrated
     default_max_distance, else the gallery's fallback); for the peer its documented tolerance 0.6."""
     if choice.is_peer:
@@ -735,7 +736,7 @@ def default_threshold(choice: ModelChoice, gallery_max_distance: Optional[float]
     if gallery_max_distance is not None:
         return float(gallery_max_distance)
     from .gallery import default_max_distance
-    return default_max_distance(choice.model)
+    return default_max_distance(choice.model, match_mode=match_mode)
 
 
 def public(obj: Any) -> Any:

@@ -206,8 +206,11 @@ def schedule_allows(schedule: Optional[dict], when: _dt.datetime) -> bool:
     return any(start <= hm < end for start, end in schedule["windows"])
 
 
-def default_max_distance(model: str, models_dir: Optional[str | os.PathLike[str]] = None) -> float:
-    """The embedder's calibrated threshold: manifest entry "default_max_distance", else FALLBACK_MAX_DISTANCE."""
+def default_max_distance(model: str, models_dir: Optional[str | os.PathLike[str]] = None,
+                         match_mode: Optional[str] = None) -> float:
+    """The embedder's calibrated threshold: manifest "default_max_distance_by_mode"[match_mode] (per-person scores
+    differ by match mode, so each has its own operating point), else "default_max_distance", else
+    FALLBACK_MAX_DISTANCE."""
     from .models import MANIFEST_NAME, default_models_dir, load_manifest
 
     mdir = Path(models_dir) if models_dir else default_models_dir()
@@ -217,6 +220,9 @@ def default_max_distance(model: str, models_dir: Optional[str | os.PathLike[str]
     key = str(model)
     info = manifest.get(key) or next((m for m in manifest.values() if m.file == Path(key).name), None)
     value = info.extra.get("default_max_distance") if info is not None else None
+    by_mode = info.extra.get("default_max_distance_by_mode") if info is not None else None
+    if match_mode and isinstance(by_mode, dict) and match_mode in by_mode:
+        value = by_mode[match_mode]
     return float(value) if isinstance(value, (int, float)) and 0 < value <= 2 else FALLBACK_MAX_DISTANCE
 
 
@@ -224,7 +230,7 @@ def resolve_max_distance(gallery_cfg: Any, embedder_cfg: Any, models_dir: Option
     """gallery.max_distance when set, else the embedder model's manifest default."""
     if getattr(gallery_cfg, "max_distance", None) is not None:
         return float(gallery_cfg.max_distance)
-    return default_max_distance(embedder_cfg.model, models_dir)
+    return default_max_distance(embedder_cfg.model, models_dir, getattr(gallery_cfg, "match_mode", None))
 
 
 def _unit(vec: Any, dim: int, what: str = "embedding") -> np.ndarray:
@@ -291,6 +297,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # ----------------------------------------------------------------------------------------------- index
 
 
+#: Per-person scores: nearest enrolled embedding, mean of the k nearest, or the person's mean template.
+MATCH_MODES = ("best", "topk_mean", "centroid")
+
+
 class _Index:
     """All enabled people's embeddings as one (M, D) matrix, rows grouped by person (for reduceat)."""
 
@@ -302,6 +312,7 @@ class _Index:
         self.starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(owners) else np.zeros(0, int)
         self.counts = np.diff(np.r_[self.starts, len(owners)]) if len(owners) else np.zeros(0, int)
         self._padded: Optional[np.ndarray] = None
+        self._centroids: Optional[np.ndarray] = None
 
     def padded(self) -> np.ndarray:
         """(P, max rows per person) row numbers padded with M (an +inf distance); built on first top-k use."""
@@ -312,8 +323,17 @@ class _Index:
                                     len(self.owners))
         return self._padded
 
+    def centroids(self) -> np.ndarray:
+        """(P, D) one unit template per person: the normalised mean of their embeddings; built on first use."""
+        if self._centroids is None:
+            sums = np.add.reduceat(self.vectors, self.starts, axis=0) if len(self.owners) else self.vectors[:0]
+            self._centroids = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return self._centroids
+
     def person_distances(self, q: np.ndarray, mode: str, k: int) -> np.ndarray:
-        """Per-person distance of query q: best (min) or mean of the k best embeddings."""
+        """Per-person distance of query q: best (min), mean of the k best embeddings, or to the person's centroid."""
+        if mode == "centroid":
+            return 1.0 - self.centroids() @ q
         d = 1.0 - self.vectors @ q
         if mode == "best" or k == 1:
             return np.minimum.reduceat(d, self.starts)
@@ -338,8 +358,8 @@ class Gallery:
         self.embedding_dim = embedding_dim
         self.max_distance = float(max_distance)
         self.keep_crops = keep_crops
-        if match_mode not in ("best", "topk_mean"):
-            raise GalleryError(f"unknown match_mode {match_mode!r}; expected 'best' or 'topk_mean'")
+        if match_mode not in MATCH_MODES:
+            raise GalleryError(f"unknown match_mode {match_mode!r}; expected one of {', '.join(MATCH_MODES)}")
         self.match_mode = match_mode
         self.top_k = int(top_k)
         self._lock = threading.RLock()
@@ -579,9 +599,13 @@ class Gallery:
         if not rows:
             return Match(None, None, MAX_COSINE_DISTANCE, self.max_distance, pid, name)
         vecs = np.stack([np.frombuffer(r[0], dtype="<f4") for r in rows])
-        d_all = np.sort(1.0 - vecs @ q)
-        k = 1 if self.match_mode == "best" else min(self.top_k, len(d_all))
-        d = float(max(0.0, d_all[:k].mean()))
+        if self.match_mode == "centroid":
+            mean = vecs.mean(axis=0)
+            d = float(max(0.0, 1.0 - (mean / max(float(np.linalg.norm(mean)), 1e-12)) @ q))
+        else:
+            d_all = np.sort(1.0 - vecs @ q)
+            k = 1 if self.match_mode == "best" else min(self.top_k, len(d_all))
+            d = float(max(0.0, d_all[:k].mean()))
         if enabled and d <= self.max_distance:
             return Match(pid, name, d, self.max_distance, pid, name)
         return Match(None, None, d, self.max_distance, pid, name)

@@ -371,8 +371,21 @@ def test_default_threshold_falls_back_without_manifest_entry(tmp_path):
     assert default_max_distance("emb.tflite", tmp_path) == 0.33
 
 
+def test_default_threshold_follows_the_match_mode(tmp_path):
+    """Per-person scores differ by match mode, so the manifest may calibrate each mode's operating point."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "models": [
+        {"name": "emb", "kind": "embedder", "file": "emb.tflite", "sha256": "0" * 64, "bytes": 1,
+         "input_shape": [1, 160, 160, 3], "input_dtype": "int8", "default_max_distance": 0.33,
+         "default_max_distance_by_mode": {"centroid": 0.33, "best": 0.29}}]}))
+    assert default_max_distance("emb", tmp_path, "best") == 0.29
+    assert default_max_distance("emb", tmp_path, "centroid") == 0.33
+    assert default_max_distance("emb", tmp_path, "topk_mean") == 0.33
+    assert default_max_distance("emb", tmp_path) == 0.33
+
+
 def test_matcher_agrees_with_brute_force(tmp_path):
-    """Vectorised per-person best and top-k mean equal a plain loop, for uneven numbers of photos per person."""
+    """Vectorised per-person best, top-k mean and centroid equal a plain loop, for uneven numbers of photos per
+    person (1:N match and 1:1 verify)."""
     rng = np.random.default_rng(11)
     path = tmp_path / "g.db"
     stored: dict[str, np.ndarray] = {}
@@ -384,14 +397,19 @@ def test_matcher_agrees_with_brute_force(tmp_path):
             g.enroll(f"p{i:02d}", items(f"p{i}", vecs))
         g.disable("p07")
         enabled = {n: v for n, v in stored.items() if n != "p07"}
-        for mode, k in [("best", 1), ("topk_mean", 3), ("topk_mean", 10)]:
+        for mode, k in [("best", 1), ("topk_mean", 3), ("topk_mean", 10), ("centroid", 1)]:
             g.match_mode, g.top_k = mode, k
             for q in rng.normal(size=(20, DIM)).astype(np.float32):
                 q /= np.linalg.norm(q)
-                per = {n: float(np.sort(1.0 - v @ q)[:k].mean()) for n, v in enabled.items()}
+                if mode == "centroid":
+                    per = {n: float(1.0 - (v.mean(0) / np.linalg.norm(v.mean(0))) @ q) for n, v in enabled.items()}
+                else:
+                    per = {n: float(np.sort(1.0 - v @ q)[:k].mean()) for n, v in enabled.items()}
                 name = min(per, key=per.get)
                 m = g.match(q)
                 assert m.name == name and abs(m.distance - per[name]) < 1e-5
+                v = g.verify(q, name)
+                assert abs(v.distance - per[name]) < 1e-5
 
 
 def test_concurrent_matching_while_another_process_edits(tmp_path, people):
