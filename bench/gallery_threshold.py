@@ -24,11 +24,11 @@ MOBILEFACENET = SHARED / "weights" / "mobilefacenet" / "mobilefacenet.tflite"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="'default' (config embedder) or 'mobilefacenet'")
-    ap.add_argument("--mode", default="best", choices=["best", "topk_mean"])
+    ap.add_argument("--mode", default="centroid", choices=["best", "topk_mean", "centroid"])
     ap.add_argument("--enroll", type=int, default=3, help="photos enrolled per person")
     ap.add_argument("--stranger-every", type=int, default=3, help="use every k-th CelebA identity")
     ap.add_argument("--per-stranger", type=int, default=4, help="photos per CelebA identity")
-    ap.add_argument("--thresholds", default="0.30,0.35,0.38,0.40,0.42,0.45,0.50,0.55,0.60")
+    ap.add_argument("--thresholds", default="0.29,0.32,0.35,0.40,0.45,0.50")
     args = ap.parse_args()
 
     from edgeface.analyze import FaceAnalyzer
