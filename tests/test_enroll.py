@@ -89,10 +89,9 @@ def openset_eval(analyzer, cfg, root: Path, tmp_path: Path, n_enroll: int, stran
 def test_openset_accuracy_on_shared_faces(analyzer, cfg, tmp_path):
     """18 people: 12 enrolled with 3 photos each, 6 never enrolled; 3 rotations.
 
-    Measured: MobileFaceNet at 0.40: rank-1 130/130, accepted 124/130, wrong person 0, strangers rejected
-    117/117. facenet_int8 (c4e54fb) at 0.40: 130/130, 128/130, 0, 117/117; at 0.45: 130, 130, 0, 115;
-    at the provisional manifest value 0.584: 130, 130, 0, only 85/117 (fails: too loose for 1:N,
-    see docs/gallery.md)."""
+    Measured with the shipped config (facenet_int8, centroid, 0.32): rank-1 130/130, accepted 120/130, wrong
+    person 0, strangers rejected 117/117. (A per-pair threshold of 0.584 rejected only 85/117 strangers: too
+    loose for 1:N, see docs/gallery.md.) Single photos: the daemon's K-of-N vote accepts more per visit."""
     t = openset_eval(analyzer, cfg, shared_path("data", "faces"), tmp_path, n_enroll=3, stranger_every=3)
     print(t)
     assert t["known"] >= 100 and t["strangers"] >= 100
@@ -105,7 +104,8 @@ def test_openset_accuracy_on_shared_faces(analyzer, cfg, tmp_path):
 def test_openset_accuracy_on_fixture_faces(analyzer, cfg, tmp_path, fixture_faces):
     """7 committed people: ~5 enrolled with 2 photos, the others strangers; 3 rotations.
 
-    Measured (MobileFaceNet 0.40, facenet_int8 0.40 and 0.562): rank-1 26/26, accepted 26/26, strangers 28/28."""
+    Measured with the shipped config (facenet_int8, centroid, 0.32): rank-1 26/26, accepted 26/26, strangers
+    28/28."""
     t = openset_eval(analyzer, cfg, fixture_faces, tmp_path, n_enroll=2, stranger_every=3)
     print(t)
     assert t["known"] >= 20 and t["strangers"] >= 15
