@@ -14,9 +14,28 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 MOSQUITTO = os.environ.get("EDGEFACE_MOSQUITTO", "/usr/sbin/mosquitto")
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll `cond` until it is true or `timeout` seconds pass; its final truth value (threads, brokers, pins)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())
+
+
+def pin_levels(pin: Any) -> list[bool]:
+    """The distinct levels a gpiozero mock pin went through, in order (its `states` record every write)."""
+    out: list[bool] = []
+    for s in pin.states:
+        if not out or out[-1] != s.state:
+            out.append(s.state)
+    return out
+
 
 #: Brokers started by this process and not stopped yet: stopped at exit, so a failing test never leaks one.
 _RUNNING: "set[MosquittoBroker]" = set()
@@ -143,12 +162,7 @@ class Collector:
         return [json.loads(p) for p in self.on_topic(topic)]
 
     def wait_for(self, topic: str, count: int = 1, timeout: float = 10.0) -> list[bytes]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.on_topic(topic)
-            if len(got) >= count:
-                return got
-            time.sleep(0.02)
+        wait_until(lambda: len(self.on_topic(topic)) >= count, timeout)
         return self.on_topic(topic)
 
     def last(self, topic: str, timeout: float = 10.0) -> Optional[bytes]:

@@ -33,3 +33,15 @@ def shared_faces() -> Path:
 @pytest.fixture(scope="session")
 def shared_nonfaces() -> Path:
     return shared_path("data", "nonfaces")
+
+
+@pytest.fixture(scope="session")
+def analyzer():
+    """The default config's detect -> align -> embed pipeline (shipped models), loaded once for the whole run."""
+    from edgeface.analyze import FaceAnalyzer
+    from edgeface.config import EdgefaceConfig
+
+    cfg = EdgefaceConfig()
+    a = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
+    yield a
+    a.close()

@@ -23,18 +23,15 @@ import pytest
 import yaml
 from gpiozero.pins.mock import MockFactory
 
-from edgeface.analyze import FaceAnalyzer
 from edgeface.config import parse_config
 from edgeface.daemon import Daemon
 from edgeface.frames import FolderSource
 from edgeface.images import load_image
-from edgeface.testing import Collector, MosquittoBroker, mosquitto_path
+from edgeface.testing import Collector, MosquittoBroker, pin_levels, wait_until, mosquitto_path
 from edgeface.types import Frame
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO / "tests" / "fixtures" / "faces"
-MOBILEFACENET = Path(os.environ.get("EDGEFACE_SHARED", REPO.parent / "shared")) / "weights" / "mobilefacenet" / \
-    "mobilefacenet.tflite"
 
 needs_broker = pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")
 
@@ -47,14 +44,6 @@ GUIDO_PROBE = FACES / "guido_van_rossum" / "guido_van_rossum_05.jpg"
 #: too at the shipped threshold (0.32), but he is 0.45-0.56 from guido_van_rossum: a look-alike pair that a
 #: looser threshold (e.g. a per-pair 0.584) lets in.
 STRANGER = FACES / "kit_harington" / "kit_harington_02.jpg"
-
-
-@pytest.fixture(scope="module")
-def analyzer():
-    cfg = parse_config({})
-    a = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
-    yield a
-    a.close()
 
 
 @pytest.fixture(scope="module")
@@ -113,28 +102,11 @@ class TickClock:
         return self.t
 
 
-def relay_levels(pin) -> list[bool]:
-    out: list[bool] = []
-    for s in pin.states:
-        if not out or out[-1] != s.state:
-            out.append(s.state)
-    return out
-
-
 def high_durations(pin) -> list[float]:
     """How long each high period of the mock pin lasted. The mock records, with each new state, the time
     since the previous change, i.e. the duration of the state before it."""
     states = pin.states
     return [nxt.timestamp for cur, nxt in zip(states, states[1:]) if cur.state and not nxt.state]
-
-
-def wait_until(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 @pytest.fixture()
@@ -185,7 +157,7 @@ def test_enrolled_face_opens_the_relay_and_granted_event_arrives(tmp_path, analy
         assert ev["distance"] <= ev["threshold"]
         assert ev["model_id"] == analyzer.embedder.model_id
         assert wait_until(lambda: pin.state is False, 3)
-        assert relay_levels(pin) == [False, True, False]
+        assert pin_levels(pin) == [False, True, False]
         assert high_durations(pin)[0] >= 0.2 * 0.9  # held for the configured pulse
         assert sub.last("edgeface/front/last_person") == b"barack_obama"
         assert wait_until(lambda: sub.on_topic("edgeface/front/relay")[-1:] == [b"locked"])
@@ -214,7 +186,7 @@ def test_stranger_gives_one_unknown_and_the_relay_never_moves(tmp_path, analyzer
         assert [e["result"] for e in events] == ["unknown"]
         check_event_schema(events[0])
         assert events[0]["person_id"] is None and events[0]["distance"] > events[0]["threshold"]
-        assert relay_levels(pins.pin(17)) == [False]
+        assert pin_levels(pins.pin(17)) == [False]
 
 
 def test_k_of_n_and_cooldown_with_real_frames(tmp_path, analyzer, enrolled_gallery, pins):
@@ -241,7 +213,7 @@ def test_k_of_n_and_cooldown_with_real_frames(tmp_path, analyzer, enrolled_galle
         assert [show(obama, back + i * 0.2) for i in range(3)] == ["none", "none", "grant"]
         assert wait_until(lambda: pins.pin(17).state is False, 3)
     assert [e["result"] for e in events if e["kind"] == "access"] == ["granted", "granted"]
-    assert relay_levels(pins.pin(17)) == [False, True, False, True, False]
+    assert pin_levels(pins.pin(17)) == [False, True, False, True, False]
 
 
 def test_disabled_person_is_denied_and_the_relay_stays(tmp_path, analyzer, enrolled_gallery, pins):
@@ -258,7 +230,7 @@ def test_disabled_person_is_denied_and_the_relay_stays(tmp_path, analyzer, enrol
         daemon.run()
     assert [(e["result"], e["person_name"], e["reason"]) for e in events] == \
         [("denied", "barack_obama", "person disabled")]
-    assert relay_levels(pins.pin(17)) == [False]
+    assert pin_levels(pins.pin(17)) == [False]
 
 
 @pytest.mark.broker
@@ -410,13 +382,13 @@ def test_remote_unlock_needs_a_valid_signed_fresh_command(tmp_path, analyzer, en
             time.sleep(0.3)  # its subscription is in place
             good = json.dumps(make_command("test-secret", "front"))
             sub.client.publish("edgeface/front/unlock/set", good, qos=1)
-            assert wait_until(lambda: pins.pin(17).state is True or len(relay_levels(pins.pin(17))) > 1)
+            assert wait_until(lambda: pins.pin(17).state is True or len(pin_levels(pins.pin(17))) > 1)
             sub.client.publish("edgeface/front/unlock/set", good, qos=1)  # replay
             sub.client.publish("edgeface/front/unlock/set", "UNLOCK", qos=1)  # what plain HA would send
             got = sub.wait_for("edgeface/front/door_event", 3)
         types = [json.loads(p)["event_type"] for p in got]
         assert types == ["remote_unlock", "remote_unlock_refused", "remote_unlock_refused"]
-    assert relay_levels(pins.pin(17)) == [False, True, False]
+    assert pin_levels(pins.pin(17)) == [False, True, False]
 
 
 def test_demo_prints_granted_and_unknown_events(tmp_path):
@@ -448,7 +420,7 @@ def test_door_contact_opened_without_grant_is_a_forced_open_alarm(tmp_path, anal
         audit = daemon.audit
         kinds = [r["result"] for r in audit.rows("door")[before:]]
     assert kinds == ["door_opened", "door_forced_open", "door_held_open", "door_closed"]
-    assert relay_levels(pins.pin(17)) == [False]
+    assert pin_levels(pins.pin(17)) == [False]
 
 
 def test_door_release_command(tmp_path, capsys):
@@ -468,4 +440,4 @@ def test_liveness_on_a_still_photo_never_opens_the_door(tmp_path, analyzer, enro
     with Daemon(cfg, analyzer=analyzer, source=source, pin_factory=pins, event_sink=events.append) as daemon:
         daemon.run()
     assert [(e["result"], e["person_name"]) for e in events] == [("denied", "barack_obama")]
-    assert relay_levels(pins.pin(17)) == [False]
+    assert pin_levels(pins.pin(17)) == [False]

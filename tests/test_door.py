@@ -9,15 +9,7 @@ from gpiozero.pins.mock import MockFactory
 from edgeface.config import DoorConfig
 from edgeface.door import Door, DoorContact, make_pin_factory
 from edgeface.errors import ConfigError
-
-
-def wait_until(cond, timeout=3.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
+from edgeface.testing import pin_levels, wait_until
 
 
 @pytest.fixture()
@@ -25,15 +17,6 @@ def factory():
     f = MockFactory()
     yield f
     f.close()
-
-
-def levels(pin):
-    """The distinct pin levels in order (the mock records every change with a timestamp)."""
-    out = []
-    for s in pin.states:
-        if not out or out[-1] != s.state:
-            out.append(s.state)
-    return out
 
 
 @pytest.mark.parametrize("active_high", [True, False])
@@ -45,7 +28,7 @@ def test_built_released_and_pulse_holds_for_pulse_s(factory, active_high):
     assert pin.state == released and not door.unlocked
     door.pulse()
     assert pin.state == (not released) and door.state == "unlocked"
-    assert wait_until(lambda: pin.state == released)
+    assert wait_until(lambda: pin.state == released, 3.0)
     # the relay was active for pulse_s: the mock records with each state the time since the previous change
     assert [s.state for s in pin.states][-2:] == [not released, released]
     assert pin.states[-1].timestamp >= 0.2 * 0.95
@@ -61,8 +44,8 @@ def test_a_new_pulse_extends_instead_of_toggling(factory):
     door.pulse()
     time.sleep(0.2)  # 0.35 s after the first pulse: still held by the second
     assert pin.state is True
-    assert wait_until(lambda: pin.state is False)
-    assert levels(pin) == [False, True, False]
+    assert wait_until(lambda: pin.state is False, 3.0)
+    assert pin_levels(pin) == [False, True, False]
     door.close()
 
 
@@ -72,7 +55,7 @@ def test_close_during_pulse_releases_and_is_safe_twice(factory):
     door.pulse()
     assert pin.state is False  # active low: unlocked
     door.close()
-    assert levels(pin)[-1] is True
+    assert pin_levels(pin)[-1] is True
     door.close()
     with pytest.raises(RuntimeError):
         door.pulse()
@@ -84,7 +67,7 @@ def test_context_manager_releases_on_exception(factory):
         with Door(17, pulse_s=5.0, pin_factory=factory) as door:
             door.pulse()
             1 / 0
-    assert levels(pin)[-1] is False
+    assert pin_levels(pin)[-1] is False
 
 
 def test_from_config_with_mock_factory():
@@ -92,7 +75,7 @@ def test_from_config_with_mock_factory():
     try:
         door.pulse()
         assert door.unlocked
-        assert wait_until(lambda: not door.unlocked)
+        assert wait_until(lambda: not door.unlocked, 3.0)
     finally:
         door.close()
 
@@ -110,20 +93,20 @@ def test_contact_events_forced_and_held_open(factory):
                           on_event=lambda kind, detail: events.append((kind, detail)))
     pin = factory.pin(27)
     pin.drive_low()  # door closed
-    assert wait_until(lambda: contact.state == "closed")
+    assert wait_until(lambda: contact.state == "closed", 3.0)
     events.clear()
     # opened with no grant -> forced open
     pin.drive_high()
-    assert wait_until(lambda: any(k == "door_forced_open" for k, _ in events))
+    assert wait_until(lambda: any(k == "door_forced_open" for k, _ in events), 3.0)
     # stays open -> held open alarm
-    assert wait_until(lambda: any(k == "door_held_open" for k, _ in events))
+    assert wait_until(lambda: any(k == "door_held_open" for k, _ in events), 3.0)
     pin.drive_low()
-    assert wait_until(lambda: events[-1][0] == "door_closed")
+    assert wait_until(lambda: events[-1][0] == "door_closed", 3.0)
     events.clear()
     # a grant then an opening: not forced; closed in time: no held-open alarm
     door.pulse()
     pin.drive_high()
-    assert wait_until(lambda: any(k == "door_opened" for k, _ in events))
+    assert wait_until(lambda: any(k == "door_opened" for k, _ in events), 3.0)
     pin.drive_low()
     time.sleep(0.4)
     kinds = [k for k, _ in events]

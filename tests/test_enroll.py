@@ -11,8 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import SHARED, shared_path
-from edgeface.analyze import FaceAnalyzer
+from conftest import shared_path
 from edgeface.config import EdgefaceConfig
 from edgeface.errors import GalleryError, NoFaceError
 from edgeface.enroll import (QualityGate, assess_image, capture_from_frames, enroll_images, scan_people_folder,
@@ -21,7 +20,6 @@ from edgeface.gallery import Gallery, image_sha256, resolve_max_distance
 from edgeface.images import list_images, load_image
 from edgeface.types import Frame
 
-MOBILEFACENET = SHARED / "weights" / "mobilefacenet" / "mobilefacenet.tflite"
 
 
 def make_config() -> EdgefaceConfig:
@@ -32,13 +30,6 @@ def make_config() -> EdgefaceConfig:
 @pytest.fixture(scope="module")
 def cfg() -> EdgefaceConfig:
     return make_config()
-
-
-@pytest.fixture(scope="module")
-def analyzer(cfg):
-    an = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
-    yield an
-    an.close()
 
 
 def open_gallery(path, analyzer, cfg, **kw) -> Gallery:

@@ -25,22 +25,11 @@ from edgeface.config import parse_config
 from edgeface.errors import CameraError
 from edgeface.frames import FolderSource, OpenCVSource, _LiveSource
 from edgeface.images import load_image, to_rgb
-from edgeface.testing import Collector, MosquittoBroker, mosquitto_path
+from edgeface.testing import Collector, MosquittoBroker, wait_until, mosquitto_path
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO / "tests" / "fixtures" / "faces"
 PHOTO = FACES / "barack_obama" / "barack_obama_04.jpg"
-MOBILEFACENET = Path(os.environ.get("EDGEFACE_SHARED", REPO.parent / "shared")) / "weights" / "mobilefacenet" / \
-    "mobilefacenet.tflite"
-
-
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def _write_video(path: Path, image: np.ndarray, n: int = 12, size=(320, 240)) -> None:
@@ -83,16 +72,16 @@ def test_video_file_deleted_then_replaced(tmp_path):
                        frozen_after_s=5, on_health=lambda s, d: health.append((s, d)))
     c = Consumer(src)
     try:
-        assert _wait(lambda: len(c.frames) >= 20, 20), "the looped video should deliver frames"
+        assert wait_until(lambda: len(c.frames) >= 20, 20), "the looped video should deliver frames"
         video.unlink()  # the file (or the mount it lives on) disappears
-        assert _wait(lambda: any(s == "reconnecting" and "not found" in d for s, d in health), 20), health
+        assert wait_until(lambda: any(s == "reconnecting" and "not found" in d for s, d in health), 20), health
         n_gone = len(c.frames)
         time.sleep(0.5)
         assert len(c.frames) - n_gone <= 12, "at most the rest of the already open file after deletion"
         other = load_image(FACES / "guido_van_rossum" / "guido_van_rossum_01.jpg")
         _write_video(tmp_path / "new.avi", other)
         os.replace(tmp_path / "new.avi", video)  # a new file appears under the same name
-        assert _wait(lambda: len(c.frames) > n_gone + 20, 20), "frames should resume from the new file"
+        assert wait_until(lambda: len(c.frames) > n_gone + 20, 20), "frames should resume from the new file"
         assert health[-1][0] == "ok"
     finally:
         c.stop()
@@ -108,14 +97,14 @@ def test_corrupted_folder_files_are_skipped_with_a_log_line(tmp_path, caplog):
     src = FolderSource(folder, loop=True, max_fps=100)
     c = Consumer(src)
     try:
-        assert _wait(lambda: len(c.frames) >= 8, 20)
+        assert wait_until(lambda: len(c.frames) >= 8, 20)
         data = (folder / "1.jpg").read_bytes()
         (folder / "1.jpg").write_bytes(data[: len(data) // 3])  # truncated mid-write
         (folder / "2.jpg").write_bytes(os.urandom(5000))  # garbage
         (folder / "3.jpg").unlink()  # gone
         n = len(c.frames)
-        assert _wait(lambda: len(c.frames) >= n + 10, 20), "the readable files keep coming"
-        assert _wait(lambda: sum("skipping unreadable frame" in r.getMessage() for r in caplog.records) >= 3, 10)
+        assert wait_until(lambda: len(c.frames) >= n + 10, 20), "the readable files keep coming"
+        assert wait_until(lambda: sum("skipping unreadable frame" in r.getMessage() for r in caplog.records) >= 3, 10)
     finally:
         c.stop()
     assert c.error is None
@@ -195,21 +184,21 @@ def test_daemon_survives_camera_faults_and_reports_health(tmp_path):
     worker.start()
     try:
         assert daemon.mqtt.wait_connected(10)
-        assert _wait(lambda: "ok" in states(), 20), states()
+        assert wait_until(lambda: "ok" in states(), 20), states()
         seen = daemon.frames_seen
         for mode, expect in (("frozen", "frozen"), ("noise", None), ("badshape", "reconnecting"),
                              ("unplugged", "reconnecting")):
             n_before = len(states())
             cam.mode = mode
             if expect:  # (a transient state: "frozen" is followed by "reconnecting" at once)
-                assert _wait(lambda: expect in states()[n_before:], 20), (mode, states())
+                assert wait_until(lambda: expect in states()[n_before:], 20), (mode, states())
             else:
                 time.sleep(1.0)  # noise frames are processed like any frame: no face, no decision
                 assert daemon.frames_seen > seen
             assert worker.is_alive(), f"the daemon died on camera mode {mode}"
             cam.mode = "good"
-            assert _wait(lambda: states()[-1] == "ok", 20), (mode, states())
-            assert _wait(lambda: daemon.frames_seen > seen + 5, 20), f"no frames after recovery from {mode}"
+            assert wait_until(lambda: states()[-1] == "ok", 20), (mode, states())
+            assert wait_until(lambda: daemon.frames_seen > seen + 5, 20), f"no frames after recovery from {mode}"
             seen = daemon.frames_seen
         audit = [r["result"] for r in daemon.audit.rows("camera")]
     finally:

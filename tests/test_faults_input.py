@@ -19,7 +19,7 @@ from gpiozero.pins.mock import MockFactory
 from edgeface.config import load_config, parse_config
 from edgeface.errors import ConfigError, GalleryError, ImageError, ModelError
 from edgeface.images import MAX_FILE_BYTES, load_image
-from edgeface.testing import Collector, MosquittoBroker, mosquitto_path
+from edgeface.testing import Collector, MosquittoBroker, pin_levels, wait_until, mosquitto_path
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO / "tests" / "fixtures" / "faces"
@@ -171,33 +171,6 @@ def test_corrupt_or_foreign_gallery_is_a_gallery_error(tmp_path, content):
 
 # ------------------------------------------------------------------------------------------------ MQTT commands
 
-@pytest.fixture(scope="module")
-def analyzer():
-    from edgeface.analyze import FaceAnalyzer
-
-    cfg = parse_config({})
-    a = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
-    yield a
-    a.close()
-
-
-def _levels(pin) -> list[bool]:
-    out: list[bool] = []
-    for s in pin.states:
-        if not out or out[-1] != s.state:
-            out.append(s.state)
-    return out
-
-
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
 @pytest.mark.broker
 @pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")
 def test_hostile_mqtt_commands_are_refused_audited_and_never_unlock(tmp_path, analyzer, monkeypatch):
@@ -236,20 +209,20 @@ def test_hostile_mqtt_commands_are_refused_audited_and_never_unlock(tmp_path, an
                 for payload in hostile:
                     sub.client.publish(topic, payload, qos=1).wait_for_publish(5)
                 got = sub.wait_for("edgeface/front/door_event", len(hostile), timeout=20)
-                assert _levels(pins.pin(17)) == [False]
+                assert pin_levels(pins.pin(17)) == [False]
                 # A valid command published with retain=True: live subscribers get it without the retain
                 # flag, so it is accepted once (fresh, signed, unused nonce)...
                 sub.client.publish(topic, json.dumps(make_command(SECRET, "front")), qos=1,
                                    retain=True).wait_for_publish(5)
-                assert _wait(lambda: len(_levels(pins.pin(17))) >= 3, 10), "a valid command should unlock"
-                first_run = _levels(pins.pin(17))
+                assert wait_until(lambda: len(pin_levels(pins.pin(17))) >= 3, 10), "a valid command should unlock"
+                first_run = pin_levels(pins.pin(17))
             # ...but after a restart the broker hands the retained copy to the new subscription: refused.
             with Daemon(cfg, analyzer=analyzer, source=FolderSource(FACES), pin_factory=pins) as daemon:
                 daemon.start()
                 assert daemon.mqtt.wait_connected(10)
                 got = sub.wait_for("edgeface/front/door_event", len(hostile) + 2, timeout=20)
                 audit = daemon.audit.rows("remote_unlock")
-                second_run = _levels(pins.pin(17))
+                second_run = pin_levels(pins.pin(17))
             sub.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)  # clear the retained message
     finally:
         pins.close()
@@ -291,5 +264,5 @@ def test_remote_unlock_off_ignores_even_valid_commands(tmp_path, analyzer, monke
     finally:
         pins.close()
         broker.close()
-    assert _levels(pins.pin(17)) == [False]
+    assert pin_levels(pins.pin(17)) == [False]
     assert audit == [], audit[:2]

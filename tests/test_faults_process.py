@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
-from edgeface.testing import Collector, MosquittoBroker, mosquitto_path
+from edgeface.testing import Collector, MosquittoBroker, wait_until, mosquitto_path
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO / "tests" / "fixtures" / "faces"
@@ -83,15 +83,6 @@ def _rows(db_path: Path, sql: str) -> list[tuple]:
         return []
 
 
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
 @pytest.mark.slow
 @pytest.mark.broker
 @needs_broker
@@ -106,7 +97,7 @@ def test_sigkill_mid_pulse_then_restart_starts_released_and_loses_nothing(tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "edgeface", "--config", str(config), "run"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        unlocked = _wait(lambda: ("unlocked",) in _rows(state / "audit.db", "SELECT result FROM audit "
+        unlocked = wait_until(lambda: ("unlocked",) in _rows(state / "audit.db", "SELECT result FROM audit "
                                                                               "WHERE kind = 'relay'"), 90)
         assert unlocked and proc.poll() is None, "the daemon never unlocked"
         assert collector.wait_for("edgeface/front/event", 1, 20), "granted event not published"
@@ -133,8 +124,8 @@ def test_sigkill_mid_pulse_then_restart_starts_released_and_loses_nothing(tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "edgeface", "--config", str(config), "run"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait(lambda: len(collector.on_topic("edgeface/front/relay")) > before, 60), "no relay state"
-        assert _wait(lambda: any(json.loads(p)["result"] == "unknown"
+        assert wait_until(lambda: len(collector.on_topic("edgeface/front/relay")) > before, 60), "no relay state"
+        assert wait_until(lambda: any(json.loads(p)["result"] == "unknown"
                                  for p in collector.on_topic("edgeface/front/event")), 60)
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)

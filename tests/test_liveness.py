@@ -266,13 +266,13 @@ def test_liveness_policy_passes_strangers_and_resets_on_no_face(real_mesh):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("liveness", [False, True])
-def test_daemon_with_liveness_refuses_a_moved_photo_of_an_enrolled_person(tmp_path, fixture_faces, liveness):
+def test_daemon_with_liveness_refuses_a_moved_photo_of_an_enrolled_person(tmp_path, fixture_faces, liveness,
+                                                                         analyzer):
     """The attack: a print of an enrolled person's (never enrolled) photo held up and moved for 6 s.
     Without the gate the door opens (the control); with liveness.enabled it stays shut and one `denied`
     event says why."""
     from gpiozero.pins.mock import MockFactory
 
-    from edgeface.analyze import FaceAnalyzer
     from edgeface.daemon import Daemon
     from edgeface.enroll import enroll_images
     from edgeface.frames import FolderSource
@@ -285,7 +285,6 @@ def test_daemon_with_liveness_refuses_a_moved_photo_of_an_enrolled_person(tmp_pa
         "gallery": {"path": "gallery.db"}, "audit": {"path": "audit.db"}, "mqtt": {"enabled": False},
         "policy": {"min_frames": 3, "window_frames": 5, "window_s": 3.0},
         "door": {"pin_factory": "mock"}, "liveness": {"enabled": liveness}})
-    analyzer = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
     g = Gallery.open(tmp_path / "state" / "gallery.db", model_id=analyzer.embedder.model_id,
                      embedding_dim=analyzer.embedder.spec.embedding_dim,
                      max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir))
@@ -311,7 +310,6 @@ def test_daemon_with_liveness_refuses_a_moved_photo_of_an_enrolled_person(tmp_pa
             relay = [s.state for s in pins.pin(17).states]
     finally:
         pins.close()
-        analyzer.close()
     results = [(e["result"], e["reason"]) for e in events]
     if not liveness:
         assert [r for r, _ in results] == ["granted"], results  # the attack works without the gate

@@ -13,7 +13,7 @@ import pytest
 
 from edgeface.config import MqttConfig
 from edgeface.outbox import Outbox
-from edgeface.testing import Collector, MosquittoBroker, mosquitto_path
+from edgeface.testing import Collector, MosquittoBroker, wait_until, mosquitto_path
 
 pytestmark = [pytest.mark.broker,
               pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")]
@@ -34,15 +34,6 @@ def publisher(broker, tmp_path, **kw):
     box = Outbox(cfg.outbox_path, max_events=1000)
     pub = MqttPublisher(cfg, door_id="front", outbox=box, reconnect_min_s=1, reconnect_max_s=1, **kw)
     return pub, box
-
-
-def wait_until(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def test_online_state_and_events_in_order(broker, tmp_path):

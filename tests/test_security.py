@@ -424,13 +424,12 @@ def test_people_remove_erases_embeddings_and_images_from_the_file(tmp_path):
 @needs_broker
 @pytest.mark.broker
 @pytest.mark.slow
-def test_daemon_run_keeps_secrets_out_of_logs_and_state_private(tmp_path, caplog, monkeypatch):
+def test_daemon_run_keeps_secrets_out_of_logs_and_state_private(tmp_path, caplog, monkeypatch, analyzer):
     """A whole daemon run with an MQTT password and the unlock secret set: enrollment, grants, a stranger,
     good and bad remote commands, a broker that refuses a wrong password. No log line (DEBUG included, paho
     too) contains either secret, and every file the daemon created is 0600 in a 0700 state directory."""
     from gpiozero.pins.mock import MockFactory
 
-    from edgeface.analyze import FaceAnalyzer
     from edgeface.daemon import Daemon
     from edgeface.enroll import enroll_images
     from edgeface.frames import FolderSource
@@ -454,7 +453,6 @@ def test_daemon_run_keeps_secrets_out_of_logs_and_state_private(tmp_path, caplog
         "door": {"pin_factory": "mock", "pulse_s": 0.1},
         "mqtt": {"host": "127.0.0.1", "port": broker.port, "username": "door", "remote_unlock": True,
                  "outbox_path": "outbox.db", "keepalive_s": 5}})
-    analyzer = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
     pins = MockFactory()
     try:
         g = Gallery.open(state / "gallery.db", model_id=analyzer.embedder.model_id,
@@ -491,7 +489,6 @@ def test_daemon_run_keeps_secrets_out_of_logs_and_state_private(tmp_path, caplog
         modes = {p.name: _mode(p) for p in files}
     finally:
         pins.close()
-        analyzer.close()
         broker.close()
     assert "granted" in results and "unknown" in results
     assert remote == ["accepted", "refused", "refused"]
