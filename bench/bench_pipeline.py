@@ -82,8 +82,7 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
             faces = det.detect(rgb)
             c = time.perf_counter()
             if mesh is not None:
-                faces = [f for f in (mesh.refine(rgb, f) for f in faces)
-                         if f.presence is not None and f.presence >= cfg.detector.min_presence]
+                faces = mesh.refine_all(rgb, faces, cfg.detector.min_presence)
             d = time.perf_counter()
             idx = main_face_index(faces, rgb.shape)
             e = f = g = d

@@ -69,8 +69,7 @@ class FaceAnalyzer:
         faces = self.detector.detect(image)
         if self.refiner is None:
             return faces
-        refined = (self.refiner.refine(image, f) for f in faces)
-        return [f for f in refined if f.presence is not None and f.presence >= self.min_presence]
+        return self.refiner.refine_all(image, faces, self.min_presence)
 
     def embed_faces(self, image: np.ndarray, faces: list[Face]) -> list[FaceResult]:
         if not faces:

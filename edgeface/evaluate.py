@@ -334,8 +334,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
         faces = detector.detect(image)
         t2 = time.perf_counter()
         if refiner is not None:  # as FaceAnalyzer.detect: mesh on every face, drop those the mesh calls non-faces
-            faces = [f for f in (refiner.refine(image, f) for f in faces)
-                     if f.presence is not None and f.presence >= det_cfg.min_presence]
+            faces = refiner.refine_all(image, faces, det_cfg.min_presence)
         t2b = time.perf_counter()
         timings["ms_decode"][i], timings["ms_detect"][i] = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         timings["ms_mesh"][i] = (t2b - t2) * 1e3

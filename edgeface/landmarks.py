@@ -80,6 +80,11 @@ class LandmarkRefiner:
         ]).astype(np.float32)
         return dataclasses.replace(face, landmarks5=five, presence=float(presence))
 
+    def refine_all(self, image: np.ndarray, faces: list[Face], min_presence: float) -> list[Face]:
+        """Every face refined, those the mesh calls non-faces (presence below `min_presence`) dropped."""
+        refined = (self.refine(image, f) for f in faces)
+        return [f for f in refined if f.presence is not None and f.presence >= min_presence]
+
     def close(self) -> None:
         self._interpreter = None
 
