@@ -78,7 +78,7 @@ class LandmarkRefiner:
             points[_MOUTH[0]],
             points[_MOUTH[1]],
         ]).astype(np.float32)
-        return dataclasses.replace(face, landmarks5=five, presence=float(presence))
+        return dataclasses.replace(face, landmarks5=five, presence=float(presence), mesh=points)
 
     def refine_all(self, image: np.ndarray, faces: list[Face], min_presence: float) -> list[Face]:
         """Every face refined, those the mesh calls non-faces (presence below `min_presence`) dropped."""

@@ -229,7 +229,10 @@ class MeshLiveness:
         return cls(LivenessGate.from_config(cfg), LandmarkRefiner(models_dir=models_dir, num_threads=num_threads))
 
     def observe(self, t: float, image: np.ndarray, face: Any) -> None:
-        points, _presence = self.refiner.mesh(image, face)
+        """Use the mesh the analyzer already computed for this face; run the model only when it did not."""
+        points = getattr(face, "mesh", None)
+        if points is None:
+            points, _presence = self.refiner.mesh(image, face)
         self.gate.observe(t, points)
 
     def verdict(self, now: Optional[float] = None) -> LivenessVerdict:

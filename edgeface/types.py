@@ -32,6 +32,8 @@ class Face:
     landmarks5: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     #: Face-presence probability from the landmark model (None when it was not run).
     presence: Optional[float] = field(default=None, compare=False)
+    #: The landmark model's 468 mesh points (x, y pixels) when it ran, kept for the liveness gate.
+    mesh: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     @property
     def size(self) -> float:
