@@ -235,14 +235,6 @@ class EmbeddedSet:
         return out
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _images_key(paths: Sequence[Path]) -> str:
     h = hashlib.sha1()
     for p in paths:
@@ -287,7 +279,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     from .config import DetectorConfig
     from .detect import build_detector
     from .embed import EmbedderSpec, TFLiteEmbedder
-    from .models import resolve_model
+    from .models import resolve_model, sha256_file
 
     det_cfg = detector_config or DetectorConfig()
     if choice.detector and choice.detector != det_cfg.variant:
@@ -301,7 +293,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     elif info is None:
         raise ConfigError(f"--model {choice.model}: not in models/manifest.json; give PATH:TEMPLATE:PREPROCESSING "
                           "(e.g. :arcface112:arcface)")
-    key_src = json.dumps({"v": CACHE_VERSION, "model": _sha256_file(Path(path)), "spec": [choice.template, choice.preprocessing],
+    key_src = json.dumps({"v": CACHE_VERSION, "model": info.sha256 if info is not None else sha256_file(path), "spec": [choice.template, choice.preprocessing],
                           "flip": choice.flip, "lm": use_mesh, "det": det_cfg.model_dump(exclude={"num_threads", "refine_landmarks"}),
                           "images": _images_key(ds.paths)}, sort_keys=True)
     cache = cache_dir / f"{choice.label}-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}.npz" if cache_dir else None
