@@ -40,9 +40,10 @@ class DetectorConfig(Section):
     score_threshold: float = Field(0.6, gt=0, lt=1, description="Detector confidence needed to keep a face.")
     nms_iou: float = Field(0.3, gt=0, lt=1, description="Boxes overlapping more than this are merged.")
     min_face_size: int = Field(40, ge=0, le=4000, description="Ignore faces smaller than this (pixels, box side).")
-    fallback_full_range: bool = Field(False, description="When the short-range model finds no face, also try the "
-                                                         "full-range one (smaller, more distant faces; an empty frame "
-                                                         "then costs two detector runs).")
+    fallback_full_range: bool = Field(True, description="When the short-range model finds no face, also try the "
+                                                        "full-range one. In a 1280x720 frame short range alone misses "
+                                                        "most faces under ~160 px (the door accepts 80 px); an empty "
+                                                        "frame then costs two detector runs (docs/benchmarks.md).")
     refine_landmarks: bool = Field(True, description="Run the 468-point face mesh on each face: five-point alignment "
                                                      "(more accurate) and a face-presence check (fewer false faces).")
     min_presence: float = Field(0.5, ge=0, le=1, description="Face-mesh presence probability needed to keep a face.")

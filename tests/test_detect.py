@@ -164,12 +164,47 @@ def test_full_range_fallback_finds_a_distant_face_the_short_model_misses() -> No
     small = cv2.resize(image, None, fx=0.5, fy=0.5)
     frame = np.full((720, 1280, 3), 128, np.uint8)
     frame[: small.shape[0], 400: 400 + small.shape[1]] = small[:720]
-    plain = build_detector(DetectorConfig(min_face_size=0))
+    plain = build_detector(DetectorConfig(min_face_size=0, fallback_full_range=False))
     assert isinstance(plain, BlazeFaceDetector) and plain.detect(frame) == []
-    cascade = build_detector(DetectorConfig(min_face_size=0, fallback_full_range=True))
+    cascade = build_detector(DetectorConfig(min_face_size=0))  # the fallback is on by default
     assert isinstance(cascade, CascadeDetector)
     (face,) = cascade.detect(frame)
     assert 400 < face.center[0] < 400 + small.shape[1] and face.center[1] < small.shape[0]
     # With a face close to the camera the first model answers and the fallback is not needed.
     (near,) = cascade.detect(image)
     assert near.size > 150
+
+
+def test_default_detector_sees_every_face_the_door_accepts_in_a_720p_frame() -> None:
+    """The door accepts faces from policy.min_face_size (80 px) up; the default detector must find faces of
+    about that size in the default 1280x720 capture, wherever the person stands in it (every fixture person)."""
+    import cv2
+
+    from edgeface.config import DetectorConfig, EdgefaceConfig
+    from edgeface.detect import build_detector
+
+    cfg = EdgefaceConfig()
+    assert (cfg.camera.width, cfg.camera.height) == (1280, 720)
+    det = build_detector(cfg.detector)
+    reference = BlazeFaceDetector(variant="full", min_face_size=0)
+    target = 1.2 * cfg.policy.min_face_size
+    short_only = build_detector(DetectorConfig(fallback_full_range=False))
+    found = short_found = tried = 0
+    for i, path in enumerate(_photos(FIXTURES / "faces")):
+        image = load_image(path)
+        faces = reference.detect(image)
+        if len(faces) != 1:
+            continue
+        scale = target / faces[0].size
+        small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)[:720, :1280]
+        frame = np.full((720, 1280, 3), 100, np.uint8)
+        x0 = (i * 157) % (1280 - small.shape[1])  # spread the people across the frame
+        frame[: small.shape[0], x0: x0 + small.shape[1]] = small
+        tried += 1
+        got = det.detect(frame)
+        found += any(x0 <= f.center[0] <= x0 + small.shape[1] for f in got)
+        short_found += any(x0 <= f.center[0] <= x0 + small.shape[1] for f in short_only.detect(frame))
+    assert tried >= 20
+    assert found >= tried - 1, f"default detector found {found} of {tried} faces of ~{target:.0f} px in 1280x720"
+    # Short range alone (the old default) misses most of them: this is what the fallback is for.
+    assert short_found < tried // 2, f"short range alone found {short_found} of {tried}"
