@@ -34,7 +34,7 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--model", "models", multiple=True, metavar="MODEL",
               help="Embedder: manifest name, .tflite path, PATH:TEMPLATE:PREPROCESSING for a model outside the manifest "
                    "(e.g. mobilefacenet.tflite:arcface112:arcface), suffix +flip for flip averaging, +lm / -lm to force "
-                   "the face mesh on / off (default: detector.refine_landmarks), +full for BlazeFace full range, or 'face_recognition' (the dlib peer). Repeat to compare. Default: the config's embedder.")
+                   "the face mesh on / off (default: detector.refine_landmarks), +full for BlazeFace full range, +short for short range alone (no full-range fallback), or 'face_recognition' (the dlib peer). Repeat to compare. Default: the config's embedder.")
 @click.option("--pairs", "pairs_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="LFW-style pairs.txt; default: every pair of photos in DATASET.")
 @click.option("--open-set", "open_set_mode", is_flag=True,
@@ -154,10 +154,13 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                 flip = ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True)
                 lm = ev.ModelChoice(c.model, c.template, c.preprocessing, landmarks=toggled)
                 extra = [flip, lm]
-                full_range = None
+                full_range = short_only = None
                 if cfg.detector.variant != "full":
                     full_range = ev.ModelChoice(c.model, c.template, c.preprocessing, detector="full")
                     extra.append(full_range)
+                if cfg.detector.variant == "short" and cfg.detector.fallback_full_range:
+                    short_only = ev.ModelChoice(c.model, c.template, c.preprocessing, detector="short")
+                    extra.append(short_only)
                 for x in extra:
                     if x.label not in sets:
                         sets[x.label] = embed(x)
@@ -170,6 +173,8 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                                template=template, deployable=ship),
                     *([ev.Variant(full_range.label, "BlazeFace full range (finds more, smaller faces)", (full_range.label,),
                                   template=template, deployable=ship)] if full_range else []),
+                    *([ev.Variant(short_only.label, "short range alone (no full-range fallback)", (short_only.label,),
+                                  template=template, deployable=ship)] if short_only else []),
                     ev.Variant(f"{c.label} face >= {cfg.policy.min_face_size}px", "the product's face-size rule: enrollment "
                                f"and the door refuse faces under {cfg.policy.min_face_size} px", (c.label,), template=template,
                                min_face_px=float(cfg.policy.min_face_size), deployable=ship),

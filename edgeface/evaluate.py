@@ -122,7 +122,7 @@ def split_persons(persons: Sequence[str], split: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------- models
 @dataclass(frozen=True)
 class ModelChoice:
-    """One --model argument: `NAME|PATH[:TEMPLATE:PREPROCESSING][+flip][+lm|-lm]`, or `face_recognition` (the peer).
+    """One --model argument: `NAME|PATH[:TEMPLATE:PREPROCESSING][+flip][+lm|-lm][+full|+short]`, or `face_recognition`.
 
     `landmarks` None follows the config (detector.refine_landmarks); +lm / -lm force the face mesh on / off."""
 
@@ -131,7 +131,8 @@ class ModelChoice:
     preprocessing: Optional[str] = None
     flip: bool = False
     landmarks: Optional[bool] = None
-    #: None follows the config (detector.variant); "+full" forces BlazeFace full range.
+    #: None follows the config (detector.variant); "+full" forces BlazeFace full range, "+short" short range alone
+    #: (no full-range fallback).
     detector: Optional[str] = None
 
     @property
@@ -146,7 +147,7 @@ class ModelChoice:
     @property
     def label(self) -> str:
         lm = {None: "", True: "+lm", False: "-lm"}[self.landmarks]
-        return self.base_label + lm + ("+full" if self.detector == "full" else "") + ("+flip" if self.flip else "")
+        return self.base_label + lm + (f"+{self.detector}" if self.detector else "") + ("+flip" if self.flip else "")
 
     @property
     def shipped(self) -> bool:
@@ -169,7 +170,7 @@ class ModelChoice:
         raw = text.strip()
         flags = set()
         while True:
-            for flag in ("+flip", "+lm", "-lm", "+full"):
+            for flag in ("+flip", "+lm", "-lm", "+full", "+short"):
                 if raw.endswith(flag):
                     flags.add(flag)
                     raw = raw[: -len(flag)]
@@ -192,11 +193,13 @@ class ModelChoice:
         if not raw:
             raise ConfigError(f"--model {text!r} names no model")
         if raw == PEER_NAME and flags:
-            raise ConfigError(f"--model {text}: +flip/+lm/-lm/+full apply to edgeface's embedders only")
-        if {"+lm", "-lm"} <= flags:
-            raise ConfigError(f"--model {text}: +lm and -lm contradict each other")
+            raise ConfigError(f"--model {text}: +flip/+lm/-lm/+full/+short apply to edgeface's embedders only")
+        if {"+lm", "-lm"} <= flags or {"+full", "+short"} <= flags:
+            raise ConfigError(f"--model {text}: {' and '.join(sorted(flags & {'+lm', '-lm', '+full', '+short'}))} "
+                              "contradict each other")
         lm = True if "+lm" in flags else (False if "-lm" in flags else None)
-        return ModelChoice(raw, template, preprocessing, "+flip" in flags, lm, "full" if "+full" in flags else None)
+        detector = "full" if "+full" in flags else ("short" if "+short" in flags else None)
+        return ModelChoice(raw, template, preprocessing, "+flip" in flags, lm, detector)
 
 
 # ------------------------------------------------------------------------------------------ embedded sets
@@ -282,7 +285,9 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     from .models import resolve_model, sha256_file
 
     det_cfg = detector_config or DetectorConfig()
-    if choice.detector and choice.detector != det_cfg.variant:
+    if choice.detector == "short":
+        det_cfg = det_cfg.model_copy(update={"variant": "short", "model": None, "fallback_full_range": False})
+    elif choice.detector and choice.detector != det_cfg.variant:
         det_cfg = det_cfg.model_copy(update={"variant": choice.detector, "model": None})
     use_mesh = det_cfg.refine_landmarks if choice.landmarks is None else choice.landmarks
     path, info = resolve_model(choice.model)

@@ -190,3 +190,15 @@ def test_face_recognition_peer_runs_on_the_same_photos_and_counts_its_misses(dat
     assert m["metric"] == "euclidean" and m["verification"]["default_threshold"] == 0.6  # its documented tolerance
     assert m["photos_no_face"] >= 1  # the mountain, at least
     assert m["verification"]["n_genuine_no_face"] >= 5
+
+
+def test_model_choice_detector_flags() -> None:
+    from edgeface.errors import ConfigError
+    from edgeface.evaluate import ModelChoice
+
+    short = ModelChoice.parse("facenet_int8+short+flip")
+    assert (short.detector, short.flip, short.label) == ("short", True, "facenet_int8+short+flip")
+    assert ModelChoice.parse("facenet_int8+full").detector == "full"
+    assert ModelChoice.parse("facenet_int8").detector is None
+    with pytest.raises(ConfigError, match="contradict"):
+        ModelChoice.parse("facenet_int8+full+short")
