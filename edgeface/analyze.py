@@ -9,7 +9,7 @@ import numpy as np
 from .align import align_face
 from .config import DetectorConfig, EmbedderConfig
 from .detect import Detector, build_detector
-from .embed import Embedder, EmbedderSpec, TFLiteEmbedder
+from .embed import Embedder, EmbedderSpec, TFLiteEmbedder, enrollment_embeddings
 from .landmarks import LandmarkRefiner
 from .types import Face
 
@@ -71,11 +71,12 @@ class FaceAnalyzer:
             return faces
         return self.refiner.refine_all(image, faces, self.min_presence)
 
-    def embed_faces(self, image: np.ndarray, faces: list[Face]) -> list[FaceResult]:
+    def embed_faces(self, image: np.ndarray, faces: list[Face], *, for_enrollment: bool = False) -> list[FaceResult]:
+        """Align and embed faces; `for_enrollment` gives the gallery-side embedding (crop and mirror averaged)."""
         if not faces:
             return []
         crops = np.stack([align_face(image, f, self.embedder.template) for f in faces])
-        embeddings = self.embedder.embed(crops)
+        embeddings = enrollment_embeddings(self.embedder, crops) if for_enrollment else self.embedder.embed(crops)
         return [FaceResult(f, c, e) for f, c, e in zip(faces, crops, embeddings)]
 
     def analyze(self, image: np.ndarray) -> list[FaceResult]:

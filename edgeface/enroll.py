@@ -115,7 +115,7 @@ def assess_image(analyzer: FaceAnalyzer, rgb: np.ndarray, *, source: str, sha256
     sharp = sharpness(rgb, face)
     if sharp < gate.min_sharpness:
         return EnrollItem(source, sha256, reason=f"too blurred (sharpness {sharp:.0f} < {gate.min_sharpness:.0f})")
-    result = analyzer.embed_faces(rgb, [face])[0]
+    result = analyzer.embed_faces(rgb, [face], for_enrollment=True)[0]
     # quality in [0, 1]: detector confidence x how frontal x how sharp (saturating); for ranking and audits only
     quality = float(face.score) * (1.0 - abs(pos - 0.5)) * min(1.0, sharp / (10 * gate.min_sharpness))
     return EnrollItem(source, sha256, result.embedding, round(quality, 4), None,

@@ -793,6 +793,7 @@ class Gallery:
 
         Embeddings without a kept chip cannot be converted: they are dropped and their people must re-enroll."""
         from .align import align_face
+        from .embed import enrollment_embeddings
 
         spec = getattr(embedder, "spec", None)
         if spec is not None and int(spec.embedding_dim) != self.embedding_dim:
@@ -804,7 +805,7 @@ class Gallery:
         for eid, pid, sha, q, img, face_json in rows:
             chip = _decode_png(img)
             crop = align_face(chip, _face_from_json(face_json), embedder.template)
-            new_rows.append((eid, pid, sha, q, embedder.embed(crop[None])[0]))
+            new_rows.append((eid, pid, sha, q, enrollment_embeddings(embedder, crop)[0]))
         with self._write() as c:
             for eid, pid, sha, q, vec in new_rows:
                 c.execute("UPDATE embeddings SET model_id = ?, dim = ?, vector = ? WHERE id = ?",

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from conftest import FIXTURES, shared_path
 from edgeface.config import EdgefaceConfig
 from edgeface.errors import GalleryError, NoFaceError
 from edgeface.enroll import (QualityGate, assess_image, capture_from_frames, enroll_images, scan_people_folder,
@@ -80,7 +80,7 @@ def openset_eval(analyzer, cfg, root: Path, tmp_path: Path, n_enroll: int, stran
 def test_openset_accuracy_on_shared_faces(analyzer, cfg, tmp_path):
     """18 people: 12 enrolled with 3 photos each, 6 never enrolled; 3 rotations.
 
-    Measured with the shipped config (facenet_int8, centroid, 0.32): rank-1 130/130, accepted 120/130, wrong
+    Measured with the shipped config (facenet_int8, centroid, 0.33, mirror-averaged enrollment): rank-1 130/130, accepted 120/130, wrong
     person 0, strangers rejected 117/117. (A per-pair threshold of 0.584 rejected only 85/117 strangers: too
     loose for 1:N, see docs/gallery.md.) Single photos: the daemon's K-of-N vote accepts more per visit."""
     t = openset_eval(analyzer, cfg, shared_path("data", "faces"), tmp_path, n_enroll=3, stranger_every=3)
@@ -95,7 +95,7 @@ def test_openset_accuracy_on_shared_faces(analyzer, cfg, tmp_path):
 def test_openset_accuracy_on_fixture_faces(analyzer, cfg, tmp_path, fixture_faces):
     """7 committed people: ~5 enrolled with 2 photos, the others strangers; 3 rotations.
 
-    Measured with the shipped config (facenet_int8, centroid, 0.32): rank-1 26/26, accepted 26/26, strangers
+    Measured with the shipped config (facenet_int8, centroid, 0.33, mirror-averaged enrollment): rank-1 26/26, accepted 26/26, strangers
     28/28."""
     t = openset_eval(analyzer, cfg, fixture_faces, tmp_path, n_enroll=2, stranger_every=3)
     print(t)
@@ -236,3 +236,23 @@ def test_keep_crops_reembed_with_a_real_embedder(analyzer, cfg, fixture_faces, t
         for p in photos[:2]:
             m = g.match(analyzer.analyze_main(load_image(p))[0].embedding)
             assert m.name == "kit" and m.distance < 0.1  # the same photo again, re-aligned from the kept chip
+
+
+def test_enrollment_stores_the_crop_and_its_mirror_averaged(analyzer) -> None:
+    """The gallery side gets the mirror-averaged embedding (free at the door); the door's probe stays one pass."""
+    from edgeface.align import align_face
+    from edgeface.embed import l2_normalize
+    from edgeface.enroll import assess_image
+    from edgeface.images import load_image
+
+    path = next(iter(sorted((FIXTURES / "faces" / "barack_obama").glob("*.jpg"))))
+    rgb = load_image(path)
+    item = assess_image(analyzer, rgb, source=str(path), sha256="x")
+    assert item.embedding is not None, item.reason
+    probe, _ = analyzer.analyze_main(rgb)
+    crop = align_face(rgb, probe.face, analyzer.embedder.template)
+    mirrored = analyzer.embedder.embed(crop[:, ::-1].copy())[0]
+    expected = l2_normalize(probe.embedding + mirrored)
+    assert float(item.embedding @ expected) > 0.9999
+    # Not the plain probe embedding, but the same person by a wide margin.
+    assert 0.9 < float(item.embedding @ probe.embedding) < 0.9999
