@@ -168,6 +168,8 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                     # Both are gallery match modes (gallery.match_mode best / centroid), so both can ship.
                     ev.Variant(f"{c.label} {other}-of-E", f"{other} template" if other == "mean" else "best of E photos",
                                (c.label,), template=other, deployable=ship),
+                    ev.Variant(f"{c.label} enrolled without mirror", "enrollment without the mirror image (as "
+                               "probes)", (c.label,), template=template, deployable=ship, enroll_mirror=False),
                     ev.Variant(flip.label, "flip TTA", (flip.label,), template=template, deployable=ship),
                     ev.Variant(lm.label, "face mesh on" if toggled else "face mesh off (BlazeFace points)", (lm.label,),
                                template=template, deployable=ship),

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -34,7 +34,7 @@ PEER_NAME = "face_recognition"
 PEER_DEFAULT_TOLERANCE = 0.6
 DEFAULT_FAR_TARGETS = (1e-2, 1e-3, 1e-4)
 OPEN_SET_FAR_TARGETS = (1e-2, 1e-3)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: enrollment (crop + mirror) embeddings stored beside the probe ones
 
 
 # ----------------------------------------------------------------------------------------------- data set
@@ -215,6 +215,12 @@ class EmbeddedSet:
     from_cache: bool = False
     #: Box side (px) of the face used per photo (NaN without a face; None when an old cache lacks it).
     face_px: Optional[np.ndarray] = None
+    #: The gallery-side embedding of each photo (crop and mirror averaged, as enrollment stores it); None: use `emb`
+    #: (the peer, or a variant measuring enrollment without the mirror).
+    enroll_emb: Optional[np.ndarray] = None
+
+    def for_enrollment(self) -> np.ndarray:
+        return self.emb if self.enroll_emb is None else self.enroll_emb
 
     @property
     def found(self) -> np.ndarray:
@@ -223,7 +229,8 @@ class EmbeddedSet:
     def take(self, idx: np.ndarray) -> "EmbeddedSet":
         return EmbeddedSet(self.label, self.metric, self.emb[idx], self.n_faces[idx],
                            {k: v[idx] for k, v in self.timings.items()}, self.from_cache,
-                           None if self.face_px is None else self.face_px[idx])
+                           None if self.face_px is None else self.face_px[idx],
+                           None if self.enroll_emb is None else self.enroll_emb[idx])
 
     def ms_per_face(self) -> dict[str, Optional[float]]:
         """Median milliseconds per stage over photos with a face (decode over all photos)."""
@@ -269,8 +276,9 @@ def _load_cached(path: Path, label: str, metric: str, n: int) -> Optional[Embedd
     if len(arrays.get("n_faces", ())) != n:
         return None
     timings = {k: v for k, v in arrays.items() if k.startswith("ms_")}
+    enroll = arrays.get("enroll_emb")
     return EmbeddedSet(label, metric, arrays["emb"].astype(np.float32), arrays["n_faces"], timings, from_cache=True,
-                       face_px=arrays.get("face_px"))
+                       face_px=arrays.get("face_px"), enroll_emb=None if enroll is None else enroll.astype(np.float32))
 
 
 def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path] = None,
@@ -281,7 +289,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
         return _embed_peer(ds, cache_dir=cache_dir, peer_python=peer_python)
     from .config import DetectorConfig
     from .detect import build_detector
-    from .embed import EmbedderSpec, TFLiteEmbedder
+    from .embed import EmbedderSpec, TFLiteEmbedder, enrollment_embeddings
     from .models import resolve_model, sha256_file
 
     det_cfg = detector_config or DetectorConfig()
@@ -317,6 +325,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
         refiner = LandmarkRefiner(num_threads=num_threads)
     n = len(ds)
     emb = np.full((n, embedder.spec.embedding_dim), np.nan, np.float32)
+    enroll_emb = np.full_like(emb, np.nan)
     n_faces = np.zeros(n, np.int32)
     face_px = np.full(n, np.nan, np.float32)
     timings = {k: np.full(n, np.nan) for k in ("ms_decode", "ms_detect", "ms_mesh", "ms_align", "ms_embed")}
@@ -347,12 +356,13 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
         emb[i] = embedder.embed(crop)[0]
         t4 = time.perf_counter()
         timings["ms_align"][i], timings["ms_embed"][i] = (t3 - t2) * 1e3, (t4 - t3) * 1e3
+        enroll_emb[i] = enrollment_embeddings(embedder, crop)[0]  # what `edgeface enroll` would store (not timed)
     for part in (detector, embedder, refiner):
         if part is not None:
             part.close()
-    result = EmbeddedSet(choice.label, choice.metric, emb, n_faces, timings, face_px=face_px)
+    result = EmbeddedSet(choice.label, choice.metric, emb, n_faces, timings, face_px=face_px, enroll_emb=enroll_emb)
     if cache is not None:
-        _save_npz(cache, emb=emb, n_faces=n_faces, face_px=face_px, **timings)
+        _save_npz(cache, emb=emb, enroll_emb=enroll_emb, n_faces=n_faces, face_px=face_px, **timings)
     return result
 
 
@@ -397,8 +407,10 @@ def fuse(a: EmbeddedSet, b: EmbeddedSet) -> EmbeddedSet:
     if a.metric != "cosine" or b.metric != "cosine":
         raise ConfigError("score fusion needs two cosine-distance embedders")
     emb = np.concatenate([a.emb, b.emb], axis=1) / np.sqrt(2.0)
+    enroll = np.concatenate([a.for_enrollment(), b.for_enrollment()], axis=1) / np.sqrt(2.0)
     found = a.found & b.found
     emb[~found] = np.nan
+    enroll[~found] = np.nan
     timings = {k: a.timings[k] + b.timings[k] for k in a.timings if k in b.timings and k != "ms_decode"}
     if "ms_decode" in a.timings:
         timings["ms_decode"] = a.timings["ms_decode"]
@@ -406,7 +418,7 @@ def fuse(a: EmbeddedSet, b: EmbeddedSet) -> EmbeddedSet:
         if "ms_mesh" in a.timings:
             timings["ms_mesh"] = a.timings["ms_mesh"]
     return EmbeddedSet(f"{a.label}⊕{b.label}", "cosine", emb.astype(np.float32), np.where(found, a.n_faces, 0), timings,
-                       face_px=a.face_px)
+                       face_px=a.face_px, enroll_emb=enroll.astype(np.float32))
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -653,7 +665,7 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
         # Templates: one per person (mean) or one per enrollment photo (best-of).
         owners, templates = [], []
         for lab in chosen:
-            vecs = es.emb[enrolled[int(lab)]]
+            vecs = es.for_enrollment()[enrolled[int(lab)]]
             if len(vecs) == 0:
                 continue  # nobody could be enrolled from these photos: their probes can only be rejected
             if settings.template == "mean":
@@ -959,12 +971,16 @@ class Variant:
     min_face_px: float = 0.0
     #: Can the shipped daemon run it as it is (config switches only)? Only these are recommended as defaults.
     deployable: bool = True
+    #: False: enroll with the plain embedding, as probes (the product always adds the mirror at enrollment).
+    enroll_mirror: bool = True
 
 
 def variant_set(v: Variant, sets: dict[str, EmbeddedSet]) -> EmbeddedSet:
     es = sets[v.labels[0]]
     for label in v.labels[1:]:
         es = fuse(es, sets[label])
+    if not v.enroll_mirror:
+        es = replace(es, enroll_emb=None)
     return es
 
 
@@ -1073,7 +1089,8 @@ def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], comma
              f"Machine: {study['machine']}.", ""] + _excluded_lines(study) + [
              f"Protocol: {study['draws']} random galleries (seed {study['seed']}, the same galleries for every model) of K "
              "people, each enrolled with E photos (the first E photos in a random order in which a face is found: an "
-             "enrollment tool refuses a photo without one); probes are all their other photos, strangers every photo of "
+             "enrollment tool refuses a photo without one; enrolled photos are embedded as `edgeface enroll` stores them, "
+             "crop and mirror image averaged); probes are all their other photos, strangers every photo of "
              "everyone in the same half who is not enrolled. A probe or stranger photo without a detected face is kept "
              "and counts as a rejection (a miss for a probe, a correct rejection for a stranger). Correct accept: the "
              "nearest enrolled person is the right one and the score is at or under the threshold; wrong person: "
