@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--enroll", type=int, default=3, help="photos enrolled per person")
     ap.add_argument("--stranger-every", type=int, default=3, help="use every k-th CelebA identity")
     ap.add_argument("--per-stranger", type=int, default=4, help="photos per CelebA identity")
-    ap.add_argument("--thresholds", default="0.29,0.32,0.35,0.40,0.45,0.50")
+    ap.add_argument("--thresholds", default="0.29,0.33,0.35,0.40,0.45,0.50")
     args = ap.parse_args()
 
     from edgeface.analyze import FaceAnalyzer
