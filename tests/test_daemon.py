@@ -208,6 +208,8 @@ def test_k_of_n_and_cooldown_with_real_frames(tmp_path, analyzer, enrolled_galle
         assert show(obama, t + 1.2) == "grant"
         # still standing there for 10 s: no second unlock (one visit, one grant)
         assert [show(obama, t + 1.4 + i * 0.5) for i in range(20)] == ["none"] * 20
+        # Those 10 s are simulated; the 0.2 s pulse runs on the real clock: let it end, as it would have.
+        assert wait_until(lambda: pins.pin(17).state is False, 3)
         # gone for longer than cooldown_s, then back: a new visit
         back = t + 1.4 + 19 * 0.5 + 3.5
         assert [show(obama, back + i * 0.2) for i in range(3)] == ["none", "none", "grant"]
