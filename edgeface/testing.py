@@ -60,6 +60,35 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_listening(proc: "subprocess.Popen[bytes]", host: str, port: int, timeout: float = 10.0) -> None:
+    """Wait until a just-started mosquitto accepts TCP connections on host:port. Raises a clear error when it exits
+    first (with its stderr, when that was piped) or does not listen within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            raise RuntimeError(f"mosquitto exited with {proc.returncode}: {err}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"mosquitto did not listen on {host}:{port} within {timeout} s")
+
+
+def stop_process(proc: "subprocess.Popen[bytes]", timeout: float = 5.0) -> None:
+    """SIGTERM, SIGKILL when it has not exited within `timeout`; closes a piped stderr."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    if proc.stderr:
+        proc.stderr.close()
+
+
 class MosquittoBroker:
     """mosquitto on 127.0.0.1:<free port> with a temp config (anonymous, no persistence).
 
@@ -84,18 +113,12 @@ class MosquittoBroker:
         self._proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _RUNNING.add(self)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited with {self._proc.returncode}: {err.strip()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout} s")
+        try:
+            wait_listening(self._proc, self.host, self.port, timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     @property
     def running(self) -> bool:
@@ -104,17 +127,8 @@ class MosquittoBroker:
     def stop(self) -> None:
         _RUNNING.discard(self)
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        if proc.stderr:
-            proc.stderr.close()
+        if proc is not None:
+            stop_process(proc)
 
     def close(self) -> None:
         self.stop()

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,7 +25,7 @@ import pytest
 from edgeface.config import MqttConfig
 from edgeface.mqtt import MqttPublisher
 from edgeface.outbox import Outbox
-from edgeface.testing import free_port, mosquitto_path
+from edgeface.testing import free_port, mosquitto_path, wait_listening
 
 pytestmark = [pytest.mark.broker,
               pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")]
@@ -56,14 +55,7 @@ class KillableBroker:
     def start(self) -> None:
         self.proc = subprocess.Popen([mosquitto_path(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("mosquitto did not come up")
+        wait_listening(self.proc, "127.0.0.1", self.port)
 
     def kill(self) -> None:
         """Crash: SIGKILL, nothing saved."""

@@ -26,7 +26,7 @@ from edgeface.outbox import Outbox
 from edgeface.remote import CommandVerifier, NonceStore, make_command, sign
 from edgeface.security import (SecretRedactor, create_private_file, ensure_private_dir, install_redaction,
                                make_private, permission_problems)
-from edgeface.testing import free_port, mosquitto_path
+from edgeface.testing import free_port, mosquitto_path, stop_process, wait_listening
 from edgeface.types import Face
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,28 +137,10 @@ class TlsBroker:
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen([mosquitto_path(), "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        import socket
-
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read().decode(errors='replace')}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
+        wait_listening(self.proc, "127.0.0.1", self.port)
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")
