@@ -356,7 +356,8 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
         emb[i] = embedder.embed(crop)[0]
         t4 = time.perf_counter()
         timings["ms_align"][i], timings["ms_embed"][i] = (t3 - t2) * 1e3, (t4 - t3) * 1e3
-        enroll_emb[i] = enrollment_embeddings(embedder, crop)[0]  # what `edgeface enroll` would store (not timed)
+        # What `edgeface enroll` would store (not timed): only the mirror is run, the crop's embedding is emb[i].
+        enroll_emb[i] = enrollment_embeddings(embedder, crop, plain=emb[i])[0]
     for part in (detector, embedder, refiner):
         if part is not None:
             part.close()

@@ -254,5 +254,8 @@ def test_enrollment_stores_the_crop_and_its_mirror_averaged(analyzer) -> None:
     mirrored = analyzer.embedder.embed(crop[:, ::-1].copy())[0]
     expected = l2_normalize(probe.embedding + mirrored)
     assert float(item.embedding @ expected) > 0.9999
+    # The evaluation passes the crop's embedding it already has and runs only the mirror: same vector.
+    from edgeface.embed import enrollment_embeddings
+    assert float(enrollment_embeddings(analyzer.embedder, crop, plain=probe.embedding)[0] @ item.embedding) > 0.9999
     # Not the plain probe embedding, but the same person by a wide margin.
     assert 0.9 < float(item.embedding @ probe.embedding) < 0.9999
