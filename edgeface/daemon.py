@@ -281,11 +281,11 @@ class Daemon:
 
     def _door_event(self, event_type: str, detail: dict) -> None:
         ev = DoorEvent.now(self.door_id, event_type, detail, ts=self._clock(), tz=self.tz)
+        payload = ev.to_dict()
         if self.mqtt is not None:
-            self.mqtt.send_event(ev.event_id, self.mqtt.topics.door_event, ev.to_dict(),
-                                 critical=event_type in CRITICAL_KINDS)
+            self.mqtt.send_event(ev.event_id, self.mqtt.topics.door_event, payload, critical=event_type in CRITICAL_KINDS)
         self.audit.record("door", result=event_type, event_id=ev.event_id, **detail)
-        self._sink(ev.to_dict())
+        self._sink(payload)
 
     def _sink(self, payload: dict) -> None:
         if self._event_sink is not None:
