@@ -599,13 +599,9 @@ class Gallery:
         if not rows:
             return Match(None, None, MAX_COSINE_DISTANCE, self.max_distance, pid, name)
         vecs = np.stack([np.frombuffer(r[0], dtype="<f4") for r in rows])
-        if self.match_mode == "centroid":
-            mean = vecs.mean(axis=0)
-            d = float(max(0.0, 1.0 - (mean / max(float(np.linalg.norm(mean)), 1e-12)) @ q))
-        else:
-            d_all = np.sort(1.0 - vecs @ q)
-            k = 1 if self.match_mode == "best" else min(self.top_k, len(d_all))
-            d = float(max(0.0, d_all[:k].mean()))
+        # The same per-person score as match(), over this one person.
+        person = _Index(vecs, np.zeros(len(vecs), np.int64), [pid], [name])
+        d = float(max(0.0, person.person_distances(q, self.match_mode, self.top_k)[0]))
         if enabled and d <= self.max_distance:
             return Match(pid, name, d, self.max_distance, pid, name)
         return Match(None, None, d, self.max_distance, pid, name)

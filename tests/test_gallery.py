@@ -89,6 +89,16 @@ def test_verify(gallery, people):
         gallery.verify(people["bob"][4], "zoe")
 
 
+@pytest.mark.parametrize("mode", ["best", "topk_mean", "centroid"])
+def test_verify_scores_a_person_as_match_does(tmp_path, people, mode):
+    with open_g(tmp_path / "g.db", match_mode=mode, top_k=2) as g:
+        for name, vecs in people.items():
+            g.enroll(name, items(name, vecs[:3]))
+        probe = people["carol"][5]
+        assert g.match(probe).name == "carol"
+        assert abs(g.verify(probe, "carol").distance - g.match(probe).distance) < 1e-6
+
+
 def test_disable_enable_remove_take_effect_on_next_match(gallery, people):
     probe = people["bob"][5]
     assert gallery.match(probe).name == "bob"
