@@ -73,7 +73,7 @@ def enrollment_embeddings(embedder: Embedder, crops: np.ndarray, plain: Optional
 
     Test-time augmentation on the gallery side only: enrollment runs once, so it costs nothing at the door, where
     probes stay one pass. On the open-set tuning half (K=100) it added +0.2 / +1.2 points correct accept at 1% /
-    0.1% stranger false-accept with E=3 photos and +0.4 / +1.0 with E=1 (docs/accuracy.md, "enrollment without
+    0.1% stranger false-accept with E=3 photos and +0.4 / +0.9 with E=1 (docs/accuracy.md, "enrolled without
     mirror" row). `plain`: the crops' own embeddings when the caller already has them (only the mirrors are run)."""
     crops = np.asarray(crops)
     if crops.ndim == 3:
