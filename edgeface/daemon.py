@@ -51,6 +51,7 @@ class _PeopleCache:
     loaded: float = -1e9
     rules: dict[int, PersonRule] = None  # type: ignore[assignment]
     disabled: list[tuple[int, str]] = None  # type: ignore[assignment]
+    unreadable: bool = False
 
 
 class Daemon:
@@ -69,6 +70,7 @@ class Daemon:
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
         self._people = _PeopleCache()
+        self._rule_errors: dict[str, str] = {}
         self.tz = ZoneInfo(cfg.policy.timezone)
         self.frames_seen = 0
         self.camera_health = "reconnecting"
@@ -208,27 +210,51 @@ class Daemon:
         except Exception:  # noqa: BLE001
             return []
 
-    def _refresh_people(self) -> None:
+    def _refresh_people(self, *, force: bool = False) -> None:
+        """Re-read every person's rule (at most every PEOPLE_REFRESH_S). Fails secure: a person whose schedule
+        cannot be read is denied, and when the list cannot be read at all nobody is let in (both logged)."""
         now = time.monotonic()
-        if now - self._people.loaded < self.PEOPLE_REFRESH_S and self._people.rules is not None:
+        if not force and now - self._people.loaded < self.PEOPLE_REFRESH_S and self._people.rules is not None:
             return
         rules: dict[int, PersonRule] = {}
         disabled: list[tuple[int, str]] = []
-        for p in self._safe_people():
-            try:
-                sched = Schedule.parse(p.schedule)
-            except ConfigError as exc:
-                log.error("person %r: %s; treating as no access", p.name, exc)
-                rules[p.id] = PersonRule(enabled=False)
+        errors: dict[str, str] = {}
+        try:
+            people = list(self.gallery.people())
+        except Exception as exc:  # noqa: BLE001  (any failure here must deny, never allow)
+            people = []
+            errors["*"] = f"the gallery's people cannot be read ({exc}); everyone is denied"
+        for p in people:
+            error = getattr(p, "schedule_error", None)
+            sched = None
+            if error is None:
+                try:
+                    sched = Schedule.parse(p.schedule)
+                except Exception as exc:  # noqa: BLE001  (ConfigError, or a shape the parser never expected)
+                    error = str(exc)
+            if error is not None:
+                errors[p.name] = f"person {p.name!r}: schedule unreadable ({error}); access denied"
+                rules[p.id] = PersonRule(enabled=False, error=f"schedule unreadable ({error})")
                 continue
             rules[p.id] = PersonRule(enabled=bool(p.enabled), schedule=sched)
             if not p.enabled:
                 disabled.append((p.id, p.name))
-        self._people = _PeopleCache(now, rules, disabled)
+        for key, line in errors.items():  # once per problem, not every refresh
+            if self._rule_errors.get(key) != line:
+                log.error("%s", line)
+        self._rule_errors = errors
+        self._people = _PeopleCache(now, rules, disabled, unreadable="*" in errors)
 
     def _rule(self, person_id: int) -> PersonRule:
         self._refresh_people()
-        return self._people.rules.get(person_id, PersonRule())
+        rule = self._people.rules.get(person_id)
+        if rule is None:  # matched but not (yet) in the rules: enrolled a moment ago, or the list is unreadable
+            self._refresh_people(force=True)
+            rule = self._people.rules.get(person_id)
+        if rule is None:
+            why = "the gallery's people cannot be read" if self._people.unreadable else "not in the access list"
+            return PersonRule(enabled=False, error=why)
+        return rule
 
     def _match(self, embedding: Any) -> Match:
         match = self.gallery.match(embedding)

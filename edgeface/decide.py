@@ -134,6 +134,8 @@ class PersonRule:
 
     enabled: bool = True
     schedule: Optional[Schedule] = None
+    #: Set when the person's rule could not be read (damaged schedule, unreadable gallery): always denied.
+    error: Optional[str] = None
 
 
 RuleLookup = Callable[[int], PersonRule]
@@ -225,6 +227,8 @@ class Policy:
         reason = ""
         if not self.cfg.enabled:
             reason = "access globally disabled"
+        elif rule.error:
+            reason = f"access rule unreadable: {rule.error}"
         elif not rule.enabled:
             reason = "person disabled"
         elif rule.schedule is not None:

@@ -33,7 +33,9 @@ from .types import Face, Match
 #: PRAGMA application_id of an edgeface gallery ("EDGF"): tells our file from any other SQLite database.
 APPLICATION_ID = 0x45444746
 #: Current schema; a file with a higher user_version was written by a newer edgeface.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: A stored vector is unit length; float32 rounding stays far below this. A larger error means damage.
+NORM_TOLERANCE = 1e-3
 #: Used only when neither the config nor the model's manifest entry gives a threshold (see docs/gallery.md).
 FALLBACK_MAX_DISTANCE = 0.40
 #: Largest cosine distance (opposite vectors): reported when the gallery is empty.
@@ -74,6 +76,11 @@ MIGRATIONS: list[str] = [
         face TEXT NOT NULL
     );
     """,
+    # 1 -> 2: a sha256 per embedding (see embedding_checksum); Gallery._migrate fills it for existing rows once,
+    # after checking each stored vector (finite, unit length, dimension).
+    """
+    ALTER TABLE embeddings ADD COLUMN checksum TEXT;
+    """,
 ]
 
 _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -95,11 +102,16 @@ class Person:
     created: float
     updated: float
     n_embeddings: int
+    #: Why the stored schedule cannot be read (damaged or hand-edited row), else None. Such a person is denied.
+    schedule_error: Optional[str] = None
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "name": self.name, "external_id": self.external_id, "enabled": self.enabled,
-                "schedule": self.schedule, "embeddings": self.n_embeddings,
-                "created": _iso(self.created), "updated": _iso(self.updated)}
+        d = {"id": self.id, "name": self.name, "external_id": self.external_id, "enabled": self.enabled,
+             "schedule": self.schedule, "embeddings": self.n_embeddings,
+             "created": _iso(self.created), "updated": _iso(self.updated)}
+        if self.schedule_error is not None:
+            d["schedule_error"] = self.schedule_error
+        return d
 
 
 @dataclass(frozen=True)
@@ -247,6 +259,28 @@ def _unit(vec: Any, dim: int, what: str = "embedding") -> np.ndarray:
     return (v / n).astype(np.float32)
 
 
+def embedding_checksum(person_id: int, model_id: str, blob: bytes) -> str:
+    """sha256 over the owner, the model and the vector bytes: a damaged byte (or a row moved to another person)
+    no longer matches. Protects against corruption, not against someone who can rewrite the file."""
+    h = hashlib.sha256(f"{int(person_id)}|{model_id}|".encode())
+    h.update(blob)
+    return h.hexdigest()
+
+
+def vector_problem(blob: Any, dim: int) -> Optional[str]:
+    """Why a stored vector cannot be used (None if it can): wrong size, NaN/inf values, not unit length."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) != 4 * dim:
+        size = len(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else type(blob).__name__
+        return f"{size} bytes, expected {4 * dim} ({dim} float32 values)"
+    v = np.frombuffer(blob, dtype="<f4")
+    if not np.isfinite(v).all():
+        return "NaN or infinite values"
+    n = float(np.linalg.norm(v.astype(np.float64)))
+    if abs(n - 1.0) > NORM_TOLERANCE:
+        return f"not unit length (norm {n:.6g})"
+    return None
+
+
 def _encode_png(image: np.ndarray) -> bytes:
     import cv2
 
@@ -333,15 +367,24 @@ class _Index:
     def person_distances(self, q: np.ndarray, mode: str, k: int) -> np.ndarray:
         """Per-person distance of query q: best (min), mean of the k best embeddings, or to the person's centroid."""
         if mode == "centroid":
-            return 1.0 - self.centroids() @ q
+            return _no_nan(1.0 - self.centroids() @ q)
         d = 1.0 - self.vectors @ q
         if mode == "best" or k == 1:
-            return np.minimum.reduceat(d, self.starts)
+            return _no_nan(np.minimum.reduceat(d, self.starts))
+        # A person with any non-finite distance gets +inf (no match), whichever k of their rows are best.
+        bad = np.logical_or.reduceat(~np.isfinite(d), self.starts)
         grid = np.append(d, np.inf)[self.padded()]
         kk = min(k, grid.shape[1])
         best = np.partition(grid, kk - 1, axis=1)[:, :kk] if kk < grid.shape[1] else grid
-        best = np.where(np.isfinite(best), best, 0.0)
-        return best.sum(axis=1) / np.minimum(self.counts, kk)
+        best = np.where(np.isposinf(best), 0.0, best)  # the padding (+inf) of people with fewer than k rows
+        out = best.sum(axis=1) / np.minimum(self.counts, kk)
+        out[bad] = np.inf
+        return _no_nan(out)
+
+
+def _no_nan(dist: np.ndarray) -> np.ndarray:
+    """NaN distances become +inf: a NaN must never compare as near (max(0.0, NaN) is 0.0, argmin picks NaN)."""
+    return np.where(np.isnan(dist), np.inf, dist)
 
 
 # ----------------------------------------------------------------------------------------------- gallery
@@ -452,6 +495,7 @@ class Gallery:
         elif stored_dim != self.embedding_dim:
             raise GalleryError(f"gallery {self.path} stores {stored_dim}-D embeddings, the embedder gives "
                                f"{self.embedding_dim}-D")
+        self.check_embeddings()
 
     def _migrate(self, version: int) -> None:
         c = self._conn
@@ -462,6 +506,8 @@ class Gallery:
                 for stmt in MIGRATIONS[i].split(";"):
                     if stmt.strip():
                         c.execute(stmt)
+                if i == 1:
+                    self._fill_checksums()
             if current == 0:
                 c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 now = time.time()
@@ -474,6 +520,44 @@ class Gallery:
         except BaseException:
             c.execute("ROLLBACK")
             raise
+
+    def _fill_checksums(self) -> None:
+        """Migration 1 -> 2: check every stored vector once and record its checksum (inside the migration's
+        transaction, so a damaged vector leaves the file as it was and the gallery is refused)."""
+        rows = self._conn.execute("SELECT e.id, e.person_id, p.name, e.model_id, e.dim, e.vector FROM embeddings e "
+                                  "LEFT JOIN people p ON p.id = e.person_id ORDER BY e.id").fetchall()
+        for eid, pid, name, model, dim, blob in rows:
+            why = vector_problem(blob, int(dim))
+            if why is not None:
+                raise GalleryError(self._damaged(eid, name, why))
+            self._conn.execute("UPDATE embeddings SET checksum = ? WHERE id = ?",
+                               (embedding_checksum(pid, model, bytes(blob)), eid))
+
+    def _damaged(self, eid: int, name: Optional[str], why: str) -> str:
+        who = repr(name) if name is not None else "no person"
+        fix = f"remove {name!r} (edgeface people remove) and enroll again" if name is not None else "re-enroll"
+        return f"gallery {self.path}: embedding {eid} of {who} is damaged ({why}); restore a backup, or {fix}"
+
+    def _checked_vector(self, eid: int, pid: int, name: Optional[str], model: str, blob: Any,
+                        checksum: Optional[str]) -> np.ndarray:
+        """The stored vector of one row, or GalleryError naming the file and row: a damaged vector must never
+        take part in a match (a NaN became distance 0.0, i.e. everyone matched)."""
+        why = vector_problem(blob, self.embedding_dim)
+        if why is None and checksum != embedding_checksum(pid, model, bytes(blob)):
+            why = "checksum mismatch" if checksum else "no checksum"
+        if why is not None:
+            raise GalleryError(self._damaged(eid, name, why))
+        return np.frombuffer(blob, dtype="<f4")
+
+    def check_embeddings(self) -> int:
+        """Verify every stored vector of this model (finite, unit length, dimension, checksum); GalleryError on the
+        first damaged one. Run on open, so the daemon refuses to start on a damaged gallery. Returns rows checked."""
+        rows = self._query("SELECT e.id, e.person_id, p.name, e.model_id, e.vector, e.checksum FROM embeddings e "
+                           "LEFT JOIN people p ON p.id = e.person_id WHERE e.model_id = ? ORDER BY e.id",
+                           (self.model_id,))
+        for r in rows:
+            self._checked_vector(*r)
+        return len(rows)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -557,22 +641,19 @@ class Gallery:
 
     def _load_index(self) -> _Index:
         rows = self._conn.execute(
-            "SELECT p.id, p.name, e.vector FROM embeddings e JOIN people p ON p.id = e.person_id "
-            "WHERE p.enabled = 1 AND e.model_id = ? ORDER BY p.id, e.id", (self.model_id,)).fetchall()
+            "SELECT p.id, p.name, e.id, e.model_id, e.vector, e.checksum FROM embeddings e "
+            "JOIN people p ON p.id = e.person_id WHERE p.enabled = 1 AND e.model_id = ? ORDER BY p.id, e.id",
+            (self.model_id,)).fetchall()
         ids: list[int] = []
         names: list[str] = []
         owners = np.zeros(len(rows), np.int64)
         vectors = np.zeros((len(rows), self.embedding_dim), np.float32)
-        for i, (pid, name, blob) in enumerate(rows):
+        for i, (pid, name, eid, model, blob, checksum) in enumerate(rows):
             if not ids or ids[-1] != pid:
                 ids.append(pid)
                 names.append(name)
             owners[i] = len(ids) - 1
-            v = np.frombuffer(blob, dtype="<f4")
-            if v.shape[0] != self.embedding_dim:
-                raise GalleryError(f"gallery {self.path}: an embedding of {name!r} has {v.shape[0]} values, "
-                                   f"expected {self.embedding_dim}")
-            vectors[i] = v
+            vectors[i] = self._checked_vector(eid, pid, name, model, blob, checksum)
         return _Index(vectors, owners, ids, names)
 
     # ------------------------------------------------------------------ matching
@@ -584,7 +665,9 @@ class Gallery:
         if not index.ids:
             return Match(None, None, MAX_COSINE_DISTANCE, self.max_distance)
         dist = index.person_distances(q, self.match_mode, self.top_k)
-        best = int(np.argmin(dist))
+        best = int(np.argmin(dist))  # person_distances gives +inf, never NaN, for a non-finite score
+        if not np.isfinite(dist[best]):  # nothing comparable: no match (never the 0.0 that max(0, NaN) gave)
+            return Match(None, None, MAX_COSINE_DISTANCE, self.max_distance)
         d = float(max(0.0, dist[best]))
         pid, name = index.ids[best], index.names[best]
         if d <= self.max_distance:
@@ -595,13 +678,17 @@ class Gallery:
         """1:1: is this face `person`? A disabled person never verifies (distance still reported)."""
         q = _unit(embedding, self.embedding_dim)
         pid, name, _ext, enabled, *_ = self._person_row(person)
-        rows = self._query("SELECT vector FROM embeddings WHERE person_id = ? AND model_id = ?", (pid, self.model_id))
+        rows = self._query("SELECT id, model_id, vector, checksum FROM embeddings WHERE person_id = ? AND model_id = ? "
+                           "ORDER BY id", (pid, self.model_id))
         if not rows:
             return Match(None, None, MAX_COSINE_DISTANCE, self.max_distance, pid, name)
-        vecs = np.stack([np.frombuffer(r[0], dtype="<f4") for r in rows])
+        vecs = np.stack([self._checked_vector(eid, pid, name, model, blob, cs) for eid, model, blob, cs in rows])
         # The same per-person score as match(), over this one person.
         person = _Index(vecs, np.zeros(len(vecs), np.int64), [pid], [name])
-        d = float(max(0.0, person.person_distances(q, self.match_mode, self.top_k)[0]))
+        score = float(person.person_distances(q, self.match_mode, self.top_k)[0])
+        if not np.isfinite(score):
+            return Match(None, None, MAX_COSINE_DISTANCE, self.max_distance, pid, name)
+        d = max(0.0, score)
         if enabled and d <= self.max_distance:
             return Match(pid, name, d, self.max_distance, pid, name)
         return Match(None, None, d, self.max_distance, pid, name)
@@ -645,11 +732,11 @@ class Gallery:
         added = 0
         now = time.time()
         for i, (vec, sha, q) in enumerate(zip(vecs, image_hashes, qualities)):
-            v = _unit(vec, self.embedding_dim)
+            blob = _unit(vec, self.embedding_dim).astype("<f4").tobytes()
             cur = c.execute("INSERT OR IGNORE INTO embeddings(person_id, model_id, dim, vector, image_sha256, quality, "
-                            "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (person_id, self.model_id, self.embedding_dim, v.astype("<f4").tobytes(), str(sha),
-                             float(q), now))
+                            "created, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (person_id, self.model_id, self.embedding_dim, blob, str(sha), float(q), now,
+                             embedding_checksum(person_id, self.model_id, blob)))
             if cur.rowcount == 0:
                 continue
             added += 1
@@ -675,9 +762,10 @@ class Gallery:
         schedule = validate_schedule(schedule)
         reports: list[EnrollReport] = []
         with self._write() as c:
-            rows = c.execute("SELECT p.name, e.vector FROM embeddings e JOIN people p ON p.id = e.person_id "
-                             "WHERE e.model_id = ?", (self.model_id,)).fetchall()
-            known = ([r[0] for r in rows], [np.frombuffer(r[1], dtype="<f4") for r in rows])
+            rows = c.execute("SELECT p.name, e.id, e.person_id, e.model_id, e.vector, e.checksum FROM embeddings e "
+                             "JOIN people p ON p.id = e.person_id WHERE e.model_id = ?", (self.model_id,)).fetchall()
+            known = ([r[0] for r in rows],
+                     [self._checked_vector(eid, pid, name, model, blob, cs) for name, eid, pid, model, blob, cs in rows])
             for name, items in zip(names, (b[1] for b in batches)):
                 reports.append(self._enroll_one(c, name, items, external_id if len(batches) == 1 else None, schedule,
                                                 known))
@@ -744,8 +832,15 @@ class Gallery:
 
     @staticmethod
     def _person(r: tuple) -> Person:
-        return Person(int(r[0]), r[1], r[2], bool(r[3]), json.loads(r[4]) if r[4] else None, float(r[5]),
-                      float(r[6]), int(r[7]))
+        """One row; a schedule that cannot be read is reported in schedule_error, so one bad row does not make
+        people() fail (the daemon then denies that person only)."""
+        schedule, error = None, None
+        if r[4]:
+            try:
+                schedule = validate_schedule(r[4] if isinstance(r[4], str) else str(r[4]))
+            except GalleryError as exc:
+                error = str(exc)
+        return Person(int(r[0]), r[1], r[2], bool(r[3]), schedule, float(r[5]), float(r[6]), int(r[7]), error)
 
     def _update(self, name: str, sql: str, args: Sequence[Any]) -> None:
         pid = self._person_row(name)[0]
@@ -804,8 +899,9 @@ class Gallery:
             new_rows.append((eid, pid, sha, q, enrollment_embeddings(embedder, crop)[0]))
         with self._write() as c:
             for eid, pid, sha, q, vec in new_rows:
-                c.execute("UPDATE embeddings SET model_id = ?, dim = ?, vector = ? WHERE id = ?",
-                          (embedder.model_id, self.embedding_dim, _unit(vec, self.embedding_dim).astype("<f4").tobytes(),
+                blob = _unit(vec, self.embedding_dim).astype("<f4").tobytes()
+                c.execute("UPDATE embeddings SET model_id = ?, dim = ?, vector = ?, checksum = ? WHERE id = ?",
+                          (embedder.model_id, self.embedding_dim, blob, embedding_checksum(pid, embedder.model_id, blob),
                            eid))
             c.execute("DELETE FROM embeddings WHERE model_id != ?", (embedder.model_id,))
             self._set_meta("model_id", embedder.model_id)
@@ -820,10 +916,11 @@ class Gallery:
         people = []
         for p in self.people():
             embs = []
-            rows = self._query("SELECT e.vector, e.image_sha256, e.quality, e.created, c.image, c.face "
-                               "FROM embeddings e LEFT JOIN crops c ON c.embedding_id = e.id "
+            rows = self._query("SELECT e.vector, e.image_sha256, e.quality, e.created, c.image, c.face, e.id, "
+                               "e.checksum FROM embeddings e LEFT JOIN crops c ON c.embedding_id = e.id "
                                "WHERE e.person_id = ? AND e.model_id = ? ORDER BY e.id", (p.id, self.model_id))
-            for vec, sha, q, created, img, face_json in rows:
+            for vec, sha, q, created, img, face_json, eid, cs in rows:
+                self._checked_vector(eid, p.id, p.name, self.model_id, vec, cs)  # never export a damaged vector
                 e = {"vector": base64.b64encode(vec).decode("ascii"), "image_sha256": sha, "quality": q,
                      "created": created}
                 if img is not None:
@@ -945,5 +1042,6 @@ def image_sha256(data: bytes | np.ndarray) -> str:
 
 
 __all__ = ["Gallery", "Person", "Chip", "EnrollItem", "EnrollReport", "validate_name", "validate_schedule",
-           "schedule_allows", "default_max_distance", "resolve_max_distance", "image_sha256",
+           "schedule_allows", "default_max_distance", "resolve_max_distance", "image_sha256", "embedding_checksum",
+           "vector_problem",
            "FALLBACK_MAX_DISTANCE", "SCHEMA_VERSION", "MIGRATIONS"]
