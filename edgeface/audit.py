@@ -53,6 +53,7 @@ class AuditLog:
             create_private_file(self.path)  # 0600 before SQLite opens it; -wal/-shm inherit the mode
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss (grants wait for it)
             self._db.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise AuditError(f"audit.path {self.path}: cannot open the audit database: {exc}") from exc
@@ -61,11 +62,14 @@ class AuditLog:
 
     def record(self, kind: str, *, result: Optional[str] = None, person_id: Optional[int] = None,
                person_name: Optional[str] = None, distance: Optional[float] = None, event_id: Optional[str] = None,
-               ts: Optional[float] = None, **detail: Any) -> None:
-        """Write one row; never raises (an audit failure is logged, the door keeps working)."""
+               ts: Optional[float] = None, strict: bool = False, **detail: Any) -> None:
+        """Write one row (committed, synchronous=FULL). Never raises unless strict: an audit failure is logged and
+        the door keeps working; strict=True (before a grant) raises AuditError so the caller can refuse to open."""
         try:
             with self._lock:
                 if self._closed:
+                    if strict:
+                        raise AuditError(f"audit.path {self.path}: the audit log is closed")
                     return
                 self._db.execute(
                     "INSERT INTO audit(ts, kind, result, person_id, person_name, distance, event_id, detail) "
@@ -74,10 +78,16 @@ class AuditLog:
                      json.dumps(detail, default=str, sort_keys=True)))
                 self._since_rotate += 1
                 due = self._since_rotate >= self.ROTATE_EVERY
-            if due:
-                self.rotate()
-        except sqlite3.Error:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: text SQLite cannot store (a lone surrogate)
+            if strict:
+                raise AuditError(f"audit.path {self.path}: cannot write: {exc}") from None
             log.exception("audit write failed")
+            return
+        if due:
+            try:
+                self.rotate()
+            except sqlite3.Error:
+                log.exception("audit rotation failed")
 
     def rotate(self) -> int:
         """Apply retention_days and max_rows now; returns the number of rows deleted."""

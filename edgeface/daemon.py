@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 from zoneinfo import ZoneInfo
 
-from .audit import AuditLog
+from .audit import AuditError, AuditLog
 from .config import EdgefaceConfig, read_secret
 from .decide import Decision, PersonRule, Policy, Schedule
 from .door import Door, DoorContact, make_pin_factory
@@ -287,31 +287,62 @@ class Daemon:
             decision = self.policy.observe(frame.timestamp, match, face_size=result.face.size,
                                            box=tuple(float(v) for v in result.face.box))
         if decision.action == "grant":
-            self.door.pulse()  # first: the person is waiting
-        if decision.action != "none":
+            decision = self._grant(decision)
+        elif decision.action != "none":
             self._report(decision)
         return decision
 
-    def _report(self, d: Decision) -> None:
+    def _grant(self, d: Decision) -> Decision:
+        """Record first, then open: the relay moves only once the access event is durably queued (audit row and
+        outbox row committed), so a full disk or a crash right after the pulse never leaves an opening unrecorded."""
+        problem = self._report(d, durable=True)
+        if problem is not None:
+            log.error("grant for %r withheld: the access event could not be recorded (%s); the door stays locked",
+                      d.person_name, problem)
+            return replace(d, action="deny", reason=f"access event not recorded: {problem}")
+        self.door.pulse()
+        return d
+
+    def _report(self, d: Decision, *, durable: bool = False) -> Optional[str]:
+        """Audit, queue and publish one decision. durable=True: stop at the first write that fails and return why
+        (nothing else is done); otherwise failures are logged and the rest still happens. None = all written."""
         ev = AccessEvent.from_decision(d, door_id=self.door_id, model_id=self.model_id, tz=self.tz)
         payload = ev.to_dict()
+        try:
+            self.audit.record("access", result=ev.result, person_id=ev.person_id, person_name=ev.person_name,
+                              distance=ev.distance, event_id=ev.event_id, ts=d.timestamp, reason=ev.reason,
+                              frames_used=ev.frames_used, threshold=ev.threshold, model_id=ev.model_id, strict=durable)
+        except AuditError as exc:
+            return str(exc)
+        if self.mqtt is not None:
+            queued = self.mqtt.send_event(ev.event_id, self.mqtt.topics.event, payload,
+                                          critical=ev.result in CRITICAL_KINDS)
+            if durable and not queued:
+                self.audit.record("access", result="withheld", person_id=ev.person_id, person_name=ev.person_name,
+                                  event_id=ev.event_id, reason="the outbox cannot be written")
+                return "the outbox cannot be written"
+            self.mqtt.set_state(self.mqtt.topics.last_person, ev.person_name or "unknown")
         log.info("%s %s (distance %s, %d frames%s)", ev.result, ev.person_name or "stranger", ev.distance,
                  ev.frames_used, f", {ev.reason}" if ev.result == "denied" else "")
-        if self.mqtt is not None:
-            self.mqtt.send_event(ev.event_id, self.mqtt.topics.event, payload, critical=ev.result in CRITICAL_KINDS)
-            self.mqtt.set_state(self.mqtt.topics.last_person, ev.person_name or "unknown")
-        self.audit.record("access", result=ev.result, person_id=ev.person_id, person_name=ev.person_name,
-                          distance=ev.distance, event_id=ev.event_id, ts=d.timestamp, reason=ev.reason,
-                          frames_used=ev.frames_used, threshold=ev.threshold, model_id=ev.model_id)
         self._sink(payload)
+        return None
 
-    def _door_event(self, event_type: str, detail: dict) -> None:
+    def _door_event(self, event_type: str, detail: dict, *, durable: bool = False) -> Optional[str]:
+        """Audit, queue and publish one door event; durable=True as in _report (None = all written)."""
         ev = DoorEvent.now(self.door_id, event_type, detail, ts=self._clock(), tz=self.tz)
         payload = ev.to_dict()
+        try:
+            self.audit.record("door", result=event_type, event_id=ev.event_id, strict=durable, **detail)
+        except AuditError as exc:
+            return str(exc)
         if self.mqtt is not None:
-            self.mqtt.send_event(ev.event_id, self.mqtt.topics.door_event, payload, critical=event_type in CRITICAL_KINDS)
-        self.audit.record("door", result=event_type, event_id=ev.event_id, **detail)
+            queued = self.mqtt.send_event(ev.event_id, self.mqtt.topics.door_event, payload,
+                                          critical=event_type in CRITICAL_KINDS)
+            if durable and not queued:
+                self.audit.record("door", result=f"{event_type}_withheld", event_id=ev.event_id)
+                return "the outbox cannot be written"
         self._sink(payload)
+        return None
 
     def _sink(self, payload: dict) -> None:
         if self._event_sink is not None:
@@ -349,9 +380,13 @@ class Daemon:
         self.audit.record("remote_unlock", result="accepted" if verdict.accepted else "refused",
                           reason=verdict.reason, nonce=verdict.nonce)
         if verdict.accepted:
+            problem = self._door_event("remote_unlock", {"nonce": verdict.nonce}, durable=True)  # record, then open
+            if problem is not None:
+                log.error("remote unlock (nonce %s) withheld: the event could not be recorded (%s); the door stays "
+                          "locked", verdict.nonce, problem)
+                return
             log.warning("remote unlock accepted (nonce %s)", verdict.nonce)
             self.door.pulse()
-            self._door_event("remote_unlock", {"nonce": verdict.nonce})
         else:
             log.warning("remote unlock refused: %s", verdict.reason)
             self._door_event("remote_unlock_refused", {"reason": verdict.reason})

@@ -208,7 +208,12 @@ class MqttPublisher:
             log.exception("Home Assistant discovery failed")
 
     # -- sender -----------------------------------------------------------------------------------
+    #: Waits after a failed outbox update (disk full, read-only): doubling from the first to the last.
+    UPDATE_BACKOFF_S = (0.5, 30.0)
+
     def _send_loop(self) -> None:
+        delivered_unmarked: Optional[int] = None  # seq acknowledged by the broker but not yet deleted from the outbox
+        backoff = self.UPDATE_BACKOFF_S[0]
         while not self._stop.is_set():
             if not self._connected.wait(0.5):
                 continue
@@ -224,6 +229,12 @@ class MqttPublisher:
                 continue
             if item is None:
                 continue
+            if item.seq == delivered_unmarked:  # the broker has it: only the delete is missing, never re-send it
+                if self._mark_delivered(item, backoff):
+                    delivered_unmarked, backoff = None, self.UPDATE_BACKOFF_S[0]
+                else:
+                    backoff = min(2 * backoff, self.UPDATE_BACKOFF_S[1])
+                continue
             try:
                 info = self.client.publish(item.topic, item.payload, qos=1, retain=False)
             except Exception:  # noqa: BLE001  (the sender thread must survive anything; retry later)
@@ -233,12 +244,23 @@ class MqttPublisher:
             # paho keeps a QoS 1 message and re-sends it after a reconnect itself, so it is published
             # once per process and we wait for its PUBACK however long the outage lasts.
             if self._wait_ack(info.mid):
-                try:
-                    self.outbox.mark_delivered(item.seq)
-                    self.delivered += 1
-                except Exception:  # noqa: BLE001
-                    if not self._stop.is_set():
-                        log.exception("outbox update failed")
+                self.delivered += 1
+                if not self._mark_delivered(item, backoff):
+                    delivered_unmarked, backoff = item.seq, min(2 * backoff, self.UPDATE_BACKOFF_S[1])
+
+    def _mark_delivered(self, item: Any, backoff: float) -> bool:
+        """Delete a delivered event; on failure log, wait `backoff` s and say False (the caller retries the delete,
+        not the publish: 14,465 copies of one event in 20 s came from re-sending it when the disk was full)."""
+        try:
+            self.outbox.mark_delivered(item.seq)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if self._stop.is_set():
+                return False
+            log.error("outbox: cannot mark event %s delivered (%s); not re-sending it, retrying in %.1f s",
+                      item.event_id, exc, backoff)
+            self._stop.wait(backoff)
+            return False
 
     def _wait_ack(self, mid: int) -> bool:
         with self._ack_cond:
