@@ -85,17 +85,72 @@ class Watchdog:
         self.notify("STOPPING=1")
 
 
+class SignalStopper:
+    """SIGTERM/SIGINT -> daemon.stop() on a helper thread; the handler itself only records the signal.
+
+    Why: a handler runs on the main thread between two bytecodes, possibly while that thread holds a lock
+    (the audit log's, an Event's). A handler that released the relay re-entered the audit lock and hung the
+    process (5 of 50 stops). Here the handler appends to a list and Python's C-level wakeup fd writes the signal's
+    number to a pipe; the `signal-stop` thread reads it, releases the relay at once and unblocks the camera
+    (daemon.stop(), which is safe from another thread); the shutdown itself (daemon.close()) stays on the main
+    thread in run_daemon."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+        self.received: list[int] = []
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._done = False
+        self._old_handlers: dict[int, Any] = {}
+        self._old_fd = -1
+        self._thread = threading.Thread(target=self._loop, name="signal-stop", daemon=True)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.received.append(signum)  # only a flag: no locks, no logging, no I/O
+
+    def install(self) -> None:
+        self._thread.start()
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                data = os.read(self._r, 64)  # one byte per signal: its number (written by Python's C handler)
+            except OSError:
+                return
+            if self._done or not data:
+                return
+            for signum in data:
+                if signum not in self.SIGNALS:
+                    continue
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                try:
+                    self.daemon.stop()  # releases the relay at once and unblocks the camera
+                except Exception:  # noqa: BLE001
+                    log.exception("stopping the daemon failed")
+
+    def uninstall(self) -> None:
+        for s, handler in self._old_handlers.items():
+            signal.signal(s, handler)
+        signal.set_wakeup_fd(self._old_fd)
+        self._done = True
+        try:
+            os.write(self._w, b"\0")
+        except OSError:
+            pass
+        self._thread.join(timeout=5)
+        os.close(self._r)
+        os.close(self._w)
+
+
 def run_daemon(daemon: Any, *, max_frames: Optional[int] = None) -> int:
     """Run until SIGTERM/SIGINT or the end of the source; the relay is released on every way out."""
     watchdog = Watchdog(daemon)
-    stopping = {"signal": None}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stopping["signal"] = signum
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        daemon.stop()  # releases the relay at once and unblocks the camera
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    stopper = SignalStopper(daemon)
+    stopper.install()
     try:
         daemon.start()
         watchdog.start()
@@ -103,9 +158,8 @@ def run_daemon(daemon: Any, *, max_frames: Optional[int] = None) -> int:
         log.info("stopped after %d frames", n)
     finally:
         watchdog.stop()
-        daemon.close()
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        daemon.close()  # the shutdown runs here, on the main thread
+        stopper.uninstall()
     return 0
 
 
