@@ -6,15 +6,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import click
 
-from .config import DEFAULT_CONFIG_PATH, EdgefaceConfig, load_config
 from .errors import EdgefaceError, ExitStatus
 
-#: Modules that add subcommands; each defines `register(group: click.Group) -> None`.
+if TYPE_CHECKING:
+    from .config import EdgefaceConfig
+
+#: Modules that add subcommands; each defines `register(group: click.Group) -> None`. They are imported when
+#: main() runs, not when this module is imported: `edgeface door release` (systemd ExecStopPost) must not
+#: import pydantic, numpy or OpenCV, and must not depend on anything but the door's pin settings.
 COMMAND_MODULES: list[str] = ["cli_convert", "cli_eval", "cli_gallery", "cli_run"]
+#: Same as edgeface.config.DEFAULT_CONFIG_PATH (repeated here so the CLI can start without importing pydantic).
+DEFAULT_CONFIG_PATH = Path("/etc/edgeface/config.yaml")
 
 
 class CliContext:
@@ -36,8 +42,10 @@ class CliContext:
         return None
 
     @property
-    def config(self) -> EdgefaceConfig:
+    def config(self) -> "EdgefaceConfig":
         if self._config is None:
+            from .config import load_config
+
             self._config = load_config(self.resolved_config_path())
         return self._config
 
@@ -130,15 +138,41 @@ def quantize_cmd(obj: CliContext, model: str, template: str, preprocessing: str,
     click.echo(f"{out} {out.stat().st_size} bytes sha256 {sha256_file(out)}")
 
 
+_registered = False
+
+
 def _register_commands() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
     for name in COMMAND_MODULES:
         importlib.import_module(f".{name}", __package__).register(cli)
+
+
+def _is_door_release(args: Sequence[str]) -> bool:
+    """True for `[--config PATH] [--traceback] door release ...`: then only that command is loaded."""
+    i = 0
+    while i < len(args):
+        if args[i] == "--config":
+            i += 2
+        elif args[i].startswith("--config=") or args[i] == "--traceback":
+            i += 1
+        else:
+            break
+    return list(args[i:i + 2]) == ["door", "release"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit status (for tests and the console script alike)."""
     args = list(sys.argv[1:] if argv is None else argv)
     traceback = "--traceback" in args
+    if _is_door_release(args) and not _registered:
+        from .release import door_group
+
+        cli.add_command(door_group)
+    else:
+        _register_commands()
     try:
         result = cli.main(args=args, prog_name="edgeface", standalone_mode=False)
         return int(result) if isinstance(result, int) else int(ExitStatus.OK)
@@ -155,6 +189,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("interrupted", err=True)
         return int(ExitStatus.INTERRUPTED)
-
-
-_register_commands()

@@ -302,21 +302,9 @@ def register(group: click.Group) -> None:
             raise ConfigError(f"--broker {broker!r}: expected HOST:PORT")
         raise click.exceptions.Exit(run_demo(loop=loop, mqtt_host=host, mqtt_port=int(port)))
 
-    @group.group("door")
-    def door_group() -> None:
-        """Door relay utilities."""
+    from .release import door_group  # `door release` lives there: it must work with a broken config
 
-    @door_group.command("release")
-    @pass_ctx
-    def door_release(obj: CliContext) -> None:
-        """Drive the relay pin to its released level (systemd ExecStopPost; safe at any time)."""
-        from .door import Door
-
-        cfg = obj.config
-        door = Door.from_config(cfg.door)  # built released
-        door.release()
-        door.close()
-        click.echo(f"door {cfg.door.door_id}: relay on pin {cfg.door.relay_pin} released")
+    group.add_command(door_group)
 
     @door_group.command("sign-unlock")
     @pass_ctx

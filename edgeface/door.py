@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .config import DoorConfig
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # importing config (pydantic) here would make `edgeface door release` heavy
+    from .config import DoorConfig
 
 log = logging.getLogger(__name__)
 

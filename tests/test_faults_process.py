@@ -284,3 +284,85 @@ def test_sigkill_of_the_enroll_command_at_random_moments(tmp_path):
     assert outcomes, "no kill happened after the gallery existed"
     print(f"\nenroll killed {len(outcomes)} times; person complete afterwards in {sum(outcomes)}, absent in "
           f"{len(outcomes) - sum(outcomes)}; never partial")
+
+
+# ----------------------------------------------------------------------------------------------- door release
+# ExecStopPost runs `edgeface door release` after every exit, a crash included. It must release the relay from
+# the pin settings alone: a typo elsewhere in the file, a bad time zone or broken YAML must not leave it energised.
+
+_DOOR = "door:\n  door_id: front\n  relay_pin: 22\n  active_high: false\n  pin_factory: mock\n"
+BROKEN_CONFIGS = {
+    "broken_yaml": _DOOR + "camera:\n  source: [unclosed\n  max_fps: 5\n",
+    "unrelated_typo": _DOOR + "policy:\n  cooldwn_s: 3\n",
+    "bad_time_zone": _DOOR + "policy:\n  timezone: Mars/Olympus_Mons\n",
+    "bad_value_elsewhere": _DOOR + "gallery:\n  max_distance: banana\nmqtt:\n  port: -5\n",
+    "tab_indented_yaml": _DOOR.replace("  ", "\t"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_CONFIGS))
+def test_door_release_works_with_a_broken_config(tmp_path, kind):
+    config = tmp_path / "config.yaml"
+    config.write_text(BROKEN_CONFIGS[kind])
+    assert _cli(config, "check-config").returncode != 0  # the file really is broken for everything else
+    done = _cli(config, "door", "release", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "relay on pin 22 released (active low)" in done.stdout, done.stdout + done.stderr
+
+
+def test_door_release_takes_the_pin_from_the_command_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"\x00\xff garbage, not a config at all \xfe")
+    done = _cli(config, "door", "release", "--pin", "5", "--active-low", "--pin-factory", "mock", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "relay on pin 5 released (active low)" in done.stdout
+    missing = _cli(tmp_path / "nope.yaml", "door", "release", "--pin", "6", "--pin-factory", "mock", timeout=60)
+    assert missing.returncode == 0 and "relay on pin 6 released (active high)" in missing.stdout, missing.stderr
+
+
+def test_door_release_without_any_pin_setting_says_so_and_uses_the_default_pin(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("door: {pin_factory: mock}\n")
+    done = _cli(config, "door", "release", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "relay on pin 17 released (active high)" in done.stdout
+    assert "no door.relay_pin" in done.stderr
+
+
+def test_door_release_drives_an_active_low_relay_high(tmp_path, capsys):
+    """In-process with gpiozero's MockFactory as the default factory: the released level of an active-low relay
+    is a high pin, whatever else the config file gets wrong."""
+    from gpiozero import Device
+    from gpiozero.pins.mock import MockFactory
+
+    from edgeface.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text("door:\n  relay_pin: 24\n  active_high: false\npolicy:\n  timezone: Nowhere/Atlantis\n")
+    old, Device.pin_factory = Device.pin_factory, MockFactory()
+    try:
+        assert main(["--config", str(config), "door", "release"]) == 0
+        levels = [s.state for s in Device.pin_factory.pin(24).states]
+        assert levels[:2] == [False, True], levels  # built released = driven high for active low
+    finally:
+        Device.pin_factory.close()
+        Device.pin_factory = old
+    assert "relay on pin 24 released (active low)" in capsys.readouterr().out
+
+
+def test_door_release_imports_nothing_heavy(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(BROKEN_CONFIGS["bad_time_zone"])
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "edgeface", "--config", str(config), "door",
+                           "release"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("numpy", "cv2", "pydantic", "ai_edge_litert",
+                                                              "tflite_runtime", "paho", "scipy"))
+    assert not heavy, heavy
+
+
+def test_the_cli_default_config_path_is_the_config_modules():
+    from edgeface import cli, config
+
+    assert cli.DEFAULT_CONFIG_PATH == config.DEFAULT_CONFIG_PATH
