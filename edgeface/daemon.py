@@ -22,6 +22,7 @@ from .door import Door, DoorContact, make_pin_factory
 from .errors import ConfigError
 from .events import CRITICAL_KINDS, AccessEvent, DoorEvent
 from .frames import FrameSource, open_source
+from .security import ensure_private_dir
 from .types import Frame, Match
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class Daemon:
         cfg = self.cfg
         state = Path(cfg.state_dir).expanduser()
         try:
-            state.mkdir(mode=0o700, parents=True, exist_ok=True)
+            ensure_private_dir(state)  # 0700, also when it already exists looser (logged)
         except OSError as exc:
             raise ConfigError(f"state_dir = {str(state)!r}: cannot create it: {exc.strerror or exc}") from None
         self.audit = AuditLog(state_path(cfg, cfg.audit.path), retention_days=cfg.audit.retention_days,

@@ -425,6 +425,9 @@ class Gallery:
         exists = path.exists()
         if exists:
             _check_header(path)
+            from .security import make_private
+
+            make_private(path)  # an existing 0644 gallery (older install, a copy) is tightened, with a log line
         elif not create:
             raise GalleryError(f"gallery {path} does not exist (enroll someone first: edgeface enroll NAME IMAGE...)")
         else:
@@ -432,11 +435,8 @@ class Gallery:
             try:
                 if not parent.exists():
                     parent.mkdir(mode=0o700, parents=True)
-                # Create the file 0600 ourselves (SQLite gives its -wal/-shm files the same mode). No umask
-                # games: the umask is process-wide and the daemon has other threads writing files.
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:
-                pass  # another process created it a moment ago: fine, it is checked below
+                cls._create(path, model_id=model_id, embedding_dim=int(embedding_dim), max_distance=max_distance,
+                            keep_crops=keep_crops, match_mode=match_mode, top_k=top_k)
             except OSError as exc:
                 raise GalleryError(f"cannot create gallery {path}: {exc.strerror or exc}") from None
         try:
@@ -455,6 +455,37 @@ class Gallery:
         except BaseException:
             conn.close()
             raise
+
+    @classmethod
+    def _create(cls, path: Path, **kw: Any) -> None:
+        """A new gallery appears complete or not at all: the schema is written to a temporary file that is then
+        linked into place. (A file created empty first and killed before its schema was written would be a
+        0-byte gallery, which open() refuses as damaged.) Losing the race to another process is fine."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        try:
+            # 0600 before SQLite opens it (its -wal/-shm files get the same mode); no umask games: the umask is
+            # process-wide and the daemon has other threads writing files.
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            conn = sqlite3.connect(str(tmp), timeout=10.0, isolation_level=None, check_same_thread=False)
+            try:
+                cls(conn, tmp, **kw)._prepare(False)
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process created it a moment ago: it is checked like any existing file
+            except OSError:  # a file system without hard links: rename, unless someone was faster
+                if not path.exists():
+                    os.replace(tmp, path)
+        finally:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
 
     def _prepare(self, allow_model_change: bool) -> None:
         c = self._conn
@@ -1027,7 +1058,10 @@ def _check_header(path: Path) -> None:
             head = fh.read(16)
     except OSError as exc:
         raise GalleryError(f"cannot read gallery {path}: {exc.strerror or exc}") from None
-    if head and head != b"SQLite format 3\x00":
+    if not head:  # never silently re-created empty: that would look like "no people" instead of "file damaged"
+        raise GalleryError(f"gallery {path} is empty (0 bytes): truncated or damaged? Restore a backup, or delete the "
+                           "file to start a new, empty gallery")
+    if head != b"SQLite format 3\x00":
         raise GalleryError(f"gallery {path} is not an SQLite database (corrupt or another kind of file); "
                            "restore a backup or move it away")
 

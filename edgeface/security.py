@@ -40,7 +40,7 @@ def ensure_private_dir(path: PathLike) -> Path:
     if stat.S_IMODE(st.st_mode) & 0o077:
         if st.st_uid == os.geteuid():
             os.chmod(p, DIR_MODE)
-            log.info("tightened permissions of %s to 0700", p)
+            log.warning("tightened permissions of %s from %04o to 0700", p, stat.S_IMODE(st.st_mode))
         else:
             log.warning("state directory %s is accessible to other users (mode %o) and not ours to change",
                         p, stat.S_IMODE(st.st_mode))
@@ -48,12 +48,17 @@ def ensure_private_dir(path: PathLike) -> Path:
 
 
 def make_private(path: PathLike) -> None:
-    """chmod 0600 a file that exists (no-op when it does not); SQLite side files included."""
+    """chmod 0600 a file that exists (no-op when it does not); SQLite side files included. A file that was
+    looser (e.g. 0644 from an older install or a copy) is logged, so the operator learns it was exposed."""
     for suffix in SQLITE_SUFFIXES:
         f = Path(f"{os.fspath(path)}{suffix}")
         try:
-            if f.is_file() and stat.S_IMODE(f.stat().st_mode) != FILE_MODE:
-                os.chmod(f, FILE_MODE)
+            if f.is_file():
+                mode = stat.S_IMODE(f.stat().st_mode)
+                if mode != FILE_MODE:
+                    os.chmod(f, FILE_MODE)
+                    if mode & 0o077:
+                        log.warning("tightened permissions of %s from %04o to 0600", f, mode)
         except FileNotFoundError:  # a -wal/-shm file vanished between the checks (checkpoint)
             pass
 

@@ -168,3 +168,56 @@ def test_policy_denies_a_person_whose_rule_is_unreadable():
                  rules=lambda pid: PersonRule(enabled=False, error="schedule unreadable"))
     d = pol.observe(1000.0, Match(7, "alice", 0.1, 0.4, 7, "alice"), face_size=200)
     assert d.action == "deny" and "schedule unreadable" in d.reason
+
+
+# ----------------------------------------------------------------------------------------------- permissions
+
+
+class _NoAnalyzer:
+    """The daemon needs an analyzer object; these tests drive start-up and the rules, never a frame."""
+
+    class embedder:
+        model_id = "test_model"
+
+    def close(self) -> None:
+        pass
+
+
+def _mode(p: Path) -> int:
+    import stat
+
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_loose_state_dir_and_gallery_are_tightened_with_a_log_line(tmp_path, caplog):
+    import os
+
+    from gpiozero.pins.mock import MockFactory
+
+    from edgeface.config import parse_config
+    from edgeface.daemon import Daemon
+
+    state = tmp_path / "state"
+    state.mkdir()
+    _enrolled(state / "gallery.db")
+    os.chmod(state, 0o755)  # what an older install or a hand-made directory left
+    os.chmod(state / "gallery.db", 0o644)
+    cfg = parse_config({"state_dir": str(state), "mqtt": {"enabled": False}, "gallery": {"path": "gallery.db"},
+                        "embedder": {"model": "test_model"}, "door": {"pin_factory": "mock"},
+                        "camera": {"source": str(Path(__file__).parent / "fixtures" / "faces" / "paul_allen")}})
+    with caplog.at_level(logging.INFO):
+        with Daemon(cfg, analyzer=_NoAnalyzer(), pin_factory=MockFactory()):
+            pass
+    assert _mode(state) == 0o700 and _mode(state / "gallery.db") == 0o600
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("tightened" in m and str(state) in m and "0755" in m for m in lines), lines
+    assert any("tightened" in m and "gallery.db" in m and "0644" in m for m in lines), lines
+
+
+def test_empty_gallery_file_is_refused_not_recreated(tmp_path):
+    path = tmp_path / "gallery.db"
+    _enrolled(path)
+    path.write_bytes(b"")  # truncated by a full disk or a bad copy: the people are gone, not "no people"
+    with pytest.raises(GalleryError, match=rf"gallery {path} is empty \(0 bytes\)"):
+        _gallery(path)
+    assert path.stat().st_size == 0  # left for the operator to look at
