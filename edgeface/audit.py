@@ -31,20 +31,29 @@ CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts);
 """
 
 
+#: Rows anyone on the broker can produce at will (refused remote-unlock commands): their own retention class, so
+#: however many there are they never push grants, denials, relay changes or door events out of the log.
+NOISE_SQL = "((kind = 'remote_unlock' AND result = 'refused') OR (kind = 'door' AND result = 'remote_unlock_refused'))"
+
+
 class AuditError(EdgefaceError, OSError):
     """The audit database cannot be opened."""
 
 
 class AuditLog:
-    """Append-only log; rotate() deletes rows older than retention_days and beyond max_rows (oldest first)."""
+    """Append-only log; rotate() deletes rows older than retention_days and beyond max_rows (oldest first).
+
+    max_rows applies to each retention class on its own: the records (access decisions, relay, door, camera,
+    daemon, accepted commands) and the noise (NOISE_SQL: refused commands, `max_noise_rows`, default max_rows)."""
 
     ROTATE_EVERY = 500  # inserts between automatic rotations
 
     def __init__(self, path: Union[str, os.PathLike[str]], *, retention_days: int = 90, max_rows: int = 1_000_000,
-                 clock: Any = time.time) -> None:
+                 max_noise_rows: Optional[int] = None, clock: Any = time.time) -> None:
         self.path = Path(path)
         self.retention_days = retention_days
         self.max_rows = max_rows
+        self.max_noise_rows = max_rows if max_noise_rows is None else max_noise_rows
         self._clock = clock
         self._lock = threading.Lock()
         self._since_rotate = 0
@@ -97,8 +106,9 @@ class AuditLog:
             self._since_rotate = 0
             cutoff = self._clock() - self.retention_days * 86400.0
             n = self._db.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
-            n += self._db.execute("DELETE FROM audit WHERE id <= (SELECT id FROM audit ORDER BY id DESC "
-                                  "LIMIT 1 OFFSET ?)", (self.max_rows,)).rowcount
+            for where, keep in ((f"NOT {NOISE_SQL}", self.max_rows), (NOISE_SQL, self.max_noise_rows)):
+                n += self._db.execute(f"DELETE FROM audit WHERE {where} AND id <= (SELECT id FROM audit WHERE {where} "
+                                      "ORDER BY id DESC LIMIT 1 OFFSET ?)", (keep,)).rowcount
         if n:
             log.info("audit log rotated: %d old rows deleted", n)
         return n

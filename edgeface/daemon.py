@@ -139,6 +139,8 @@ class Daemon:
         self.mqtt = None
         self.outbox = None
         self._verifier = None
+        self._refusals: Any = None
+        self._refusal_timer: Optional[threading.Timer] = None
         if cfg.mqtt.enabled:
             from .hass import discovery_messages
             from .mqtt import MqttPublisher
@@ -148,7 +150,7 @@ class Daemon:
             self._parts.append(self.outbox)
             on_command = None
             if cfg.mqtt.remote_unlock:
-                from .remote import CommandVerifier, NonceStore
+                from .remote import CommandVerifier, NonceStore, RefusalLimiter
 
                 secret = read_secret(cfg.mqtt.remote_unlock_secret_env)
                 if not secret:
@@ -159,6 +161,7 @@ class Daemon:
                 self._parts.append(nonces)
                 self._verifier = CommandVerifier(secret, self.door_id, max_age_s=cfg.mqtt.command_max_age_s,
                                                  nonces=nonces)
+                self._refusals = RefusalLimiter()
                 on_command = self._on_command
             self.mqtt = MqttPublisher(cfg.mqtt, door_id=self.door_id, outbox=self.outbox,
                                       password=read_secret(cfg.mqtt.password_env) if cfg.mqtt.username else None,
@@ -378,8 +381,10 @@ class Daemon:
     def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
         assert self._verifier is not None
         verdict = self._verifier.verify(payload, retained=retained, now=self._clock())
-        self.audit.record("remote_unlock", result="accepted" if verdict.accepted else "refused",
-                          reason=verdict.reason, nonce=verdict.nonce)
+        if not verdict.accepted:
+            self._on_refused(verdict)
+            return
+        self.audit.record("remote_unlock", result="accepted", reason=verdict.reason, nonce=verdict.nonce)
         if verdict.accepted:
             problem = self._door_event("remote_unlock", {"nonce": verdict.nonce}, durable=True)  # record, then open
             if problem is not None:
@@ -388,9 +393,34 @@ class Daemon:
                 return
             log.warning("remote unlock accepted (nonce %s)", verdict.nonce)
             self.door.pulse()
-        else:
+
+    def _on_refused(self, verdict: Any) -> None:
+        """A refused command: recorded one by one up to the limiter's burst, then only counted (one summary row and
+        event per window), so a flood neither delays valid commands nor fills the audit log."""
+        if self._refusals.admit(verdict.reason):
             log.warning("remote unlock refused: %s", verdict.reason)
+            self.audit.record("remote_unlock", result="refused", reason=verdict.reason, nonce=verdict.nonce)
             self._door_event("remote_unlock_refused", {"reason": verdict.reason})
+        elif self._refusal_timer is None:
+            self._refusal_timer = threading.Timer(self._refusals.window_s, self._flush_refusals)
+            self._refusal_timer.daemon = True
+            self._refusal_timer.start()
+        self._flush_refusals(from_timer=False)
+
+    def _flush_refusals(self, *, force: bool = False, from_timer: bool = True) -> None:
+        """Record the refusals counted in a window that ended (all of them, with force) as one row and one event."""
+        if from_timer or force:
+            timer, self._refusal_timer = self._refusal_timer, None
+            if timer is not None and force:
+                timer.cancel()
+        counts = self._refusals.summary(force=force) if self._refusals is not None else None
+        if not counts:
+            return
+        n = sum(counts.values())
+        reason = f"{n} more refused commands (rate-limited: recorded as one)"
+        log.warning("remote unlock refused: %s: %s", reason, ", ".join(f"{k} x{v}" for k, v in counts.items()))
+        self.audit.record("remote_unlock", result="refused", reason=reason, count=n, reasons=counts)
+        self._door_event("remote_unlock_refused", {"reason": reason, "count": n, "reasons": counts})
 
     # ------------------------------------------------------------------ loop
     @property
@@ -438,6 +468,8 @@ class Daemon:
         door = getattr(self, "door", None)
         if door is not None:
             door.release()
+        if getattr(self, "_refusals", None) is not None:
+            self._flush_refusals(force=True)  # the last window's count, before the events are flushed
         if getattr(self, "mqtt", None) is not None:
             try:
                 self.mqtt.stop(timeout=5.0)  # deliver what is queued (TimeoutStopSec=15)
