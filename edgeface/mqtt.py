@@ -59,6 +59,8 @@ class MqttPublisher:
         self.ack_timeout_s = ack_timeout_s
         self._states: dict[str, str] = {}
         self._states_lock = threading.Lock()
+        self._states_synced = False  # True once this connection has the current states (see _sync_states)
+        self._state_mids: set[int] = set()  # retained state publishes not yet acknowledged (guarded by _ack_cond)
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._acked: dict[int, float] = {}
@@ -134,12 +136,44 @@ class MqttPublisher:
 
     def set_state(self, topic: str, value: str) -> None:
         """A retained latest-value state (relay, contact, camera, ...); re-sent on every reconnect."""
-        with self._states_lock:  # held while publishing, so a reconnect never re-sends an older value after it
+        with self._states_lock:  # held while publishing: states go out in the order they changed
             if self._states.get(topic) == value:
                 return
             self._states[topic] = value
-            if self.connected:
-                self._publish_quietly(topic, value, retain=True)
+            if self.connected and self._states_synced:  # else the reconnect's _sync_states sends the latest
+                self._publish_state(topic, value)
+
+    #: How long a reconnect waits for the re-sent older state publishes to be acknowledged before it publishes
+    #: the current states anyway.
+    STATE_SYNC_WAIT_S = 10.0
+
+    def _publish_state(self, topic: str, value: str) -> None:
+        try:
+            info = self.client.publish(topic, value, qos=1, retain=True)
+        except Exception:  # noqa: BLE001
+            log.warning("MQTT publish to %s failed", topic, exc_info=True)
+            return
+        with self._ack_cond:
+            if self._acked.pop(info.mid, None) is None:  # not acknowledged yet (the usual case)
+                self._state_mids.add(info.mid)
+
+    def _sync_states(self) -> None:
+        """After a (re)connect: publish every current state once the older, unacknowledged state publishes that
+        paho re-sends after on_connect have been acknowledged. Publishing them from on_connect (as before) let a
+        re-sent `unlocked` from before an outage land after the fresh `locked`: the retained state lied."""
+        deadline = time.monotonic() + self.STATE_SYNC_WAIT_S
+        with self._ack_cond:
+            while self._state_mids and self.connected and not self._stop.is_set() and time.monotonic() < deadline:
+                self._ack_cond.wait(0.1)
+            if self._state_mids:
+                log.warning("MQTT: %d older state publishes still unacknowledged; publishing the current states",
+                            len(self._state_mids))
+        with self._states_lock:
+            if not self.connected or self._stop.is_set():
+                return  # disconnected again: the next connect syncs
+            for topic, value in self._states.items():
+                self._publish_state(topic, value)
+            self._states_synced = True
 
     def publish_now(self, topic: str, payload: str, *, retain: bool = False, qos: int = 1) -> None:
         if self.connected:
@@ -169,19 +203,25 @@ class MqttPublisher:
             client.subscribe(subs)
         client.publish(self.topics.availability, "online", qos=1, retain=True)
         self._send_discovery()
-        with self._states_lock:  # a state set from now on is published by set_state itself
-            for topic, value in self._states.items():
-                client.publish(topic, value, qos=1, retain=True)
+        with self._states_lock:
+            self._states_synced = False
             self._connected.set()
+        # not from here: paho re-sends older unacknowledged publishes only after this callback returns
+        threading.Thread(target=self._sync_states, name="mqtt-states", daemon=True).start()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._connected.is_set():
             log.warning("MQTT disconnected (%s); events wait in the outbox", reason_code)
+        self._states_synced = False  # no lock: paho may call this from inside a publish() that set_state makes
         self._connected.clear()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         with self._ack_cond:
             now = time.monotonic()
+            if mid in self._state_mids:
+                self._state_mids.discard(mid)
+                self._ack_cond.notify_all()
+                return
             self._acked[mid] = now
             if len(self._acked) > 1000:
                 self._acked = {m: t for m, t in self._acked.items() if now - t < 60}
