@@ -395,7 +395,7 @@ class Daemon:
             self.door.pulse()
 
     def _on_refused(self, verdict: Any) -> None:
-        """A refused command: recorded one by one up to the limiter's burst, then only counted (one summary row and
+        """A refused command: recorded one by one up to the limiter's burst (10 per 10 s), then only counted (one summary row and
         event per window), so a flood neither delays valid commands nor fills the audit log."""
         if self._refusals.admit(verdict.reason):
             log.warning("remote unlock refused: %s", verdict.reason)

@@ -99,7 +99,7 @@ class RefusalLimiter:
     counted (reason -> count) and recorded as ONE summary when the window ends (`summary()`), so a flood costs
     an HMAC each, not two fsyncs each, and a valid command behind it is not delayed. Every attempt is counted."""
 
-    def __init__(self, window_s: float = 10.0, burst: int = 5, clock: "Callable[[], float]" = time.monotonic) -> None:
+    def __init__(self, window_s: float = 10.0, burst: int = 10, clock: "Callable[[], float]" = time.monotonic) -> None:
         self.window_s = window_s
         self.burst = burst
         self._clock = clock

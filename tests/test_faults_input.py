@@ -266,3 +266,79 @@ def test_remote_unlock_off_ignores_even_valid_commands(tmp_path, analyzer, monke
         broker.close()
     assert pin_levels(pins.pin(17)) == [False]
     assert audit == [], audit[:2]
+
+
+# ------------------------------------------------------------------------------------------------ bombs
+# A small file that decodes to gigabytes. The size must be read from the header and refused BEFORE OpenCV
+# allocates anything: its own pixel cap (OPENCV_IO_MAX_IMAGE_PIXELS) only works if set before cv2 is first
+# imported, which edgeface cannot promise (a caller, or another module, may import cv2 first). The decode runs
+# in a child process whose address space is capped, like a 2 GB Pi: decoding first fails there with a
+# memory error; checking the header first refuses with the limit.
+
+_BOMB_CHILD = r"""
+import resource, sys
+import cv2  # imported first, on purpose: OpenCV's own env cap cannot help any more
+from edgeface.errors import ImageError
+from edgeface.images import decode_image
+data = open(sys.argv[1], "rb").read()
+with open("/proc/self/status") as fh:
+    vm = next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmSize:"))
+limit = vm + 600 * 1024 * 1024
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    decode_image(data, name=sys.argv[1])
+    print("DECODED")
+except ImageError as exc:
+    print("IMAGEERROR", exc)
+except MemoryError:
+    print("MEMORYERROR")
+"""
+
+
+def _png_header_bomb(w: int, h: int, color_type: int = 0) -> bytes:
+    """A valid PNG signature and IHDR for w x h, then one tiny (truncated) IDAT."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+
+
+def _jpeg_header_bomb(w: int, h: int) -> bytes:
+    """A real small JPEG whose frame header (SOF) says w x h: libjpeg fills the missing rows, all of them."""
+    import cv2
+    import numpy as np
+
+    ok, enc = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))
+    data = bytearray(enc.tobytes())
+    at = data.find(b"\xff\xc0")
+    data[at + 5:at + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind, w, h", [("png", 30000, 30000), ("png_rgb", 20000, 20000), ("jpeg", 20000, 20000),
+                                        ("jpeg", 65000, 800)])
+def test_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path, kind, w, h):
+    data = _jpeg_header_bomb(w, h) if kind == "jpeg" else _png_header_bomb(w, h, 2 if kind == "png_rgb" else 0)
+    assert len(data) < 10_000
+    path = tmp_path / f"bomb.{kind[:3]}"
+    path.write_bytes(data)
+    child = tmp_path / "child.py"
+    child.write_text(_BOMB_CHILD)
+    env = {k: v for k, v in ENV.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}  # as in a fresh service process
+    done = subprocess.run([sys.executable, str(child), str(path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    out = done.stdout.strip()
+    assert out.startswith("IMAGEERROR"), (out, done.stderr[-1500:])
+    assert f"is {w}x{h}" in out and "the limit is 50000000 pixels" in out and str(path) in out, out
+
+
+def test_unknown_image_formats_are_refused_before_decoding():
+    from edgeface.images import decode_image
+
+    for data in (b"P5\n30000 30000\n255\n" + b"\0" * 100, b"#?RADIANCE\n" + b"\0" * 100):
+        with pytest.raises(ImageError, match="not a supported image"):
+            decode_image(data, name="odd")
