@@ -385,18 +385,17 @@ class Daemon:
             self._on_refused(verdict)
             return
         self.audit.record("remote_unlock", result="accepted", reason=verdict.reason, nonce=verdict.nonce)
-        if verdict.accepted:
-            problem = self._door_event("remote_unlock", {"nonce": verdict.nonce}, durable=True)  # record, then open
-            if problem is not None:
-                log.error("remote unlock (nonce %s) withheld: the event could not be recorded (%s); the door stays "
-                          "locked", verdict.nonce, problem)
-                return
-            log.warning("remote unlock accepted (nonce %s)", verdict.nonce)
-            self.door.pulse()
+        problem = self._door_event("remote_unlock", {"nonce": verdict.nonce}, durable=True)  # record, then open
+        if problem is not None:
+            log.error("remote unlock (nonce %s) withheld: the event could not be recorded (%s); the door stays "
+                      "locked", verdict.nonce, problem)
+            return
+        log.warning("remote unlock accepted (nonce %s)", verdict.nonce)
+        self.door.pulse()
 
     def _on_refused(self, verdict: Any) -> None:
-        """A refused command: recorded one by one up to the limiter's burst (10 per 10 s), then only counted (one summary row and
-        event per window), so a flood neither delays valid commands nor fills the audit log."""
+        """A refused command: recorded one by one up to the limiter's burst (10 per 10 s), then only counted (one
+        summary row and event per window), so a flood neither delays valid commands nor fills the audit log."""
         if self._refusals.admit(verdict.reason):
             log.warning("remote unlock refused: %s", verdict.reason)
             self.audit.record("remote_unlock", result="refused", reason=verdict.reason, nonce=verdict.nonce)

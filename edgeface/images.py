@@ -34,13 +34,13 @@ _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0
 
 
 def image_header_size(data: bytes) -> Optional[tuple[str, int, int]]:
-    """(format, width, height) read from the header of a JPEG, PNG, BMP, WebP or TIFF file; None when the data is
-    none of these or the header is damaged. Reads a few dozen bytes (JPEG: walks the markers up to the frame
+    """(format, width, height) read from the header of a JPEG, PNG, BMP, WebP or TIFF file ("PNG grey" / "JPEG grey"
+    for 8-bit single-channel images); None when the data is none of these or the header is damaged. Reads a few dozen bytes (JPEG: walks the markers up to the frame
     header); never decodes pixels."""
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
             w, h = struct.unpack(">II", data[16:24])
-            return "PNG", w, h
+            return ("PNG grey" if data[24] <= 8 and data[25] == 0 else "PNG"), w, h
         if data[:2] == b"\xff\xd8":
             return _jpeg_size(data)
         if data[:2] == b"BM":
@@ -76,7 +76,7 @@ def _jpeg_size(data: bytes) -> Optional[tuple[str, int, int]]:
         (length,) = struct.unpack(">H", data[i + 2:i + 4])
         if marker in _JPEG_SOF:
             h, w = struct.unpack(">HH", data[i + 5:i + 9])
-            return "JPEG", w, h
+            return ("JPEG grey" if data[i + 9] == 1 else "JPEG"), w, h
         if marker in (0xD9, 0xDA) or length < 2:  # end of image / start of scan before any frame header
             return None
         i += 2 + length
@@ -112,19 +112,19 @@ def _tiff_size(data: bytes) -> Optional[tuple[str, int, int]]:
     return None
 
 
-def check_image_header(data: bytes, name: str) -> tuple[int, int]:
-    """(width, height) from the header, or ImageError for an unknown format or an image over MAX_IMAGE_PIXELS."""
+def check_image_header(data: bytes, name: str) -> tuple[str, int, int]:
+    """(format, width, height) from the header, or ImageError for an unknown format or more than MAX_IMAGE_PIXELS."""
     found = image_header_size(data)
     if found is None:
         raise ImageError(f"cannot decode image {name}: not a supported image or the file is truncated/corrupt "
                          "(expected JPEG, PNG, BMP, WebP or TIFF)")
     fmt, w, h = found
     if w * h > MAX_IMAGE_PIXELS:
-        raise ImageError(f"{name}: image is {w}x{h} ({w * h} pixels, says its {fmt} header); the limit is "
+        raise ImageError(f"{name}: image is {w}x{h} ({w * h} pixels, says its {fmt.split()[0]} header); the limit is "
                          f"{MAX_IMAGE_PIXELS} pixels")
     if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
         raise ImageError(f"{name}: image is {w}x{h}; expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels")
-    return w, h
+    return fmt, w, h
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:
@@ -151,9 +151,12 @@ def decode_image(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes (JPEG, PNG, BMP, WebP, TIFF) to RGB uint8; the size is checked first."""
     if not data:
         raise ImageError(f"cannot read image {name}: no data")
-    w, h = check_image_header(data, name)
+    fmt, w, h = check_image_header(data, name)
     buf = np.frombuffer(data, dtype=np.uint8)
-    flags = cv2.IMREAD_COLOR if w * h > LARGE_IMAGE_PIXELS else cv2.IMREAD_UNCHANGED
+    # Large: straight to 8-bit BGR (a 16-bit or alpha copy first would double the peak), except 8-bit grey,
+    # which is cheapest as grey plus one RGB copy (measured in bench/image_bombs.py).
+    large = w * h > LARGE_IMAGE_PIXELS and not fmt.endswith(" grey")
+    flags = cv2.IMREAD_COLOR if large else cv2.IMREAD_UNCHANGED
     try:
         decoded = cv2.imdecode(buf, flags)
     except cv2.error as exc:

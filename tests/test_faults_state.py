@@ -221,3 +221,40 @@ def test_empty_gallery_file_is_refused_not_recreated(tmp_path):
     with pytest.raises(GalleryError, match=rf"gallery {path} is empty \(0 bytes\)"):
         _gallery(path)
     assert path.stat().st_size == 0  # left for the operator to look at
+
+
+def test_edgeface_run_refuses_to_start_on_a_damaged_gallery_with_one_line(tmp_path, analyzer):
+    """The daemon never starts matching on a damaged gallery: `edgeface run` exits with one error line naming the
+    file and the row, and the relay is never driven."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from edgeface.enroll import enroll_images
+    from edgeface.config import parse_config
+    from edgeface.gallery import resolve_max_distance
+
+    faces = Path(__file__).parent / "fixtures" / "faces"
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    cfg = parse_config({})
+    path = state / "gallery.db"
+    with Gallery.open(path, model_id=analyzer.embedder.model_id, embedding_dim=analyzer.embedder.spec.embedding_dim,
+                      max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir)) as g:
+        g.enroll("paul_allen", enroll_images(analyzer, sorted((faces / "paul_allen").glob("*.jpg"))[:2]))
+        g._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        blob = g._conn.execute("SELECT vector FROM embeddings WHERE id = 1").fetchone()[0]
+    _overwrite_in_file(path, blob[:8], struct.pack("<ff", float("nan"), 0.5))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(state), "camera": {"source": str(faces / "paul_allen")},
+                                      "door": {"pin_factory": "mock"}, "mqtt": {"enabled": False}}))
+    done = subprocess.run([sys.executable, "-m", "edgeface", "--config", str(config), "run"], capture_output=True,
+                          text=True, timeout=120, env={**__import__("os").environ,
+                                                       "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(path) in errors[0] and "embedding 1 of 'paul_allen' is damaged" in errors[0], \
+        done.stderr[-2000:]
+    assert "NaN" in errors[0]
+    assert not (state / "audit.db").exists() or "granted" not in (state / "audit.db").read_bytes().decode("latin-1")
