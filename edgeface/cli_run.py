@@ -111,6 +111,8 @@ class SignalStopper:
         self.received.append(signum)  # only a flag: no locks, no logging, no I/O
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach only the main thread (an embedding program runs us elsewhere)
         self._thread.start()
         self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
         self._old_handlers = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
@@ -135,13 +137,15 @@ class SignalStopper:
     def uninstall(self) -> None:
         for s, handler in self._old_handlers.items():
             signal.signal(s, handler)
-        signal.set_wakeup_fd(self._old_fd)
+        if self._old_handlers:
+            signal.set_wakeup_fd(self._old_fd)
         self._done = True
         try:
             os.write(self._w, b"\0")
         except OSError:
             pass
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         os.close(self._r)
         os.close(self._w)
 
