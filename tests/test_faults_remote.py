@@ -8,6 +8,7 @@ SQLite, gpiozero MockFactory pins.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_refused_noise_never_pushes_grants_out_of_the_audit_log(tmp_path):
 
 @pytest.mark.broker
 @needs_broker
-def test_flood_of_refused_commands_is_aggregated_and_a_valid_one_still_opens(tmp_path, monkeypatch):
+def test_flood_of_refused_commands_is_aggregated_and_a_valid_one_still_opens(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("EDGEFACE_UNLOCK_SECRET", SECRET)
     broker = MosquittoBroker().start()
     pins = MockFactory()
@@ -92,6 +93,7 @@ def test_flood_of_refused_commands_is_aggregated_and_a_valid_one_still_opens(tmp
             pass
 
     n_bad = 3000
+    caplog.set_level(logging.WARNING, logger="edgeface.daemon")
     with Collector(broker.host, broker.port, "edgeface/front/door_event") as sub:
         with Daemon(cfg, analyzer=_NoAnalyzer(), pin_factory=pins) as daemon:
             daemon.start()
@@ -120,3 +122,6 @@ def test_flood_of_refused_commands_is_aggregated_and_a_valid_one_still_opens(tmp
     assert sum(d.get("count", 1) for d in refused) == n_bad + 1  # every attempt counted, none lost
     assert any("malformed" in (d.get("reason") or "") or "malformed" in json.dumps(d.get("reasons", {}))
                for d in refused)
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgeface.daemon"]
+    assert any("rate-limited" in m and "bad signature x" in m for m in lines), lines[-5:]
+    assert sum("remote unlock refused" in m for m in lines) <= 3 * (RefusalLimiter().burst + 1)  # no log flood
