@@ -4,8 +4,9 @@ Decompression bombs (a few MB that decode to GB): the width and height are read 
 (PNG IHDR, JPEG SOF, BMP, WebP, TIFF) and checked against MAX_IMAGE_PIXELS BEFORE OpenCV sees the data;
 any other format is refused. OpenCV's own cap (OPENCV_IO_MAX_IMAGE_PIXELS, set in edgeface/__init__.py) is
 only a second line: it is read when OpenCV loads, and edgeface cannot promise to be imported first.
-Large images are decoded straight to 8-bit BGR and turned into RGB in place, so the peak memory of a decode
-stays near 3 bytes per pixel (bench/image_bombs.py measures it).
+Images over LARGE_IMAGE_PIXELS are decoded at half size, straight to 8-bit (libjpeg scales while it decodes, so
+a 49 MP JPEG never exists at full size in memory): a face in such a photo is still far larger than any crop the
+embedders take, and the peak memory of the largest accepted image stays under 300 MB (bench/image_bombs.py).
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ MIN_IMAGE_SIDE = 16
 #: Largest file we read into memory at all.
 MAX_FILE_BYTES = 64 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-#: Above this many pixels an image is decoded straight to 8-bit BGR (no 16-bit or alpha copy first).
-LARGE_IMAGE_PIXELS = 8_000_000
+#: Above this many pixels an image is decoded at half size, straight to 8-bit (no 16-bit or alpha copy first).
+LARGE_IMAGE_PIXELS = 16_000_000
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -153,10 +154,12 @@ def decode_image(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
         raise ImageError(f"cannot read image {name}: no data")
     fmt, w, h = check_image_header(data, name)
     buf = np.frombuffer(data, dtype=np.uint8)
-    # Large: straight to 8-bit BGR (a 16-bit or alpha copy first would double the peak), except 8-bit grey,
-    # which is cheapest as grey plus one RGB copy (measured in bench/image_bombs.py).
-    large = w * h > LARGE_IMAGE_PIXELS and not fmt.endswith(" grey")
-    flags = cv2.IMREAD_COLOR if large else cv2.IMREAD_UNCHANGED
+    # Large: at half size, straight to 8-bit (a full-size, 16-bit or alpha copy first would double the peak);
+    # 8-bit grey stays grey until the one RGB copy (measured in bench/image_bombs.py).
+    if w * h <= LARGE_IMAGE_PIXELS:
+        flags = cv2.IMREAD_UNCHANGED
+    else:
+        flags = cv2.IMREAD_REDUCED_GRAYSCALE_2 if fmt.endswith(" grey") else cv2.IMREAD_REDUCED_COLOR_2
     try:
         decoded = cv2.imdecode(buf, flags)
     except cv2.error as exc:

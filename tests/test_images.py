@@ -86,3 +86,20 @@ def test_save_is_atomic_and_round_trips(tmp_path) -> None:
     save_image(out, rgb)
     np.testing.assert_array_equal(load_image(out), rgb)
     assert [p.name for p in tmp_path.iterdir()] == ["copy.png"]
+
+
+def test_photo_over_16_mp_is_decoded_at_half_size_and_still_holds_the_face(analyzer) -> None:
+    """A 20 MP phone photo is decoded at half size (peak memory, bench/image_bombs.py) and its face is still found."""
+    face = cv2.imread(str(PHOTO))
+    scale = 5000 / face.shape[1]
+    big = cv2.resize(face, (5000, round(face.shape[0] * scale)), interpolation=cv2.INTER_LINEAR)
+    canvas = np.full((4000, 5000, 3), 128, np.uint8)
+    canvas[: min(4000, big.shape[0])] = big[:4000]
+    data = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    rgb = decode_image(data, name="big.jpg")
+    assert rgb.shape == (2000, 2500, 3)
+    big_face, _ = analyzer.analyze_main(rgb)
+    small_face, _ = analyzer.analyze_main(load_image(PHOTO))
+    assert big_face is not None and small_face is not None
+    distance = 1.0 - float(np.dot(big_face.embedding, small_face.embedding))
+    assert distance < 0.1
