@@ -7,6 +7,7 @@ way out (close(), signals via the CLI, exceptions).
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from zoneinfo import ZoneInfo
 
+from .access import AccessSwitch
 from .audit import AuditLog
 from .config import EdgefaceConfig, read_secret
 from .decide import Decision, PersonRule, Policy, Schedule
@@ -22,6 +24,7 @@ from .door import Door, DoorContact, make_pin_factory
 from .errors import ConfigError
 from .events import CRITICAL_KINDS, AccessEvent, DoorEvent
 from .frames import FrameSource, open_source
+from .remote import Verdict
 from .types import Frame, Match
 
 log = logging.getLogger(__name__)
@@ -123,7 +126,11 @@ class Daemon:
                                    top_k=cfg.gallery.top_k)
             self._parts.append(gallery)
         self.gallery = gallery
-        self.policy: Any = Policy(cfg.policy, rules=self._rule)
+        # the runtime switch (HA's Access enabled): an unreadable state means OFF
+        self.access = AccessSwitch(state_path(cfg, "access.json"), config_enabled=cfg.policy.enabled)
+        if self.access.error:
+            self.audit.record("access_switch", result="off", reason=self.access.error)
+        self.policy: Any = Policy(cfg.policy, rules=self._rule, access=self.access.reason_off)
         self.liveness: Any = None
         if cfg.liveness.enabled:  # a blink or 3-D head motion before any grant (edgeface.liveness)
             from .liveness import LivenessPolicy, MeshLiveness
@@ -136,6 +143,7 @@ class Daemon:
         self.mqtt = None
         self.outbox = None
         self._verifier = None
+        self._totp: Any = None
         if cfg.mqtt.enabled:
             from .hass import discovery_messages
             from .mqtt import MqttPublisher
@@ -148,24 +156,44 @@ class Daemon:
                 from .remote import CommandVerifier, NonceStore
 
                 secret = read_secret(cfg.mqtt.remote_unlock_secret_env)
-                if not secret:
+                if not secret and not cfg.mqtt.remote_unlock_totp:
                     raise ConfigError(f"mqtt.remote_unlock is true but the secret "
                                       f"${cfg.mqtt.remote_unlock_secret_env} (environment or systemd credential) "
                                       "is not set")
-                nonces = NonceStore(state_path(cfg, "nonces.db"), keep_s=4 * cfg.mqtt.command_max_age_s + 60)
-                self._parts.append(nonces)
-                self._verifier = CommandVerifier(secret, self.door_id, max_age_s=cfg.mqtt.command_max_age_s,
-                                                 nonces=nonces)
+                if secret:  # signed commands (optional when one-time codes are on)
+                    nonces = NonceStore(state_path(cfg, "nonces.db"), keep_s=4 * cfg.mqtt.command_max_age_s + 60)
+                    self._parts.append(nonces)
+                    self._verifier = CommandVerifier(secret, self.door_id, max_age_s=cfg.mqtt.command_max_age_s,
+                                                     nonces=nonces)
+                if cfg.mqtt.remote_unlock_totp:
+                    self._totp = self._build_totp()
+            if cfg.mqtt.remote_unlock or cfg.mqtt.access_switch:
                 on_command = self._on_command
             self.mqtt = MqttPublisher(cfg.mqtt, door_id=self.door_id, outbox=self.outbox,
                                       password=read_secret(cfg.mqtt.password_env) if cfg.mqtt.username else None,
                                       discovery=lambda: discovery_messages(cfg), on_command=on_command)
             self.mqtt.set_state(self.mqtt.topics.relay, self.door.state)
+            self.mqtt.set_state(self.mqtt.topics.access, "ON" if self.access.on else "OFF")
             if self.contact is not None:
                 self.mqtt.set_state(self.mqtt.topics.contact, self.contact.state)
 
         self.source = source if source is not None else open_source(cfg.camera, on_health=self._on_camera_health)
         self._parts.append(self.source)
+
+    def _build_totp(self) -> Any:
+        from .totp import TotpSecretError, TotpStore, TotpVerifier
+
+        env = self.cfg.mqtt.totp_secret_env
+        secret = read_secret(env)
+        if not secret:
+            raise ConfigError(f"mqtt.remote_unlock_totp is true but the TOTP secret ${env} (environment or systemd "
+                              "credential) is not set; make one with `edgeface door totp-init`")
+        store = TotpStore(state_path(self.cfg, "totp.db"))
+        self._parts.append(store)
+        try:
+            return TotpVerifier(secret, store)
+        except TotpSecretError as exc:
+            raise ConfigError(f"${env} (the TOTP secret): {exc}") from None
 
     def start(self) -> None:
         """Connect MQTT (asynchronously: the broker may come later)."""
@@ -191,7 +219,7 @@ class Daemon:
             f"policy: {cfg.policy.min_frames} of {cfg.policy.window_frames} frames in {cfg.policy.window_s:g} s, "
             f"cooldown {cfg.policy.cooldown_s:g} s, min face {cfg.policy.min_face_size} px"
             + (f", liveness {cfg.liveness.method}" if cfg.liveness.enabled else ", no liveness check")
-            + ("" if cfg.policy.enabled else ", ACCESS DISABLED"),
+            + ("" if self.access.on else ", ACCESS DISABLED" + (" (switch)" if cfg.policy.enabled else "")),
         ]
         if cfg.mqtt.enabled:
             lines.append(f"mqtt: {cfg.mqtt.host}:{cfg.mqtt.port}{' (TLS)' if cfg.mqtt.tls else ''} topics "
@@ -273,7 +301,11 @@ class Daemon:
                  ev.frames_used, f", {ev.reason}" if ev.result == "denied" else "")
         if self.mqtt is not None:
             self.mqtt.send_event(ev.event_id, self.mqtt.topics.event, payload, critical=ev.result in CRITICAL_KINDS)
-            self.mqtt.set_state(self.mqtt.topics.last_person, ev.person_name or "unknown")
+            # HA reserves the state `unknown`: a stranger is `stranger`; result and time are attributes
+            self.mqtt.set_state(self.mqtt.topics.last_person_attributes, json.dumps(
+                {"result": ev.result, "person_name": ev.person_name, "timestamp": ev.timestamp,
+                 "event_id": ev.event_id, "distance": ev.distance}, sort_keys=True))
+            self.mqtt.set_state(self.mqtt.topics.last_person, ev.person_name or "stranger")
         self.audit.record("access", result=ev.result, person_id=ev.person_id, person_name=ev.person_name,
                           distance=ev.distance, event_id=ev.event_id, ts=d.timestamp, reason=ev.reason,
                           frames_used=ev.frames_used, threshold=ev.threshold, model_id=ev.model_id)
@@ -318,17 +350,70 @@ class Daemon:
             self.mqtt.set_state(self.mqtt.topics.camera, state)
 
     def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
-        assert self._verifier is not None
-        verdict = self._verifier.verify(payload, retained=retained, now=self._clock())
-        self.audit.record("remote_unlock", result="accepted" if verdict.accepted else "refused",
-                          reason=verdict.reason, nonce=verdict.nonce)
-        if verdict.accepted:
-            log.warning("remote unlock accepted (nonce %s)", verdict.nonce)
-            self.door.pulse()
-            self._door_event("remote_unlock", {"nonce": verdict.nonce})
+        assert self.mqtt is not None
+        if topic == self.mqtt.topics.access_command:
+            self._on_access_command(payload, retained)
+            return
+        if not self.cfg.mqtt.remote_unlock:
+            return
+        from .totp import parse_lock_command
+
+        command = parse_lock_command(payload)
+        if command is not None:  # Home Assistant's lock: LOCK, or UNLOCK with a one-time code
+            self._on_lock_command(command.action, command.code, retained)
+            return
+        if self._verifier is None:
+            verdict = Verdict(False, "signed commands are off (no remote unlock secret is set)")
         else:
-            log.warning("remote unlock refused: %s", verdict.reason)
-            self._door_event("remote_unlock_refused", {"reason": verdict.reason})
+            verdict = self._verifier.verify(payload, retained=retained, now=self._clock())
+        self._unlock_verdict(verdict, "signed")
+
+    def _on_lock_command(self, action: str, code: str, retained: bool) -> None:
+        assert self.mqtt is not None
+        if action == "LOCK":
+            if retained:
+                log.warning("retained LOCK command ignored")
+                return
+            was = self.door.unlocked
+            self.door.release()  # ends an unlock pulse; the relay state acknowledges it
+            if not was:
+                self.mqtt.set_state(self.mqtt.topics.relay, self.door.state, force=True)
+            self.audit.record("remote_lock", result="accepted", was_unlocked=was)
+            log.warning("remote lock (the relay was %s)", "unlocked" if was else "already locked")
+            self._door_event("remote_lock", {"was_unlocked": was})
+            return
+        if retained:
+            verdict = Verdict(False, "retained command ignored")
+        elif action != "UNLOCK":
+            verdict = Verdict(False, f"unknown action {action[:16]!r} (expected LOCK or UNLOCK)")
+        elif self._totp is None:
+            verdict = Verdict(False, "one-time codes are off (mqtt.remote_unlock_totp: false)")
+        else:
+            verdict = self._totp.verify(code, now=self._clock())
+        self._unlock_verdict(verdict, "totp")
+
+    def _unlock_verdict(self, verdict: Verdict, method: str) -> None:
+        self.audit.record("remote_unlock", result="accepted" if verdict.accepted else "refused",
+                          reason=verdict.reason, nonce=verdict.nonce, method=method)
+        if verdict.accepted:
+            log.warning("remote unlock accepted (%s%s)", method, f", nonce {verdict.nonce}" if verdict.nonce else "")
+            self.door.pulse()
+            self._door_event("remote_unlock", {"method": method, **({"nonce": verdict.nonce} if verdict.nonce else {})})
+        else:
+            log.warning("remote unlock refused (%s): %s", method, verdict.reason)
+            self._door_event("remote_unlock_refused", {"method": method, "reason": verdict.reason})
+
+    def _on_access_command(self, payload: bytes, retained: bool) -> None:
+        assert self.mqtt is not None
+        text = payload.decode("utf-8", errors="replace").strip().upper()
+        if retained or text not in ("ON", "OFF"):
+            why = "retained command ignored" if retained else f"expected ON or OFF, got {text[:16]!r}"
+            log.warning("access switch command refused: %s", why)
+        else:
+            why = self.access.set(text == "ON")
+            log.warning("access switched %s over MQTT%s", text, f" refused: {why}" if why else "")
+        self.audit.record("access_switch", result="refused" if why else text.lower(), reason=why)
+        self.mqtt.set_state(self.mqtt.topics.access, "ON" if self.access.on else "OFF", force=True)
 
     # ------------------------------------------------------------------ loop
     @property
