@@ -85,7 +85,7 @@ class MqttPublisher:
         self.queued_after_s = queued_after_s
         self.disconnects = 0
         self.connected_since: Optional[float] = None
-        self._backlog_sent: tuple[float, Optional[int]] = (0.0, None)  # (monotonic time, waiting) last published
+        self._backlog_sent: tuple[float, Optional[dict[str, Any]]] = (0.0, None)  # (monotonic time, what) last sent
         self._states: dict[str, str] = {}
         self._states_lock = threading.Lock()
         self._connected = threading.Event()
@@ -250,6 +250,7 @@ class MqttPublisher:
                 continue
             try:
                 if not self.outbox.wait(0.5):
+                    self._publish_backlog()  # idle: refresh the sensor if something changed meanwhile
                     continue
                 item = self.outbox.peek()
             except Exception:  # noqa: BLE001  (closed outbox at shutdown)
@@ -298,18 +299,19 @@ class MqttPublisher:
                 dt.datetime.fromtimestamp(since, dt.timezone.utc).isoformat(timespec="seconds")}
 
     def _publish_backlog(self, *, force: bool = False) -> None:
-        """Retained JSON on <prefix>/<door>/outbox: when the count changed (at most every BACKLOG_EVERY_S, and
-        always when it reaches 0) or on connect."""
+        """Retained JSON on <prefix>/<door>/outbox when it changed: at once when the backlog empties or on
+        connect, else at most every BACKLOG_EVERY_S (the sender calls this after each delivery and when idle)."""
         if not self.connected:
             return
         try:
             now = time.monotonic()
-            last_t, last_n = self._backlog_sent
-            waiting = len(self.outbox)
-            if not force and (waiting == last_n or (waiting and now - last_t < BACKLOG_EVERY_S)):
+            last_t, last = self._backlog_sent
+            snap = self.backlog()
+            if not force and (snap == last or (now - last_t < BACKLOG_EVERY_S
+                                               and not (snap["waiting"] == 0 and (last or {}).get("waiting")))):
                 return
-            self._backlog_sent = (now, waiting)
-            self._publish_quietly(self.topics.outbox, json.dumps(self.backlog(), sort_keys=True), retain=True)
+            self._backlog_sent = (now, snap)
+            self._publish_quietly(self.topics.outbox, json.dumps(snap, sort_keys=True), retain=True)
         except Exception:  # noqa: BLE001  (closed outbox at shutdown)
             if not self._stop.is_set():
                 log.debug("backlog publish failed", exc_info=True)
