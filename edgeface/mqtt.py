@@ -32,17 +32,19 @@ BACKLOG_EVERY_S = 2.0
 
 
 def mark_queued(payload: str, waited_s: float, *, queued_after_s: float = QUEUED_AFTER_S) -> str:
-    """The event JSON with `queued` (true when it waited >= queued_after_s) and, then, `queued_s`; the rest,
-    its `timestamp` (the original time) included, is unchanged. A payload that is not a JSON object is kept."""
+    """An event that waited >= queued_after_s gets `"queued": true` and `queued_s` (the wait); the rest, its
+    `timestamp` (the original time) included, is unchanged. A live event, or a payload that is not a JSON
+    object, is sent as it is."""
+    if waited_s < queued_after_s:
+        return payload
     try:
         data = json.loads(payload)
     except ValueError:
         return payload
     if not isinstance(data, dict):
         return payload
-    data["queued"] = waited_s >= queued_after_s
-    if data["queued"]:
-        data["queued_s"] = round(waited_s, 1)
+    data["queued"] = True
+    data["queued_s"] = round(waited_s, 1)
     return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
@@ -261,6 +263,8 @@ class MqttPublisher:
                 continue
             if item is None:
                 self._publish_backlog()
+                continue
+            if not self._connected.is_set():  # lost while waiting: send it (marked queued) after the reconnect
                 continue
             try:
                 payload = mark_queued(item.payload, time.time() - item.created, queued_after_s=self.queued_after_s) \

@@ -192,3 +192,19 @@ def test_a_switch_state_that_cannot_be_written_leaves_access_off(tmp_path):
     folder.write_text("a file where the state directory was")  # every write fails now, also as root
     assert "cannot write" in sw.set(False) and not sw.on  # off in memory although the disk said no
     assert "cannot write" in sw.set(True) and not sw.on  # on needs the write
+
+
+def test_a_switched_off_door_denies_a_known_face_with_the_reason(tmp_path):
+    from edgeface.config import PolicyConfig
+    from edgeface.decide import Policy
+    from edgeface.types import Match
+
+    sw = AccessSwitch(tmp_path / "access.json")
+    policy = Policy(PolicyConfig(min_frames=2, window_frames=3, cooldown_s=0), access=sw.reason_off)
+    match = Match(1, "barack_obama", 0.1, 0.4)
+    assert policy.observe(100.0, match, face_size=200).action == "none"
+    assert policy.observe(100.2, match, face_size=200).action == "grant"
+    sw.set(False)
+    policy.observe(200.0, match, face_size=200)
+    d = policy.observe(200.2, match, face_size=200)
+    assert (d.action, d.reason) == ("deny", "access switched off")
