@@ -224,7 +224,8 @@ class Daemon:
         if cfg.mqtt.enabled:
             lines.append(f"mqtt: {cfg.mqtt.host}:{cfg.mqtt.port}{' (TLS)' if cfg.mqtt.tls else ''} topics "
                          f"{cfg.mqtt.topic_prefix}/{self.door_id}/..., outbox {len(self.outbox or [])} waiting"
-                         + (", remote unlock ON" if cfg.mqtt.remote_unlock else ""))
+                         + (", remote unlock ON" if cfg.mqtt.remote_unlock else "")
+                         + (" (one-time codes)" if cfg.mqtt.remote_unlock_totp else ""))
         else:
             lines.append("mqtt: disabled")
         return lines

@@ -208,3 +208,26 @@ def test_a_switched_off_door_denies_a_known_face_with_the_reason(tmp_path):
     policy.observe(200.0, match, face_size=200)
     d = policy.observe(200.2, match, face_size=200)
     assert (d.action, d.reason) == ("deny", "access switched off")
+
+
+def test_random_unlock_topic_payloads_never_crash_the_parser_nor_open(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    store = TotpStore(tmp_path / "totp.db")
+    v = TotpVerifier(SECRET, store, max_failures=10**9)  # no lock-out: every guess is really checked
+    now = T0
+    valid = {code_now(SECRET, now + k * 30) for k in (-1, 0, 1)}
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=300),
+                     st.builds(lambda a, c: json.dumps({"action": a, "code": c}).encode(),
+                               st.one_of(st.text(max_size=8), st.sampled_from(["UNLOCK", "LOCK", "unlock"])),
+                               st.one_of(st.text(max_size=10), st.integers(), st.none(), st.booleans()))))
+    def check(payload):
+        cmd = parse_lock_command(payload)
+        if cmd is not None and cmd.action == "UNLOCK" and cmd.code not in valid:
+            assert not v.verify(cmd.code, now=now).accepted
+
+    check()
+    store.close()
