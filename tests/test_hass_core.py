@@ -338,10 +338,10 @@ def test_edgeface_in_a_real_home_assistant(hass, broker, gallery_file, analyzer,
         hass.wait_state(entities["outbox"], lambda s: s["state"] == "0" and s["attributes"]["delivered"] >= 8)
     finally:
         daemon.close()
+        pins.close()
     # availability: every entity goes unavailable when the daemon stops
     for entity in entities.values():
         hass.wait_state(entity, lambda s: s["state"] == "unavailable", timeout=20)
-    pins.close()
     # HA had nothing to complain about in our discovery or messages
     problems = [line for line in hass.log.read_text(errors="replace").splitlines()
                 if ("WARNING" in line or "ERROR" in line) and ("mqtt" in line.lower() or "edgeface" in line)]

@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -231,3 +232,30 @@ def test_random_unlock_topic_payloads_never_crash_the_parser_nor_open(tmp_path):
 
     check()
     store.close()
+
+
+def test_one_time_codes_need_remote_unlock_and_a_valid_secret(tmp_path, analyzer, monkeypatch):
+    from edgeface.config import parse_config
+    from edgeface.daemon import Daemon
+    from edgeface.errors import ConfigError
+    from edgeface.frames import FolderSource
+
+    faces = Path(__file__).resolve().parent / "fixtures" / "faces"
+    with pytest.raises(ConfigError, match="remote_unlock_totp is true but remote_unlock is false"):
+        parse_config({"mqtt": {"remote_unlock_totp": True}})
+
+    def build():
+        cfg = parse_config({"state_dir": str(tmp_path / "state"), "door": {"pin_factory": "mock"},
+                            "mqtt": {"remote_unlock": True, "remote_unlock_totp": True}})
+        Daemon(cfg, analyzer=analyzer, source=FolderSource(faces)).close()
+
+    monkeypatch.delenv("EDGEFACE_UNLOCK_SECRET", raising=False)
+    monkeypatch.delenv("EDGEFACE_UNLOCK_TOTP", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(ConfigError, match=r"\$EDGEFACE_UNLOCK_TOTP .*totp-init"):
+        build()
+    monkeypatch.setenv("EDGEFACE_UNLOCK_TOTP", "JBSWY3DP")  # 40 bits
+    with pytest.raises(ConfigError, match=r"\$EDGEFACE_UNLOCK_TOTP \(the TOTP secret\): too short"):
+        build()
+    monkeypatch.setenv("EDGEFACE_UNLOCK_TOTP", SECRET)
+    build()  # the signing secret is optional with one-time codes
