@@ -347,3 +347,23 @@ def test_edgeface_in_a_real_home_assistant(hass, broker, gallery_file, analyzer,
                 if ("WARNING" in line or "ERROR" in line) and ("mqtt" in line.lower() or "edgeface" in line)]
     assert problems == []
     print(f"integration test body: {time.monotonic() - t_start:.1f} s")
+
+
+def test_the_automation_examples_in_docs_pass_home_assistants_config_check(tmp_path):
+    """docs/mqtt.md's automation YAML, as a user pastes it, through `hass --script check_config` (triggers,
+    conditions and templates are validated; an invalid key or template is an ERROR line)."""
+    import re
+
+    text = (REPO / "docs" / "mqtt.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if b.startswith("automation:")]
+    assert len(blocks) == 1
+    (tmp_path / "configuration.yaml").write_text(
+        "homeassistant:\n  time_zone: UTC\n" + blocks[0]
+        + "input_text:\n  front_seen:\n    max: 255\n  door_code:\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    out = subprocess.run([str(HASS), "--script", "check_config", "-c", str(tmp_path)], env=env,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert out.returncode == 0, lines
+    assert [line for line in lines if "ERROR" in line or "Failed config" in line or "Invalid config" in line] == []
+    assert not any("Attempting install" in line for line in lines)  # everything it needs is in the venv

@@ -5,14 +5,15 @@
 #
 # Home Assistant needs its own Python (HA_VERSION below needs >= 3.13.0) and ~700 MB; it is never part
 # of edgeface's own venv. Besides the core it installs the requirements of every integration HA sets up
-# with the test's configuration (the default integrations: frontend, backup, ... plus mqtt), pinned by
-# HA's own package_constraints.txt, so HA never pip-installs at run time (the test has no network).
+# with the test's configuration (the default integrations: frontend, backup, ... plus mqtt) and of
+# `hass --script check_config`, pinned by HA's own package_constraints.txt, so HA never pip-installs at run time (the test has no network).
 # Idempotent: a venv that already has this HA version and its requirements is left as it is.
 set -euo pipefail
 
 HA_VERSION="${EDGEFACE_HA_VERSION:-2025.4.4}"  # the newest release that supports Python 3.13.0
 VENV="${EDGEFACE_HA_VENV:-$HOME/.cache/edgeface/ha-venv}"
 MARKER="$VENV/.edgeface-ha-ready"
+READY_TAG="$HA_VERSION+2"  # bump the +N when what is installed besides the core changes
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 find_python() {
@@ -32,7 +33,7 @@ find_python() {
   return 1
 }
 
-if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$HA_VERSION" ] && [ -x "$VENV/bin/hass" ]; then
+if [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$READY_TAG" ] && [ -x "$VENV/bin/hass" ]; then
   echo "Home Assistant $HA_VERSION is ready in $VENV"
   exit 0
 fi
@@ -80,10 +81,13 @@ while todo:
     manifest = json.loads((components / domain / "manifest.json").read_text())
     reqs.update(manifest.get("requirements", []))
     todo.update(manifest.get("dependencies", []))
+import homeassistant.scripts.check_config as check_config  # the test checks docs/mqtt.md's automations with it
+
+reqs.update(check_config.REQUIREMENTS)
 print("\n".join(sorted(reqs)))
 EOF
 CONSTRAINTS="$("$VENV/bin/python" -c 'import homeassistant, pathlib; print(pathlib.Path(homeassistant.__file__).parent / "package_constraints.txt")')"
 echo "ha-venv: integration requirements: $(tr '\n' ' ' < "$VENV/ha-requirements.txt")"
 pip_quiet -r "$VENV/ha-requirements.txt" -c "$CONSTRAINTS"
-echo "$HA_VERSION" > "$MARKER"
+echo "$READY_TAG" > "$MARKER"
 echo "ha-venv: ready in $(( $(date +%s) - start )) s: $VENV"
