@@ -1,5 +1,6 @@
 """`edgeface run` (the service), `edgeface demo` (the daemon on the shipped sample faces), and
-`edgeface door release|sign-unlock` (systemd ExecStopPost; a signed remote unlock command)."""
+`edgeface door release|sign-unlock|totp-init|totp-uri` (systemd ExecStopPost; a signed remote unlock
+command; the one-time-code secret for Home Assistant's lock)."""
 from __future__ import annotations
 
 import json
@@ -287,7 +288,8 @@ def register(group: click.Group) -> None:
         from .security import install_redaction
 
         # a last line of defence: these values are masked in every log record, whatever formats them
-        install_redaction([read_secret(cfg.mqtt.password_env), read_secret(cfg.mqtt.remote_unlock_secret_env)])
+        install_redaction([read_secret(cfg.mqtt.password_env), read_secret(cfg.mqtt.remote_unlock_secret_env),
+                           read_secret(cfg.mqtt.totp_secret_env)])
         log.info("edgeface %s starting (config: %s)", _version(), path or "built-in defaults")
         daemon = build_daemon(cfg)
         for line in daemon.summary():
@@ -321,6 +323,53 @@ def register(group: click.Group) -> None:
         if not secret:
             raise ConfigError(f"${cfg.mqtt.remote_unlock_secret_env} is not set (the remote unlock secret)")
         click.echo(json.dumps(make_command(secret, cfg.door.door_id)))
+
+
+    @door_group.command("totp-init")
+    @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="/etc/edgeface/unlock-totp",
+                  show_default=True, help="Secret file to create (0600; the systemd credential EDGEFACE_UNLOCK_TOTP).")
+    @click.option("--force", is_flag=True, help="Replace an existing secret (codes from the old one stop working).")
+    @pass_ctx
+    def door_totp_init(obj: CliContext, out_path: str, force: bool) -> None:
+        """Create the one-time-code secret and print the otpauth:// URI for the owner's authenticator app."""
+        from .security import create_private_file
+        from .totp import new_secret, otpauth_uri
+
+        out = Path(out_path)
+        if out.exists() and out.stat().st_size > 0 and not force:
+            raise ConfigError(f"{out} already exists (use --force to replace it, or `edgeface door totp-uri`)")
+        secret = new_secret()
+        try:
+            create_private_file(out)
+            tmp = out.with_name(out.name + ".tmp")
+            create_private_file(tmp)
+            tmp.write_text(secret + "\n", encoding="utf-8")
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise ConfigError(f"{out}: cannot write the secret: {exc.strerror or exc}") from None
+        click.echo(f"wrote the TOTP secret to {out} (0600); add it to the service as a credential:", err=True)
+        click.echo(f"  LoadCredential={obj.config.mqtt.totp_secret_env}:{out}   (systemd/edgeface.service)", err=True)
+        click.echo("and set mqtt.remote_unlock: true and mqtt.remote_unlock_totp: true. Scan this URI as a QR code "
+                   "(e.g. `qrencode -t ansiutf8 URI`) or type the secret into the app:", err=True)
+        click.echo(otpauth_uri(secret, account=obj.config.door.door_id))
+
+    @door_group.command("totp-uri")
+    @click.option("--secret-file", type=click.Path(dir_okay=False, exists=True), default=None,
+                  help="Read the secret from this file (default: the credential/variable named by mqtt.totp_secret_env).")
+    @pass_ctx
+    def door_totp_uri(obj: CliContext, secret_file: Optional[str]) -> None:
+        """Print the otpauth:// URI of the configured one-time-code secret (to add another phone)."""
+        from .totp import TotpSecretError, decode_secret, otpauth_uri
+
+        env = obj.config.mqtt.totp_secret_env
+        secret = Path(secret_file).read_text(encoding="utf-8").strip() if secret_file else read_secret(env)
+        if not secret:
+            raise ConfigError(f"${env} is not set (the TOTP secret; make one with `edgeface door totp-init`)")
+        try:
+            decode_secret(secret)
+        except TotpSecretError as exc:
+            raise ConfigError(f"{secret_file or '$' + env} (the TOTP secret): {exc}") from None
+        click.echo(otpauth_uri("".join(secret.split()).upper(), account=obj.config.door.door_id))
 
 
 def _version() -> str:

@@ -142,6 +142,13 @@ class MqttConfig(Section):
     remote_unlock_secret_env: str = Field("EDGEFACE_UNLOCK_SECRET",
                                           description="Environment variable (or credential) with the HMAC secret.")
     command_max_age_s: float = Field(30.0, gt=0, le=600, description="Remote commands older than this are refused.")
+    remote_unlock_totp: bool = Field(False, description="Also accept a one-time code (RFC 6238 TOTP from the owner's "
+                                                        "authenticator app): what Home Assistant's lock entity sends "
+                                                        "(needs remote_unlock; `edgeface door totp-init` makes the secret).")
+    totp_secret_env: str = Field("EDGEFACE_UNLOCK_TOTP",
+                                 description="Environment variable (or credential) with the base32 TOTP secret.")
+    access_switch: bool = Field(True, description="Let MQTT (Home Assistant's Access switch) turn access off and on "
+                                                  "again; the state is kept in state_dir (unreadable = off).")
 
     @model_validator(mode="after")
     def _tls_files(self) -> "MqttConfig":
@@ -149,6 +156,8 @@ class MqttConfig(Section):
             raise ValueError("client_cert and client_key must be given together")
         if (self.ca_cert or self.client_cert) and not self.tls:
             raise ValueError("ca_cert/client_cert are set but tls is false")
+        if self.remote_unlock_totp and not self.remote_unlock:
+            raise ValueError("remote_unlock_totp is true but remote_unlock is false (turn both on)")
         return self
 
 

@@ -7,6 +7,7 @@ way out (close(), signals via the CLI, exceptions).
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from zoneinfo import ZoneInfo
 
+from .access import AccessSwitch
 from .audit import AuditError, AuditLog
 from .config import EdgefaceConfig, read_secret
 from .decide import Decision, PersonRule, Policy, Schedule
@@ -22,6 +24,7 @@ from .door import Door, DoorContact, make_pin_factory
 from .errors import ConfigError
 from .events import CRITICAL_KINDS, AccessEvent, DoorEvent
 from .frames import FrameSource, open_source
+from .remote import Verdict
 from .security import ensure_private_dir
 from .types import Frame, Match
 
@@ -126,7 +129,11 @@ class Daemon:
                                    top_k=cfg.gallery.top_k)
             self._parts.append(gallery)
         self.gallery = gallery
-        self.policy: Any = Policy(cfg.policy, rules=self._rule)
+        # the runtime switch (HA's Access enabled): an unreadable state means OFF
+        self.access = AccessSwitch(state_path(cfg, "access.json"), config_enabled=cfg.policy.enabled)
+        if self.access.error:
+            self.audit.record("access_switch", result="off", reason=self.access.error)
+        self.policy: Any = Policy(cfg.policy, rules=self._rule, access=self.access.reason_off)
         self.liveness: Any = None
         if cfg.liveness.enabled:  # a blink or 3-D head motion before any grant (edgeface.liveness)
             from .liveness import LivenessPolicy, MeshLiveness
@@ -141,6 +148,7 @@ class Daemon:
         self._verifier = None
         self._refusals: Any = None
         self._refusal_timer: Optional[threading.Timer] = None
+        self._totp: Any = None
         if cfg.mqtt.enabled:
             from .hass import discovery_messages
             from .mqtt import MqttPublisher
@@ -153,25 +161,45 @@ class Daemon:
                 from .remote import CommandVerifier, NonceStore, RefusalLimiter
 
                 secret = read_secret(cfg.mqtt.remote_unlock_secret_env)
-                if not secret:
+                if not secret and not cfg.mqtt.remote_unlock_totp:
                     raise ConfigError(f"mqtt.remote_unlock is true but the secret "
                                       f"${cfg.mqtt.remote_unlock_secret_env} (environment or systemd credential) "
                                       "is not set")
-                nonces = NonceStore(state_path(cfg, "nonces.db"), keep_s=4 * cfg.mqtt.command_max_age_s + 60)
-                self._parts.append(nonces)
-                self._verifier = CommandVerifier(secret, self.door_id, max_age_s=cfg.mqtt.command_max_age_s,
-                                                 nonces=nonces)
+                if secret:  # signed commands (optional when one-time codes are on)
+                    nonces = NonceStore(state_path(cfg, "nonces.db"), keep_s=4 * cfg.mqtt.command_max_age_s + 60)
+                    self._parts.append(nonces)
+                    self._verifier = CommandVerifier(secret, self.door_id, max_age_s=cfg.mqtt.command_max_age_s,
+                                                     nonces=nonces)
                 self._refusals = RefusalLimiter()
+                if cfg.mqtt.remote_unlock_totp:
+                    self._totp = self._build_totp()
+            if cfg.mqtt.remote_unlock or cfg.mqtt.access_switch:
                 on_command = self._on_command
             self.mqtt = MqttPublisher(cfg.mqtt, door_id=self.door_id, outbox=self.outbox,
                                       password=read_secret(cfg.mqtt.password_env) if cfg.mqtt.username else None,
                                       discovery=lambda: discovery_messages(cfg), on_command=on_command)
             self.mqtt.set_state(self.mqtt.topics.relay, self.door.state)
+            self.mqtt.set_state(self.mqtt.topics.access, "ON" if self.access.on else "OFF")
             if self.contact is not None:
                 self.mqtt.set_state(self.mqtt.topics.contact, self.contact.state)
 
         self.source = source if source is not None else open_source(cfg.camera, on_health=self._on_camera_health)
         self._parts.append(self.source)
+
+    def _build_totp(self) -> Any:
+        from .totp import TotpSecretError, TotpStore, TotpVerifier
+
+        env = self.cfg.mqtt.totp_secret_env
+        secret = read_secret(env)
+        if not secret:
+            raise ConfigError(f"mqtt.remote_unlock_totp is true but the TOTP secret ${env} (environment or systemd "
+                              "credential) is not set; make one with `edgeface door totp-init`")
+        store = TotpStore(state_path(self.cfg, "totp.db"))
+        self._parts.append(store)
+        try:
+            return TotpVerifier(secret, store)
+        except TotpSecretError as exc:
+            raise ConfigError(f"${env} (the TOTP secret): {exc}") from None
 
     def start(self) -> None:
         """Connect MQTT (asynchronously: the broker may come later)."""
@@ -197,12 +225,13 @@ class Daemon:
             f"policy: {cfg.policy.min_frames} of {cfg.policy.window_frames} frames in {cfg.policy.window_s:g} s, "
             f"cooldown {cfg.policy.cooldown_s:g} s, min face {cfg.policy.min_face_size} px"
             + (f", liveness {cfg.liveness.method}" if cfg.liveness.enabled else ", no liveness check")
-            + ("" if cfg.policy.enabled else ", ACCESS DISABLED"),
+            + ("" if self.access.on else ", ACCESS DISABLED" + (" (switch)" if cfg.policy.enabled else "")),
         ]
         if cfg.mqtt.enabled:
             lines.append(f"mqtt: {cfg.mqtt.host}:{cfg.mqtt.port}{' (TLS)' if cfg.mqtt.tls else ''} topics "
                          f"{cfg.mqtt.topic_prefix}/{self.door_id}/..., outbox {len(self.outbox or [])} waiting"
-                         + (", remote unlock ON" if cfg.mqtt.remote_unlock else ""))
+                         + (", remote unlock ON" if cfg.mqtt.remote_unlock else "")
+                         + (" (one-time codes)" if cfg.mqtt.remote_unlock_totp else ""))
         else:
             lines.append("mqtt: disabled")
         return lines
@@ -325,7 +354,11 @@ class Daemon:
                 self.audit.record("access", result="withheld", person_id=ev.person_id, person_name=ev.person_name,
                                   event_id=ev.event_id, reason="the outbox cannot be written")
                 return "the outbox cannot be written"
-            self.mqtt.set_state(self.mqtt.topics.last_person, ev.person_name or "unknown")
+            # HA reserves the state `unknown`: a stranger is `stranger`; result and time are attributes
+            self.mqtt.set_state(self.mqtt.topics.last_person_attributes, json.dumps(
+                {"result": ev.result, "person_name": ev.person_name, "timestamp": ev.timestamp,
+                 "event_id": ev.event_id, "distance": ev.distance}, sort_keys=True))
+            self.mqtt.set_state(self.mqtt.topics.last_person, ev.person_name or "stranger")
         log.info("%s %s (distance %s, %d frames%s)", ev.result, ev.person_name or "stranger", ev.distance,
                  ev.frames_used, f", {ev.reason}" if ev.result == "denied" else "")
         self._sink(payload)
@@ -379,27 +412,72 @@ class Daemon:
             self.mqtt.set_state(self.mqtt.topics.camera, state)
 
     def _on_command(self, topic: str, payload: bytes, retained: bool) -> None:
-        assert self._verifier is not None
-        verdict = self._verifier.verify(payload, retained=retained, now=self._clock())
+        assert self.mqtt is not None
+        if topic == self.mqtt.topics.access_command:
+            self._on_access_command(payload, retained)
+            return
+        if not self.cfg.mqtt.remote_unlock:
+            return
+        from .totp import parse_lock_command
+
+        command = parse_lock_command(payload)
+        if command is not None:  # Home Assistant's lock: LOCK, or UNLOCK with a one-time code
+            self._on_lock_command(command.action, command.code, retained)
+            return
+        if self._verifier is None:
+            verdict = Verdict(False, "signed commands are off (no remote unlock secret is set)")
+        else:
+            verdict = self._verifier.verify(payload, retained=retained, now=self._clock())
+        self._unlock_verdict(verdict, "signed")
+
+    def _on_lock_command(self, action: str, code: str, retained: bool) -> None:
+        assert self.mqtt is not None
+        if action == "LOCK":
+            if retained:
+                log.warning("retained LOCK command ignored")
+                return
+            was = self.door.unlocked
+            self.door.release()  # ends an unlock pulse; the relay state acknowledges it
+            if not was:
+                self.mqtt.set_state(self.mqtt.topics.relay, self.door.state, force=True)
+            self.audit.record("remote_lock", result="accepted", was_unlocked=was)
+            log.warning("remote lock (the relay was %s)", "unlocked" if was else "already locked")
+            self._door_event("remote_lock", {"was_unlocked": was})
+            return
+        if retained:
+            verdict = Verdict(False, "retained command ignored")
+        elif action != "UNLOCK":
+            verdict = Verdict(False, f"unknown action {action[:16]!r} (expected LOCK or UNLOCK)")
+        elif self._totp is None:
+            verdict = Verdict(False, "one-time codes are off (mqtt.remote_unlock_totp: false)")
+        else:
+            verdict = self._totp.verify(code, now=self._clock())
+        self._unlock_verdict(verdict, "totp")
+
+    def _unlock_verdict(self, verdict: Verdict, method: str) -> None:
+        """An accepted unlock is recorded first (audit row, durable door event), then the relay moves; a refused one
+        goes through the refusal limiter."""
         if not verdict.accepted:
-            self._on_refused(verdict)
+            self._on_refused(verdict, method)
             return
-        self.audit.record("remote_unlock", result="accepted", reason=verdict.reason, nonce=verdict.nonce)
-        problem = self._door_event("remote_unlock", {"nonce": verdict.nonce}, durable=True)  # record, then open
+        self.audit.record("remote_unlock", result="accepted", reason=verdict.reason, nonce=verdict.nonce, method=method)
+        detail = {"method": method, **({"nonce": verdict.nonce} if verdict.nonce else {})}
+        problem = self._door_event("remote_unlock", detail, durable=True)  # record, then open
         if problem is not None:
-            log.error("remote unlock (nonce %s) withheld: the event could not be recorded (%s); the door stays "
-                      "locked", verdict.nonce, problem)
+            log.error("remote unlock (%s%s) withheld: the event could not be recorded (%s); the door stays locked",
+                      method, f", nonce {verdict.nonce}" if verdict.nonce else "", problem)
             return
-        log.warning("remote unlock accepted (nonce %s)", verdict.nonce)
+        log.warning("remote unlock accepted (%s%s)", method, f", nonce {verdict.nonce}" if verdict.nonce else "")
         self.door.pulse()
 
-    def _on_refused(self, verdict: Any) -> None:
+    def _on_refused(self, verdict: Any, method: str = "signed") -> None:
         """A refused command: recorded one by one up to the limiter's burst (10 per 10 s), then only counted (one
         summary row and event per window), so a flood neither delays valid commands nor fills the audit log."""
-        if self._refusals.admit(verdict.reason):
-            log.warning("remote unlock refused: %s", verdict.reason)
-            self.audit.record("remote_unlock", result="refused", reason=verdict.reason, nonce=verdict.nonce)
-            self._door_event("remote_unlock_refused", {"reason": verdict.reason})
+        if self._refusals is None or self._refusals.admit(verdict.reason):
+            log.warning("remote unlock refused (%s): %s", method, verdict.reason)
+            self.audit.record("remote_unlock", result="refused", reason=verdict.reason, nonce=verdict.nonce,
+                              method=method)
+            self._door_event("remote_unlock_refused", {"method": method, "reason": verdict.reason})
         elif self._refusal_timer is None:
             self._refusal_timer = threading.Timer(self._refusals.window_s, self._flush_refusals)
             self._refusal_timer.daemon = True
@@ -420,6 +498,18 @@ class Daemon:
         log.warning("remote unlock refused: %s: %s", reason, ", ".join(f"{k} x{v}" for k, v in counts.items()))
         self.audit.record("remote_unlock", result="refused", reason=reason, count=n, reasons=counts)
         self._door_event("remote_unlock_refused", {"reason": reason, "count": n, "reasons": counts})
+
+    def _on_access_command(self, payload: bytes, retained: bool) -> None:
+        assert self.mqtt is not None
+        text = payload.decode("utf-8", errors="replace").strip().upper()
+        if retained or text not in ("ON", "OFF"):
+            why = "retained command ignored" if retained else f"expected ON or OFF, got {text[:16]!r}"
+            log.warning("access switch command refused: %s", why)
+        else:
+            why = self.access.set(text == "ON")
+            log.warning("access switched %s over MQTT%s", text, f" refused: {why}" if why else "")
+        self.audit.record("access_switch", result="refused" if why else text.lower(), reason=why)
+        self.mqtt.set_state(self.mqtt.topics.access, "ON" if self.access.on else "OFF", force=True)
 
     # ------------------------------------------------------------------ loop
     @property

@@ -177,8 +177,11 @@ class _Visit:
 class Policy:
     """K-of-N evidence, cooldown, schedules and stranger rate limit. Feed every frame to `observe`."""
 
-    def __init__(self, cfg: PolicyConfig, *, rules: Optional[RuleLookup] = None) -> None:
+    def __init__(self, cfg: PolicyConfig, *, rules: Optional[RuleLookup] = None,
+                 access: Optional[Callable[[], str]] = None) -> None:
         self.cfg = cfg
+        #: Runtime access switch: returns "" when access is on, else the reason it is off (e.g. the HA switch).
+        self._access: Callable[[], str] = access or (lambda: "")
         try:
             self.tz = ZoneInfo(cfg.timezone)
         except (ZoneInfoNotFoundError, ValueError):
@@ -227,6 +230,8 @@ class Policy:
         reason = ""
         if not self.cfg.enabled:
             reason = "access globally disabled"
+        elif off := self._access():
+            reason = off
         elif rule.error:
             reason = f"access rule unreadable: {rule.error}"
         elif not rule.enabled:

@@ -15,6 +15,10 @@ from .decide import Decision
 
 #: Access results and the door events that are never dropped from a full outbox before `unknown`.
 CRITICAL_KINDS = frozenset({"granted", "denied", "door_forced_open", "door_held_open", "remote_unlock"})
+#: Every `event_type` of a door event (Home Assistant's Door event entity lists them all: an unlisted type is
+#: dropped by HA with a warning).
+DOOR_EVENT_TYPES = ("door_opened", "door_closed", "door_forced_open", "door_held_open", "remote_unlock",
+                    "remote_unlock_refused", "remote_lock")
 
 
 def new_event_id() -> str:

@@ -8,6 +8,7 @@ discovery are published again.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import ssl
@@ -24,6 +25,28 @@ log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
 
+#: An event published this long (s) after it was queued is marked `"queued": true` (replayed after an outage).
+QUEUED_AFTER_S = 5.0
+#: The Outbox sensor (`<prefix>/<door>/outbox`) is refreshed at most this often while the backlog changes.
+BACKLOG_EVERY_S = 2.0
+
+
+def mark_queued(payload: str, waited_s: float, *, queued_after_s: float = QUEUED_AFTER_S) -> str:
+    """An event that waited >= queued_after_s gets `"queued": true` and `queued_s` (the wait); the rest, its
+    `timestamp` (the original time) included, is unchanged. A live event, or a payload that is not a JSON
+    object, is sent as it is."""
+    if waited_s < queued_after_s:
+        return payload
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(data, dict):
+        return payload
+    data["queued"] = True
+    data["queued_s"] = round(waited_s, 1)
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
 
 class Topics:
     """Every topic of one door (docs/mqtt.md lists them with payloads)."""
@@ -37,9 +60,12 @@ class Topics:
         self.relay = f"{base}/relay"
         self.contact = f"{base}/contact"
         self.last_person = f"{base}/last_person"
+        self.last_person_attributes = f"{base}/last_person/attributes"
         self.camera = f"{base}/camera"
         self.outbox = f"{base}/outbox"
         self.unlock_command = f"{base}/unlock/set"
+        self.access = f"{base}/access"
+        self.access_command = f"{base}/access/set"
         self.ha_status = f"{ha_prefix}/status"
 
 
@@ -49,7 +75,8 @@ class MqttPublisher:
     def __init__(self, cfg: MqttConfig, *, door_id: str, outbox: Outbox, password: Optional[str] = None,
                  discovery: Optional[Callable[[], list[tuple[str, str]]]] = None,
                  on_command: Optional[CommandHandler] = None, reconnect_min_s: float = 1.0,
-                 reconnect_max_s: float = 30.0, ack_timeout_s: float = 30.0) -> None:
+                 reconnect_max_s: float = 30.0, ack_timeout_s: float = 30.0,
+                 queued_after_s: float = QUEUED_AFTER_S) -> None:
         self.cfg = cfg
         self.door_id = door_id
         self.topics = Topics(cfg.topic_prefix, door_id, cfg.ha_prefix)
@@ -57,6 +84,10 @@ class MqttPublisher:
         self._discovery = discovery
         self._on_command = on_command
         self.ack_timeout_s = ack_timeout_s
+        self.queued_after_s = queued_after_s
+        self.disconnects = 0
+        self.connected_since: Optional[float] = None
+        self._backlog_sent: tuple[float, Optional[dict[str, Any]]] = (0.0, None)  # (monotonic time, what) last sent
         self._states: dict[str, str] = {}
         self._states_lock = threading.Lock()
         self._states_synced = False  # True once this connection has the current states (see _sync_states)
@@ -134,10 +165,11 @@ class MqttPublisher:
             log.exception("could not queue event %s", event_id)
             return False
 
-    def set_state(self, topic: str, value: str) -> None:
-        """A retained latest-value state (relay, contact, camera, ...); re-sent on every reconnect."""
+    def set_state(self, topic: str, value: str, *, force: bool = False) -> None:
+        """A retained latest-value state (relay, contact, camera, ...); re-sent on every reconnect. `force`
+        publishes an unchanged value again (acknowledges a command that changed nothing, e.g. LOCK)."""
         with self._states_lock:  # held while publishing: states go out in the order they changed
-            if self._states.get(topic) == value:
+            if self._states.get(topic) == value and not force:
                 return
             self._states[topic] = value
             if self.connected and self._states_synced:  # else the reconnect's _sync_states sends the latest
@@ -199,6 +231,8 @@ class MqttPublisher:
             subs.append((self.topics.ha_status, 1))
         if self.cfg.remote_unlock and self._on_command is not None:
             subs.append((self.topics.unlock_command, 1))
+        if self.cfg.access_switch and self._on_command is not None:
+            subs.append((self.topics.access_command, 1))
         if subs:
             client.subscribe(subs)
         client.publish(self.topics.availability, "online", qos=1, retain=True)
@@ -206,12 +240,15 @@ class MqttPublisher:
         with self._states_lock:
             self._states_synced = False
             self._connected.set()
+        self.connected_since = time.time()
+        self._publish_backlog(force=True)
         # not from here: paho re-sends older unacknowledged publishes only after this callback returns
         threading.Thread(target=self._sync_states, name="mqtt-states", daemon=True).start()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._connected.is_set():
             log.warning("MQTT disconnected (%s); events wait in the outbox", reason_code)
+            self.disconnects += 1
         self._states_synced = False  # no lock: paho may call this from inside a publish() that set_state makes
         self._connected.clear()
 
@@ -239,7 +276,8 @@ class MqttPublisher:
             log.exception("MQTT message handler failed for %s", msg.topic)
 
     def _send_discovery(self) -> None:
-        if not (self.cfg.ha_discovery and self._discovery):
+        # also with ha_discovery off: then it is the empty config that removes the device from HA
+        if not self._discovery:
             return
         try:
             for topic, payload in self._discovery():
@@ -259,6 +297,7 @@ class MqttPublisher:
                 continue
             try:
                 if not self.outbox.wait(0.5):
+                    self._publish_backlog()  # idle: refresh the sensor if something changed meanwhile
                     continue
                 item = self.outbox.peek()
             except Exception:  # noqa: BLE001  (closed outbox at shutdown)
@@ -268,6 +307,9 @@ class MqttPublisher:
                 self._stop.wait(1.0)
                 continue
             if item is None:
+                self._publish_backlog()
+                continue
+            if not self._connected.is_set():  # lost while waiting: send it (marked queued) after the reconnect
                 continue
             if item.seq == delivered_unmarked:  # the broker has it: only the delete is missing, never re-send it
                 if self._mark_delivered(item, backoff):
@@ -276,7 +318,9 @@ class MqttPublisher:
                     backoff = min(2 * backoff, self.UPDATE_BACKOFF_S[1])
                 continue
             try:
-                info = self.client.publish(item.topic, item.payload, qos=1, retain=False)
+                payload = mark_queued(item.payload, time.time() - item.created, queued_after_s=self.queued_after_s) \
+                    if item.created else item.payload
+                info = self.client.publish(item.topic, payload, qos=1, retain=False)
             except Exception:  # noqa: BLE001  (the sender thread must survive anything; retry later)
                 log.exception("publishing event %s failed; retrying", item.event_id)
                 self._stop.wait(1.0)
@@ -287,6 +331,7 @@ class MqttPublisher:
                 self.delivered += 1
                 if not self._mark_delivered(item, backoff):
                     delivered_unmarked, backoff = item.seq, min(2 * backoff, self.UPDATE_BACKOFF_S[1])
+                self._publish_backlog()
 
     def _mark_delivered(self, item: Any, backoff: float) -> bool:
         """Delete a delivered event; on failure log, wait `backoff` s and say False (the caller retries the delete,
@@ -309,3 +354,30 @@ class MqttPublisher:
                     return True
                 self._ack_cond.wait(0.5)
         return False
+
+    # -- the Outbox sensor ---------------------------------------------------------------------------
+    def backlog(self) -> dict[str, Any]:
+        """What the Outbox sensor shows: events waiting, dropped (ever), delivered and disconnects (this run)."""
+        since = self.connected_since
+        return {"waiting": len(self.outbox), "dropped": self.outbox.dropped, "delivered": self.delivered,
+                "disconnects": self.disconnects, "last_error": self.last_error,
+                "connected_since": None if since is None else
+                dt.datetime.fromtimestamp(since, dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def _publish_backlog(self, *, force: bool = False) -> None:
+        """Retained JSON on <prefix>/<door>/outbox when it changed: at once when the backlog empties or on
+        connect, else at most every BACKLOG_EVERY_S (the sender calls this after each delivery and when idle)."""
+        if not self.connected:
+            return
+        try:
+            now = time.monotonic()
+            last_t, last = self._backlog_sent
+            snap = self.backlog()
+            if not force and (snap == last or (now - last_t < BACKLOG_EVERY_S
+                                               and not (snap["waiting"] == 0 and (last or {}).get("waiting")))):
+                return
+            self._backlog_sent = (now, snap)
+            self._publish_quietly(self.topics.outbox, json.dumps(snap, sort_keys=True), retain=True)
+        except Exception:  # noqa: BLE001  (closed outbox at shutdown)
+            if not self._stop.is_set():
+                log.debug("backlog publish failed", exc_info=True)

@@ -45,6 +45,7 @@ class OutboxItem:
     topic: str
     payload: str
     critical: bool
+    created: float = 0.0  # time.time() when it was queued (events sent much later are marked `queued`)
 
 
 class Outbox:
@@ -92,9 +93,9 @@ class Outbox:
         """The oldest undelivered event, or None."""
         with self._lock:
             self._check_open()
-            row = self._db.execute("SELECT seq, event_id, topic, payload, critical FROM outbox "
+            row = self._db.execute("SELECT seq, event_id, topic, payload, critical, created FROM outbox "
                                    "ORDER BY seq LIMIT 1").fetchone()
-        return None if row is None else OutboxItem(row[0], row[1], row[2], row[3], bool(row[4]))
+        return None if row is None else OutboxItem(row[0], row[1], row[2], row[3], bool(row[4]), float(row[5]))
 
     def wait(self, timeout: float) -> bool:
         """Block until something may be queued (or timeout); True if the outbox is non-empty."""

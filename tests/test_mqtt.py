@@ -144,3 +144,57 @@ def test_unreachable_broker_never_blocks_the_caller(tmp_path):
     pub.stop(timeout=0.1)
     assert len(box) == 50
     box.close()
+
+
+def test_events_replayed_after_an_outage_are_marked_queued_with_their_original_time(broker, tmp_path):
+    pub, box = publisher(broker, tmp_path, queued_after_s=0.5)
+    pub.start()
+    assert pub.wait_connected(10)
+    with Collector(broker.host, broker.port, "edgeface/front/event") as sub:
+        pub.send_event("live", "edgeface/front/event", {"event_id": "live", "timestamp": "2026-01-01T10:00:00+00:00"})
+        live = json.loads(sub.wait_for("edgeface/front/event", 1)[0])
+    assert live == {"event_id": "live", "timestamp": "2026-01-01T10:00:00+00:00"}  # a live event is sent as it is
+    broker.stop()
+    assert wait_until(lambda: not pub.connected)
+    pub.send_event("late", "edgeface/front/event", {"event_id": "late", "timestamp": "2026-01-01T10:00:01+00:00"})
+    time.sleep(0.8)
+    broker.start()
+    with Collector(broker.host, broker.port, ["edgeface/front/event", "edgeface/front/outbox"]) as sub:
+        late = json.loads(sub.wait_for("edgeface/front/event", 1, timeout=20)[0])
+        assert wait_until(lambda: json.loads(sub.on_topic("edgeface/front/outbox")[-1] or b"{}").get("waiting") == 0
+                          if sub.on_topic("edgeface/front/outbox") else False)
+        backlog = [json.loads(p) for p in sub.on_topic("edgeface/front/outbox")]
+    assert late["event_id"] == "late" and late["timestamp"] == "2026-01-01T10:00:01+00:00"
+    assert late["queued"] is True and late["queued_s"] >= 0.8
+    # the Outbox sensor: the backlog on reconnect, then empty
+    assert backlog[0]["waiting"] == 1 and backlog[-1]["waiting"] == 0
+    assert backlog[-1]["delivered"] == 2 and backlog[-1]["disconnects"] == 1 and backlog[-1]["dropped"] == 0
+    pub.stop()
+    box.close()
+
+
+def test_ha_discovery_off_removes_the_retained_device_config(broker, tmp_path):
+    from edgeface.config import parse_config
+    from edgeface.hass import discovery_messages
+    from edgeface.mqtt import MqttPublisher
+
+    def run(prefix: str, discovery: bool) -> None:
+        cfg = parse_config({"mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": prefix,
+                                     "ha_discovery": discovery, "outbox_path": str(tmp_path / f"{prefix}.db")}})
+        box = Outbox(cfg.mqtt.outbox_path)
+        pub = MqttPublisher(cfg.mqtt, door_id="front", outbox=box, discovery=lambda: discovery_messages(cfg))
+        pub.start()
+        assert pub.wait_connected(10)
+        pub.stop()
+        box.close()
+
+    run("edgeface", True)
+    run("garage", True)  # a second daemon with the same door id: its own device
+    with Collector(broker.host, broker.port, "homeassistant/device/#") as sub:
+        assert wait_until(lambda: len(sub.messages) == 2)
+        assert {t for t, _p, retained in sub.messages if retained} == {
+            "homeassistant/device/edgeface_front/config", "homeassistant/device/garage_front/config"}
+    run("edgeface", False)
+    with Collector(broker.host, broker.port, "homeassistant/device/#") as sub:
+        time.sleep(0.5)
+        assert [t for t, _p, _r in sub.messages] == ["homeassistant/device/garage_front/config"]
