@@ -25,6 +25,8 @@ import time
 import zlib
 from pathlib import Path
 
+from edgeface.testing import jpeg_header_bomb
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "image_bombs.json"
 
@@ -77,17 +79,6 @@ def png_bomb(w: int, h: int, *, color_type: int = 0, bit_depth: int = 8) -> byte
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b"")
 
 
-def jpeg_bomb(w: int, h: int) -> bytes:
-    """A real 64x64 JPEG whose frame header says w x h: libjpeg allocates and fills every missing row."""
-    import cv2
-    import numpy as np
-
-    ok, enc = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))
-    data = bytearray(enc.tobytes())
-    at = data.find(b"\xff\xc0")
-    data[at + 5:at + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
-    return bytes(data)
-
 
 def jpeg_real(w: int, h: int) -> bytes:
     import cv2
@@ -101,8 +92,8 @@ CASES = [  # name, maker, hostile (must be refused)
     ("PNG bomb 30000x30000 grey (complete)", lambda: png_bomb(30000, 30000), True),
     ("PNG bomb 20000x20000 RGB (complete)", lambda: png_bomb(20000, 20000, color_type=2), True),
     ("PNG bomb 12000x12000 RGBA 16-bit (complete)", lambda: png_bomb(12000, 12000, color_type=6, bit_depth=16), True),
-    ("JPEG bomb 20000x20000 (SOF says so)", lambda: jpeg_bomb(20000, 20000), True),
-    ("JPEG bomb 65000x65000 (SOF says so)", lambda: jpeg_bomb(65000, 65000), True),
+    ("JPEG bomb 20000x20000 (SOF says so)", lambda: jpeg_header_bomb(20000, 20000), True),
+    ("JPEG bomb 65000x65000 (SOF says so)", lambda: jpeg_header_bomb(65000, 65000), True),
     ("largest accepted: PNG 7000x7000 RGB", lambda: png_bomb(7000, 7000, color_type=2), False),
     ("largest accepted: PNG 7000x7000 grey", lambda: png_bomb(7000, 7000), False),
     ("largest accepted: PNG 7000x7000 RGBA 16-bit", lambda: png_bomb(7000, 7000, color_type=6, bit_depth=16), False),

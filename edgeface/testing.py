@@ -192,3 +192,16 @@ class Collector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def jpeg_header_bomb(w: int, h: int) -> bytes:
+    """A real 64x64 JPEG whose frame header (SOF) says w x h: libjpeg would allocate and fill every missing row
+    (a decompression bomb of a few hundred bytes, for tests and bench/image_bombs.py)."""
+    import cv2
+    import numpy as np
+
+    ok, enc = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))
+    data = bytearray(enc.tobytes())
+    at = data.find(b"\xff\xc0")
+    data[at + 5:at + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
+    return bytes(data)

@@ -45,3 +45,20 @@ def analyzer():
     a = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
     yield a
     a.close()
+
+
+@pytest.fixture(scope="session")
+def obama_gallery_file(analyzer, tmp_path_factory) -> Path:
+    """A gallery file (default config) with barack_obama enrolled from three fixture photos; tests copy it, never
+    change it."""
+    from edgeface.config import parse_config
+    from edgeface.enroll import enroll_images
+    from edgeface.gallery import Gallery, resolve_max_distance
+
+    cfg = parse_config({})
+    path = tmp_path_factory.mktemp("gallery") / "gallery.db"
+    person = FIXTURES / "faces" / "barack_obama"
+    with Gallery.open(path, model_id=analyzer.embedder.model_id, embedding_dim=analyzer.embedder.spec.embedding_dim,
+                      max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir)) as g:
+        g.enroll("barack_obama", enroll_images(analyzer, [person / f"barack_obama_0{i}.jpg" for i in (1, 2, 3)]))
+    return path

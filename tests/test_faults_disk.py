@@ -81,18 +81,6 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-@pytest.fixture(scope="module")
-def gallery_file(analyzer, tmp_path_factory):
-    from edgeface.enroll import enroll_images
-    from edgeface.gallery import Gallery, resolve_max_distance
-
-    cfg = parse_config({})
-    path = tmp_path_factory.mktemp("gallery") / "gallery.db"
-    with Gallery.open(path, model_id=analyzer.embedder.model_id, embedding_dim=analyzer.embedder.spec.embedding_dim,
-                      max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir)) as g:
-        g.enroll("barack_obama", enroll_images(analyzer, [FACES / "barack_obama" / f for f in KNOWN]))
-    return path
-
 
 def _rows(db: Path, sql: str) -> list[tuple]:
     with sqlite3.connect(db) as c:
@@ -101,14 +89,14 @@ def _rows(db: Path, sql: str) -> list[tuple]:
 
 @pytest.mark.broker
 @needs_broker
-def test_full_state_disk_turns_a_known_face_away_then_grants_when_space_returns(tmp_path, analyzer, gallery_file,
+def test_full_state_disk_turns_a_known_face_away_then_grants_when_space_returns(tmp_path, analyzer, obama_gallery_file,
                                                                                 caplog):
     broker = MosquittoBroker().start()
     pins = MockFactory()
     with small_disk(tmp_path / "disk") as disk, Collector(broker.host, broker.port, "edgeface/front/event") as sub:
         state = disk / "state"
         state.mkdir(mode=0o700)
-        shutil.copyfile(gallery_file, state / "gallery.db")
+        shutil.copyfile(obama_gallery_file, state / "gallery.db")
         cfg = parse_config({
             "state_dir": str(state), "gallery": {"path": "gallery.db"},
             "policy": {"min_frames": 2, "window_frames": 3, "window_s": 5.0, "cooldown_s": 3.0},
@@ -196,10 +184,10 @@ _KILLED_BY_THE_RELAY = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_sigkill_right_after_the_relay_moves_leaves_the_grant_recorded(tmp_path, gallery_file):
+def test_sigkill_right_after_the_relay_moves_leaves_the_grant_recorded(tmp_path, obama_gallery_file):
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    shutil.copyfile(gallery_file, state / "gallery.db")
+    shutil.copyfile(obama_gallery_file, state / "gallery.db")
     cam = tmp_path / "cam"
     cam.mkdir()
     shutil.copyfile(PROBE, cam / PROBE.name)

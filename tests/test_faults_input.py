@@ -19,7 +19,7 @@ from gpiozero.pins.mock import MockFactory
 from edgeface.config import load_config, parse_config
 from edgeface.errors import ConfigError, GalleryError, ImageError, ModelError
 from edgeface.images import MAX_FILE_BYTES, load_image
-from edgeface.testing import Collector, MosquittoBroker, pin_levels, wait_until, mosquitto_path
+from edgeface.testing import Collector, MosquittoBroker, jpeg_header_bomb, mosquitto_path, pin_levels, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = REPO / "tests" / "fixtures" / "faces"
@@ -307,22 +307,11 @@ def _png_header_bomb(w: int, h: int, color_type: int = 0) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
 
 
-def _jpeg_header_bomb(w: int, h: int) -> bytes:
-    """A real small JPEG whose frame header (SOF) says w x h: libjpeg fills the missing rows, all of them."""
-    import cv2
-    import numpy as np
-
-    ok, enc = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))
-    data = bytearray(enc.tobytes())
-    at = data.find(b"\xff\xc0")
-    data[at + 5:at + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
-    return bytes(data)
-
 
 @pytest.mark.parametrize("kind, w, h", [("png", 30000, 30000), ("png_rgb", 20000, 20000), ("jpeg", 20000, 20000),
                                         ("jpeg", 65000, 800)])
 def test_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path, kind, w, h):
-    data = _jpeg_header_bomb(w, h) if kind == "jpeg" else _png_header_bomb(w, h, 2 if kind == "png_rgb" else 0)
+    data = jpeg_header_bomb(w, h) if kind == "jpeg" else _png_header_bomb(w, h, 2 if kind == "png_rgb" else 0)
     assert len(data) < 10_000
     path = tmp_path / f"bomb.{kind[:3]}"
     path.write_bytes(data)

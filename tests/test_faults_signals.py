@@ -44,7 +44,7 @@ def _relay_rows(audit: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_many_sigterm_and_sigint_stops_during_audit_writes_never_hang(tmp_path, enrolled_gallery_file):
+def test_many_sigterm_and_sigint_stops_during_audit_writes_never_hang(tmp_path, obama_gallery_file):
     # Every frame is a grant (cooldown 0, 1 of 1 frames): the main thread is in the audit log's lock for a good
     # part of its time while the relay is held open, the moment the old handler deadlocked on.
     state = tmp_path / "state"
@@ -63,7 +63,7 @@ def test_many_sigterm_and_sigint_stops_during_audit_writes_never_hang(tmp_path, 
     for i in range(STOPS):
         shutil.rmtree(state, ignore_errors=True)
         state.mkdir(mode=0o700)
-        shutil.copyfile(enrolled_gallery_file, state / "gallery.db")
+        shutil.copyfile(obama_gallery_file, state / "gallery.db")
         proc = subprocess.Popen([sys.executable, "-m", "edgeface", "--config", str(config), "run"], env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
@@ -94,16 +94,3 @@ def test_many_sigterm_and_sigint_stops_during_audit_writes_never_hang(tmp_path, 
     assert not hung, f"{len(hung)} of {STOPS} stops hung: {hung}"
     assert not bad_exit, bad_exit
 
-
-@pytest.fixture(scope="module")
-def enrolled_gallery_file(analyzer, tmp_path_factory):
-    from edgeface.config import parse_config
-    from edgeface.enroll import enroll_images
-    from edgeface.gallery import Gallery, resolve_max_distance
-
-    cfg = parse_config({})
-    path = tmp_path_factory.mktemp("gallery") / "gallery.db"
-    with Gallery.open(path, model_id=analyzer.embedder.model_id, embedding_dim=analyzer.embedder.spec.embedding_dim,
-                      max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir)) as g:
-        g.enroll("barack_obama", enroll_images(analyzer, [FACES / "barack_obama" / f for f in KNOWN]))
-    return path
