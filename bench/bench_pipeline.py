@@ -6,7 +6,7 @@ Run by hand (never a test): timings depend on the machine and on what else runs 
         --embedder /tmp/facenet_float/facenet_float.tflite:facenet160:prewhiten \
         --threads 1 --threads 2 --threads 4 --peer-python /work/bench-venv/bin/python
 
-`--embedder sface_fp16,facenet_int8` measures score fusion: each face aligned and embedded by both models, the
+`--embedder sface_int8,facenet_int8` measures score fusion: each face aligned and embedded by both models, the
 two vectors concatenated (what a fused gallery would match); its row keeps each model's embed time apart
 (`embed_parts`) for the Pi projection.
 

@@ -132,6 +132,19 @@ def pi_section(pipe: dict, ref: dict) -> list[str]:
                         "Pi 4 est. frames/s", "Pi 4 est. decision ms", "Pi 5 est. frame ms", "Pi 5 est. decision ms",
                         "Pi 4 est. empty 1280x720 frame ms"], rows), ""]
     del full
+    emb = ref.get("embedders") or []
+    if emb:
+        k = pipe["results"][0]["decision"]["k_frames"] if pipe["results"] else 3
+        rows = [[e["embedder"], e["precision"], f"{e['here_ms']:.1f} ({e['here_threads']} threads)", e["pi4_factor"],
+                 f"{e['pi4_est_ms'][0]:.0f}-{e['pi4_est_ms'][1]:.0f}",
+                 f"{k * e['pi4_est_ms'][0]:.0f}-{k * e['pi4_est_ms'][1]:.0f}"] for e in emb]
+        lines += ["### The embedding step alone, timed in turns with the reference networks", "",
+                  "Each embedder's interpreter was invoked once per round in turn with the four reference networks "
+                  f"({ref.get('timing', 'same run')}), so the ratio and the embedder saw the same machine load; the "
+                  "Pi 4 estimate is the embedder's time here times its precision's ratio range (float16 weights run "
+                  "as float32 on a Pi 4). Score fusion embeds each face with both models: add their rows.", "",
+                  md_table(["embedder", "precision", "here ms", "factor", "Pi 4 est. ms per face",
+                            f"Pi 4 est. ms for K={k} faces"], rows), ""]
     return lines
 
 

@@ -37,11 +37,14 @@ import click
                    "(detector.refine_landmarks).")
 @click.option("--equalise", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="SFace int8 only: per-channel activation equalisation exponent (0 = off), measured on --representative.")
+@click.option("--float-prelu", is_flag=True,
+              help="SFace int8 only: keep the PReLUs in float32 (XNNPACK has no int8 PReLU; see models/MODELS.md).")
 @click.option("--name", default=None, help="Model name in the manifest (default: facenet_<quantization> / "
                                            "sface_<quantization>, sface_fp16 for float16).")
 def convert_cmd(model_kind: str, weights: Path, out_dir: Path, quantization: Optional[str],
                 representative: Optional[Path], max_representative: int, per_person: int, evaluate: Optional[Path],
-                keep_float: Optional[Path], refine: bool, equalise: float, name: Optional[str]) -> None:
+                keep_float: Optional[Path], refine: bool, equalise: float, float_prelu: bool,
+                name: Optional[str]) -> None:
     """Convert the Keras FaceNet weights or the SFace ONNX file to a TFLite embedder for edgeface."""
     from .convert import SFACE_QUANTIZATIONS, convert_facenet, convert_sface, require_tensorflow
     from .errors import ConfigError, ModelError
@@ -49,8 +52,8 @@ def convert_cmd(model_kind: str, weights: Path, out_dir: Path, quantization: Opt
     if not weights.is_file():
         what = "SFace ONNX file" if model_kind == "sface" else "Keras FaceNet weights"
         raise ModelError(f"{what} not found: {weights} (see models/MODELS.md for where to get them)")
-    if equalise and (model_kind != "sface" or quantization != "int8"):
-        raise ConfigError("--equalise applies to --model sface --quantization int8 only")
+    if (equalise or float_prelu) and (model_kind != "sface" or quantization != "int8"):
+        raise ConfigError("--equalise and --float-prelu apply to --model sface --quantization int8 only")
     require_tensorflow()  # then the install hint, before any work
     common = dict(representative=representative, name=name, evaluate=evaluate, max_representative=max_representative,
                   representative_per_person=per_person, keep_float=keep_float, refine=refine,
@@ -58,7 +61,8 @@ def convert_cmd(model_kind: str, weights: Path, out_dir: Path, quantization: Opt
     if model_kind == "sface":
         if quantization is not None and quantization not in SFACE_QUANTIZATIONS:
             raise ConfigError(f"--quantization {quantization}: expected one of {list(SFACE_QUANTIZATIONS)} for SFace")
-        result = convert_sface(weights, out_dir, quantization=quantization or "float16", equalise=equalise, **common)
+        result = convert_sface(weights, out_dir, quantization=quantization or "float16", equalise=equalise,
+                               float_prelu=float_prelu, **common)
     else:
         result = convert_facenet(weights, out_dir, quantization=quantization or "int8", **common)
     rep = result.report

@@ -156,14 +156,18 @@ def aligned_crops(folder: str | os.PathLike[str], *, template: str = TEMPLATE, l
 
 
 # ------------------------------------------------------------------------------------------------------- conversion
-def to_tflite(model: Any, quantization: str, representative: Optional[np.ndarray] = None) -> bytes:
+def to_tflite(model: Any, quantization: str, representative: Optional[np.ndarray] = None,
+              float_ops: Sequence[str] = ()) -> bytes:
     """Convert a Keras model taking (N,S,S,3) float input to a TFLite flatbuffer (batch dimension -1).
 
     int8: full-integer (int8 weights and activations, int8 input and output tensors; their scale/zero point are
     in the file and TFLiteEmbedder applies them). `representative` = preprocessed float inputs (N,S,S,3).
     dynamic: int8 weights, float activations and float input/output. float16: float16 weights (half the file),
     dequantised to float32 when the interpreter loads them. float: float32 everywhere.
-    """
+    `float_ops` (int8 only): TFLite op names kept in float32 between QUANTIZE/DEQUANTIZE ops (e.g. "PRELU", which
+    XNNPACK has no int8 kernel for); the model's input and output are then float32."""
+    if float_ops and quantization != "int8":
+        raise ModelError("float_ops applies to int8 conversion only")
     tf = require_tensorflow()
     if quantization not in QUANTIZATIONS:
         raise ModelError(f"unknown quantization {quantization!r}; expected one of {list(QUANTIZATIONS)}")
@@ -192,6 +196,17 @@ def to_tflite(model: Any, quantization: str, representative: Optional[np.ndarray
                 yield [rep[i:i + 1]]
 
         converter.representative_dataset = gen
+        if float_ops:
+            # Selective quantisation: everything int8 except these ops (TFLite's quantisation debugger writes the
+            # model with the deny-listed ops left in float, wrapped in (de)quantise ops).
+            options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops))
+            try:
+                debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=gen,
+                                                                     debug_options=options)
+                return bytes(debugger.get_nondebug_quantized_model())
+            except Exception as exc:  # as below: the converter raises many types
+                raise ModelError(f"TFLite conversion (int8, float {list(float_ops)}) failed: "
+                                 f"{str(exc).splitlines()[0][:300]}") from exc
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
@@ -501,8 +516,9 @@ def render_report_md(report: dict[str, Any], entry: dict[str, Any]) -> str:
               f"their batch norms folded, PReLU slopes, the dense layer with both batch norms folded)"
               + (f"; activation equalisation alpha {report['equalise_alpha']}" if report.get("equalise_alpha") else "")),
              *_arch_lines(report.get("architecture_check")),
-             f"- quantization: {report['quantization']}; input {entry['input_dtype']}, output "
-             f"{'int8' if report['quantization'] == 'int8' else 'float32'}; batch dimension -1",
+             f"- quantization: {report['quantization']}"
+             + (f" (float32: {', '.join(report['float_ops'])})" if report.get("float_ops") else "")
+             + f"; input {entry['input_dtype']}, output {entry['input_dtype']}; batch dimension -1",
              f"- {report['tensorflow']}; conversion took {report['convert_seconds']} s "
              f"(whole run {report['total_seconds']} s, {os.cpu_count()} cores)",
              f"- file: `{entry['file']}`, {report['bytes']:,} bytes ({report['bytes'] / mb:.1f} MiB), "
@@ -582,8 +598,15 @@ def ensure_embedder_model(config: Any, *, max_representative: int = 200) -> Path
     rep = getattr(emb, "representative_dir", None)
     try:
         if Path(weights).suffix.lower() == ".onnx":
-            # SFace ships as float16 (int8 is slower and less accurate here, models/MODELS.md): no calibration needed.
-            result = convert_sface(weights, path.parent, quantization="float16", name=path.stem)
+            # SFace: with calibration faces, as shipped (int8, activation equalisation, PReLU in float32; every face
+            # of the folder, as the shipped file used the 26 fixture faces); without, float16 (no calibration, as
+            # accurate, about twice the embedding time: models/MODELS.md).
+            if rep:
+                result = convert_sface(weights, path.parent, quantization="int8", equalise=0.5, float_prelu=True,
+                                       representative=rep, representative_per_person=None,
+                                       max_representative=max_representative, name=path.stem)
+            else:
+                result = convert_sface(weights, path.parent, quantization="float16", name=path.stem)
         else:
             result = convert_facenet(weights, path.parent, quantization="int8" if rep else "dynamic",
                                      representative=rep, name=path.stem, max_representative=max_representative)
@@ -638,12 +661,15 @@ def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[st
                   representative: str | os.PathLike[str] | None = None, name: Optional[str] = None,
                   evaluate: str | os.PathLike[str] | None = None, max_representative: int = 200,
                   representative_per_person: Optional[int] = 1, keep_float: Optional[Path] = None,
-                  equalise: float = 0.0, refine: bool = True, command: Optional[str] = None,
-                  log: Callable[[str], None] = lambda _msg: None) -> ConvertResult:
+                  equalise: float = 0.0, float_prelu: bool = False, refine: bool = True,
+                  command: Optional[str] = None, log: Callable[[str], None] = lambda _msg: None) -> ConvertResult:
     """SFace ONNX -> `<out_dir>/<name>.tflite`, its manifest entry and an agreement report (as convert_facenet).
 
     `equalise` > 0 (int8 only): per-channel activation equalisation with that exponent, measured on the
-    representative faces and folded into the weights before quantisation (sface_arch.equalise)."""
+    representative faces and folded into the weights before quantisation (sface_arch.equalise).
+    `float_prelu` (int8 only): keep the 27 PReLUs in float32 between (de)quantise ops. XNNPACK has no int8 PReLU,
+    so a fully int8 file runs them outside the delegate, in pieces, slower than float; this way the whole graph
+    stays in XNNPACK (float32 input and output)."""
     from . import sface_arch  # noqa: PLC0415
     from .embed import TFLiteEmbedder, arcface_norm
 
@@ -663,7 +689,10 @@ def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[st
         "name": name, "quantization": quantization, "weights": str(weights), "weights_sha256": sha256_file(weights),
         "weights_copied": {"layers": len(layers.convs) + 1, "arrays": 3 * len(layers.convs) + 2},
         "tensorflow": _tf_version(), "landmark_refinement": refine, "equalise_alpha": equalise or None,
+        "float_ops": ["PRELU"] if float_prelu else None,
     }
+    if (equalise or float_prelu) and quantization != "int8":
+        raise ModelError("--equalise and --float-prelu apply to --quantization int8 only")
     rep_info: dict[str, Any] = {}
     rep = None
     if quantization == "int8" or representative is not None:
@@ -692,7 +721,8 @@ def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[st
         work = Path(work_dir)
         t0 = time.monotonic()
         log(f"converting to TFLite ({quantization})")
-        data = to_tflite(qmodel, quantization, arcface_norm(rep.crops) if quantization == "int8" else None)
+        data = to_tflite(qmodel, quantization, arcface_norm(rep.crops) if quantization == "int8" else None,
+                         float_ops=("PRELU",) if float_prelu else ())
         report["convert_seconds"] = round(time.monotonic() - t0, 1)
         candidate = work / f"{name}.tflite"
         write_atomic(candidate, data)
@@ -735,7 +765,7 @@ def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[st
 
 def sface_manifest_entry(name: str, path: Path, quantization: str, threshold: Optional[float],
                          report: dict[str, Any]) -> dict[str, Any]:
-    dtype = "int8" if quantization == "int8" else "float32"
+    dtype = "int8" if quantization == "int8" and not report.get("float_ops") else "float32"
     cmd = report.get("command") or (f"edgeface convert --model sface --weights face_recognition_sface_2021dec_int8bq.onnx "
                                     f"--out models/ --quantization {quantization} --name {name}")
     entry: dict[str, Any] = {
@@ -751,6 +781,10 @@ def sface_manifest_entry(name: str, path: Path, quantization: str, threshold: Op
         "model_id": name, "align_template": SFACE_TEMPLATE, "preprocessing_id": SFACE_PREPROCESSING_ID,
         "embedding_dim": 128, "quantization": quantization,
     }
+    if report.get("float_ops"):
+        entry["float_ops"] = report["float_ops"]
+        entry["preprocessing"] += ("; int8 convolutions and dense layer (int8 weights and activations), PReLU in "
+                                   "float32 between quantise/dequantise ops, float32 input and output")
     if threshold is not None:
         entry["default_max_distance"] = threshold
         entry["default_max_distance_note"] = (

@@ -104,9 +104,10 @@ def test_enroll_reports_rejected_photos_on_stderr(capsys, tmp_path):
 
 
 def test_identify_prints_one_line_per_face(capsys, enrolled):
-    """One line per photo, in order. Measured with the default embedder (sface_fp16, centroid 0.47): 11 of the 12
-    enrolled people's probes are named, paul_allen_03 is unknown at 0.491 (just over the threshold, which was set
-    for 0.1% stranger false-accept on the open-set tuning half); all 4 stranger photos are unknown."""
+    """One line per photo, in order. Measured with the default embedder (sface_int8, centroid 0.47): 11 of the 12
+    enrolled people's probes are named (distances 0.16-0.32), paul_allen_03 is unknown at 0.472 (just over the
+    threshold, which was set for 0.1% stranger false-accept on the open-set tuning half); all 4 stranger photos
+    are unknown (0.77-0.85)."""
     cases = probes()
     rc, out, err = run(capsys, enrolled, "identify", *[p for p, _ in cases], NONFACE)
     assert rc == 0

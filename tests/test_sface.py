@@ -47,12 +47,12 @@ def _onnx_or_skip() -> None:
 def test_default_embedder_is_the_shipped_sface_and_separates_fixture_people() -> None:
     """The default config's embedder, on the 26 committed photos of 7 people, at its shipped centroid threshold.
 
-    Measured (sface_fp16, 0.47): AUC 1.0 over 42 same-person and 283 different-person pairs (largest same 0.534,
-    smallest different 0.679); 40 of 42 same-person pairs match, none of the different-person pairs does. One
+    Measured (sface_int8, 0.47): AUC 1.0 over 42 same-person and 283 different-person pairs (largest same 0.511,
+    smallest different 0.681); 40 of 42 same-person pairs match, none of the different-person pairs does. One
     photo per side; the gallery averages several and the daemon votes over frames."""
     cfg = EdgefaceConfig()
     info = load_manifest()[cfg.embedder.model]
-    assert cfg.embedder.model == "sface_fp16" and cfg.gallery.match_mode == "centroid"
+    assert cfg.embedder.model == "sface_int8" and cfg.gallery.match_mode == "centroid"
     path = default_models_dir() / info.file
     assert sha256_file(path) == info.sha256 and path.stat().st_size == info.bytes
     assert (info.extra["align_template"], info.extra["preprocessing_id"]) == ("arcface112", "arcface")
@@ -73,8 +73,8 @@ def test_default_embedder_is_the_shipped_sface_and_separates_fixture_people() ->
 def test_default_embedder_separates_the_shared_faces_at_its_threshold() -> None:
     """All pairs of ../shared/data/faces (117 photos, 18 people, some hard on purpose).
 
-    Measured (sface_fp16, 0.47): AUC 1.0 (350 same, 6436 different pairs; largest same 0.601, smallest
-    different 0.611); 321/350 same-person pairs (91.7%) match, 0 different-person pairs."""
+    Measured (sface_int8, 0.47): AUC 1.0 (350 same, 6436 different pairs; largest same 0.609, smallest
+    different 0.627); 320/350 same-person pairs (91.4%) match, 0 different-person pairs."""
     emb, labels = _embed_folder(shared_path("data", "faces"))
     same, diff = _pairs(emb, labels)
     assert len(same) >= 300 and len(diff) >= 6000
@@ -106,14 +106,14 @@ def test_facenet_gallery_is_refused_by_the_sface_default_until_reembedded(tmp_pa
             for p in people:
                 g.enroll(p, enroll_images(fa, list_images(FIXTURES / "faces" / p)[:2], keep_chips=True))
     sface_thr = resolve_max_distance(new.gallery, new.embedder)
-    with pytest.raises(GalleryError, match=r"enrolled with model 'facenet_int8' but the embedder is 'sface_fp16'.*"
+    with pytest.raises(GalleryError, match=r"enrolled with model 'facenet_int8' but the embedder is 'sface_int8'.*"
                                            r"edgeface gallery reembed"):
-        Gallery.open(path, model_id="sface_fp16", max_distance=sface_thr)
+        Gallery.open(path, model_id="sface_int8", max_distance=sface_thr)
     with FaceAnalyzer.from_config(new.detector, new.embedder, new.models_dir) as fa:
         with Gallery.open(path, model_id="facenet_int8", max_distance=sface_thr, allow_model_change=True,
                           keep_crops=True) as g:
             assert g.reembed(fa.embedder) == 4
-        with Gallery.open(path, model_id="sface_fp16", max_distance=sface_thr, match_mode="centroid") as g:
+        with Gallery.open(path, model_id="sface_int8", max_distance=sface_thr, match_mode="centroid") as g:
             probe = load_image(list_images(FIXTURES / "faces" / "barack_obama")[-1])
             assert g.match(fa.analyze_main(probe)[0].embedding).name == "barack_obama"
             stranger = load_image(list_images(FIXTURES / "faces" / "paul_allen")[0])
@@ -178,7 +178,8 @@ def test_keras_rebuild_matches_the_onnx_graph_and_equalisation_keeps_the_functio
 @pytest.mark.shared
 @pytest.mark.convert
 def test_convert_command_reproduces_the_shipped_sface_byte_for_byte(tmp_path: Path) -> None:
-    """`edgeface convert --model sface` (the command in the manifest, without its evaluation) gives the file in models/."""
+    """`edgeface convert --model sface` (the command in the manifest, without its evaluation) gives the file in models/:
+    int8 calibrated on the 26 MIT fixture faces, activation equalisation 0.5, PReLU in float32."""
     onnx_path = shared_path(*ONNX)
     _onnx_or_skip()
     from edgeface.convert import tensorflow_available
@@ -186,20 +187,23 @@ def test_convert_command_reproduces_the_shipped_sface_byte_for_byte(tmp_path: Pa
     if not tensorflow_available():
         pytest.skip("needs TensorFlow (pip install 'edgeface[convert]')")
     proc = subprocess.run([sys.executable, "-m", "edgeface", "convert", "--model", "sface", "--weights", str(onnx_path),
-                           "--out", str(tmp_path), "--quantization", "float16"], cwd=REPO, capture_output=True, text=True)
+                           "--out", str(tmp_path), "--quantization", "int8", "--equalise", "0.5", "--float-prelu",
+                           "--representative", str(FIXTURES / "faces"), "--per-person", "1000"],
+                          cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    shipped = load_manifest()["sface_fp16"]
-    assert sha256_file(tmp_path / "sface_fp16.tflite") == shipped.sha256
+    shipped = load_manifest()["sface_int8"]
+    assert sha256_file(tmp_path / "sface_int8.tflite") == shipped.sha256
     entry = json.loads((tmp_path / "manifest.json").read_text())["models"][0]
-    assert (entry["name"], entry["input_dtype"], entry["align_template"]) == ("sface_fp16", "float32", "arcface112")
-    assert (tmp_path / "sface_fp16.report.md").is_file()
+    assert (entry["name"], entry["input_dtype"], entry["float_ops"]) == ("sface_int8", "float32", ["PRELU"])
+    assert (tmp_path / "sface_int8.report.md").is_file()
 
 
 @pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.convert
 def test_missing_sface_model_is_converted_at_start_from_the_onnx(tmp_path: Path) -> None:
-    """The daemon's start-up path with embedder.source_weights = the .onnx: float16, the shipped file's bytes."""
+    """The daemon's start-up path with embedder.source_weights = the .onnx and the fixture faces to calibrate on:
+    the shipped file's bytes."""
     onnx_path = shared_path(*ONNX)
     _onnx_or_skip()
     from edgeface.config import parse_config
@@ -208,9 +212,10 @@ def test_missing_sface_model_is_converted_at_start_from_the_onnx(tmp_path: Path)
     if not tensorflow_available():
         pytest.skip("needs TensorFlow (pip install 'edgeface[convert]')")
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "models": []}))
-    cfg = parse_config({"models_dir": str(tmp_path), "embedder": {"source_weights": str(onnx_path)}})
+    cfg = parse_config({"models_dir": str(tmp_path), "embedder": {
+        "source_weights": str(onnx_path), "representative_dir": str(FIXTURES / "faces")}})
     path = ensure_embedder_model(cfg)
-    assert path == tmp_path / "sface_fp16.tflite"
-    entry = load_manifest(tmp_path)["sface_fp16"]
-    assert entry.sha256 == sha256_file(path) == load_manifest()["sface_fp16"].sha256
-    assert entry.extra["quantization"] == "float16" and entry.extra["align_template"] == "arcface112"
+    assert path == tmp_path / "sface_int8.tflite"
+    entry = load_manifest(tmp_path)["sface_int8"]
+    assert entry.sha256 == sha256_file(path) == load_manifest()["sface_int8"].sha256
+    assert entry.extra["quantization"] == "int8" and entry.extra["align_template"] == "arcface112"
