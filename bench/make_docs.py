@@ -135,7 +135,7 @@ def pi_section(pipe: dict, ref: dict) -> list[str]:
     emb = ref.get("embedders") or []
     if emb:
         k = pipe["results"][0]["decision"]["k_frames"] if pipe["results"] else 3
-        rows = [[e["embedder"], e["precision"], f"{e['here_ms']:.1f} ({e['here_threads']} threads)", e["pi4_factor"],
+        rows = [[Path(e["embedder"].split(":")[0]).name.removesuffix(".tflite"), e["precision"], f"{e['here_ms']:.1f} ({e['here_threads']} threads)", e["pi4_factor"],
                  f"{e['pi4_est_ms'][0]:.0f}-{e['pi4_est_ms'][1]:.0f}",
                  f"{k * e['pi4_est_ms'][0]:.0f}-{k * e['pi4_est_ms'][1]:.0f}"] for e in emb]
         lines += ["### The embedding step alone, timed in turns with the reference networks", "",
