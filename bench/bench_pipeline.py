@@ -6,6 +6,10 @@ Run by hand (never a test): timings depend on the machine and on what else runs 
         --embedder /tmp/facenet_float/facenet_float.tflite:facenet160:prewhiten \
         --threads 1 --threads 2 --threads 4 --peer-python /work/bench-venv/bin/python
 
+`--embedder sface_int8,facenet_int8` measures score fusion: each face aligned and embedded by both models, the
+two vectors concatenated (what a fused gallery would match); its row keeps each model's embed time apart
+(`embed_parts`) for the Pi projection.
+
 Every (embedder, threads) pair runs in a fresh Python process so that its model load time and peak RSS are its
 own. A "frame" is one photo of the set: JPEG decode -> BlazeFace -> face mesh (when the config enables it) ->
 align -> embed -> 1:N match against a gallery of 100 people x 3 embeddings, i.e. the daemon's per-frame work.
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,28 +56,36 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
 
     cfg = EdgefaceConfig()
     rss_start = _rss_mb()
-    choice = ModelChoice.parse(embedder)
-    spec = None
-    if choice.template:
-        from edgeface.align import TEMPLATES
-        spec = EmbedderSpec(choice.base_label, TEMPLATES[choice.template].size, choice.template, choice.preprocessing)
-    path, _ = resolve_model(choice.model)
+    # "A,B": score fusion, every face aligned and embedded by both models (the gallery stores both vectors).
+    choices = [ModelChoice.parse(part) for part in embedder.split(",")]
+    choice = choices[0]
     t0 = time.perf_counter()
     det = build_detector(cfg.detector, num_threads=threads)
     use_mesh = cfg.detector.refine_landmarks if choice.landmarks is None else choice.landmarks
     mesh = LandmarkRefiner(num_threads=threads) if use_mesh else None
     t1 = time.perf_counter()
-    emb = TFLiteEmbedder(path, spec=spec, num_threads=threads, flip_augment=choice.flip)
+    embs, paths, infos = [], [], []
+    for c in choices:
+        spec = None
+        if c.template:
+            from edgeface.align import TEMPLATES
+            spec = EmbedderSpec(c.base_label, TEMPLATES[c.template].size, c.template, c.preprocessing)
+        path, info = resolve_model(c.model)
+        paths.append(path)
+        infos.append(info)
+        embs.append(TFLiteEmbedder(path, spec=spec, num_threads=threads, flip_augment=c.flip))
     t2 = time.perf_counter()
     # First inference (XNNPACK packs weights lazily on the first invoke): part of start-up, not of a frame.
-    emb.embed(np.zeros((1, emb.input_size, emb.input_size, 3), np.uint8))
+    for emb in embs:
+        emb.embed(np.zeros((1, emb.input_size, emb.input_size, 3), np.uint8))
     t3 = time.perf_counter()
     rng = np.random.default_rng(0)
-    gallery = rng.standard_normal((300, emb.spec.embedding_dim)).astype(np.float32)
+    gallery = rng.standard_normal((300, sum(e.spec.embedding_dim for e in embs))).astype(np.float32)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
     starts = np.arange(0, 300, 3)
     blobs = [p.read_bytes() for p in images]
     stages: dict[str, list[float]] = {k: [] for k in ("decode", "detect", "mesh", "align", "embed", "match", "frame")}
+    part_ms: list[list[float]] = [[] for _ in embs]
     faces_found = frames = 0
     for rep in range(passes + 1):
         for blob in blobs:
@@ -86,11 +99,20 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
             d = time.perf_counter()
             idx = main_face_index(faces, rgb.shape)
             e = f = g = d
+            parts = []
             if idx is not None:
-                crop = align_face(rgb, faces[idx], emb.template)
-                e = time.perf_counter()
-                vec = emb.embed(crop)[0]
-                f = time.perf_counter()
+                vecs, align_s, embed_s = [], 0.0, 0.0
+                for emb in embs:
+                    a1 = time.perf_counter()
+                    crop = align_face(rgb, faces[idx], emb.template)
+                    a2 = time.perf_counter()
+                    vecs.append(emb.embed(crop)[0])
+                    a3 = time.perf_counter()
+                    align_s, embed_s = align_s + (a2 - a1), embed_s + (a3 - a2)
+                    parts.append((a3 - a2) * 1e3)
+                vec = np.concatenate(vecs) / np.sqrt(len(vecs))
+                e = d + align_s
+                f = e + embed_s
                 dist = np.minimum.reduceat(1.0 - gallery @ vec, starts)
                 int(np.argmin(dist))
                 g = time.perf_counter()
@@ -107,6 +129,8 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
                 stages["align"].append((e - d) * 1e3)
                 stages["embed"].append((f - e) * 1e3)
                 stages["match"].append((g - f) * 1e3)
+                for i, ms in enumerate(parts):
+                    part_ms[i].append(ms)
     # A door camera mostly sees nobody: what a 1280x720 frame without a face costs the detector (with the default
     # full-range fallback that is both models), the work done on every empty frame.
     import cv2
@@ -121,10 +145,18 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
         if rep >= 3:
             empty_ms.append((time.perf_counter() - a) * 1e3)
     stages["empty_720p"] = empty_ms
+    def precision(emb: Any, info: Any) -> str:
+        q = (info.extra.get("quantization") if info is not None else None) or ("int8" if emb.quantized else "float32")
+        return {"float": "float32", "dynamic": "float32"}.get(q, q)  # dynamic range: float activations
+
     out = {
-        "embedder": choice.label, "model_file": str(path), "model_bytes": os.path.getsize(path),
+        "embedder": "⊕".join(c.label for c in choices), "model_file": ",".join(str(p) for p in paths),
+        "model_bytes": sum(os.path.getsize(p) for p in paths),
+        "precision": " + ".join(precision(e, i) for e, i in zip(embs, infos)),
+        "embed_parts": [{"embedder": c.label, "precision": precision(e, i), "embed_ms": _stats(ms)}
+                        for c, e, i, ms in zip(choices, embs, infos, part_ms) if ms],
         "detector": {"variant": cfg.detector.variant, "fallback_full_range": cfg.detector.fallback_full_range},
-        "quantized": bool(emb.quantized), "threads": threads, "face_mesh": bool(mesh is not None),
+        "quantized": all(bool(e.quantized) for e in embs), "threads": threads, "face_mesh": bool(mesh is not None),
         "frames": frames, "frames_with_face": faces_found,
         "load_ms": {"detector_and_mesh": (t1 - t0) * 1e3, "embedder": (t2 - t1) * 1e3, "first_inference": (t3 - t2) * 1e3},
         "stages_ms": {k: _stats(v) for k, v in stages.items() if v},

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,28 +78,79 @@ def time_model(path: Path, threads: int, runs: int = 30) -> float:
     return float(np.median(times))
 
 
+def _embedder_interpreter(spec: str, threads: int) -> tuple[Any, str]:
+    """An embedder named as `edgeface eval --model` (name or PATH:TEMPLATE:PREPROCESSING): its interpreter and
+    precision (the manifest's quantization, else int8 / float32 from its input tensor)."""
+    from edgeface.evaluate import ModelChoice
+    from edgeface.models import resolve_model
+    from edgeface.runtime import load_interpreter
+
+    choice = ModelChoice.parse(spec)
+    path, info = resolve_model(choice.model)
+    it = load_interpreter(path, threads)
+    q = info.extra.get("quantization") if info is not None else None
+    if q is None:
+        q = "int8" if it.get_input_details()[0]["dtype"] in (np.int8, np.uint8) else "float32"
+    return it, {"float": "float32", "dynamic": "float32"}.get(q, q)
+
+
+def time_in_turns(interpreters: dict[str, Any], rounds: int = 40) -> dict[str, float]:
+    """Median ms per invoke, every interpreter timed once per round in turn, so all see the same machine load."""
+    times: dict[str, list[float]] = {k: [] for k in interpreters}
+    for it in interpreters.values():
+        inp = it.get_input_details()[0]
+        it.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
+        for _ in range(3):
+            it.invoke()
+    for _ in range(rounds):
+        for key, it in interpreters.items():
+            t0 = time.perf_counter()
+            it.invoke()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def main() -> int:
     from edgeface.evaluate import machine_description
+    from edgeface.runtime import load_interpreter
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgeface" / "bench")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="threads here (default: every core, as the published Pi figures use all 4)")
+    ap.add_argument("--embedder", action="append", default=[],
+                    help="also time this embedder (as `edgeface eval --model`), in turns with the reference networks, "
+                         "for a per-face Pi 4 estimate (repeat)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "reference.json")
     args = ap.parse_args()
+    interpreters: dict[str, Any] = {}
+    for (name, quant) in PI4_PUBLISHED_MS:
+        interpreters[f"{name}/{quant}"] = load_interpreter(build(name, quant, args.work), args.threads)
+    precisions = {}
+    for spec in args.embedder:
+        interpreters[spec], precisions[spec] = _embedder_interpreter(spec, args.threads)
+    here = time_in_turns(interpreters)
     rows = []
     for (name, quant), pi_ms in PI4_PUBLISHED_MS.items():
-        path = build(name, quant, args.work)
-        ours = time_model(path, args.threads)
+        ours = here[f"{name}/{quant}"]
         rows.append({"network": name, "precision": quant, "here_ms": ours, "here_threads": args.threads,
                      "pi4_published_ms": pi_ms, "pi4_threads": PI4_THREADS, "ratio_pi4_over_here": pi_ms / ours})
         print(f"{name} {quant}: here {ours:.1f} ms ({args.threads} threads), Pi 4 published {pi_ms} ms, "
               f"ratio {pi_ms / ours:.2f}", file=sys.stderr)
+    embedders = []
+    for spec in args.embedder:
+        factor = "int8" if precisions[spec] == "int8" else "float32"  # float16 weights run as float32 on a Pi 4
+        ratios = [r["ratio_pi4_over_here"] for r in rows if r["precision"] == factor]
+        embedders.append({"embedder": spec, "precision": precisions[spec], "here_ms": here[spec],
+                          "here_threads": args.threads, "pi4_factor": factor,
+                          "pi4_est_ms": [here[spec] * min(ratios), here[spec] * max(ratios)]})
+        print(f"{spec} ({precisions[spec]}): here {here[spec]:.1f} ms, Pi 4 est. {here[spec] * min(ratios):.0f}-"
+              f"{here[spec] * max(ratios):.0f} ms", file=sys.stderr)
     doc = {"machine": machine_description(), "source": SOURCE, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "load_average_1min_at_end": os.getloadavg()[0],
+           "load_average_1min_at_end": os.getloadavg()[0], "timing": "all networks timed in turns, 40 rounds (medians)",
            "pi5_over_pi4_speedup": {"low": 2.0, "high": 3.0,
                                     "source": "Raspberry Pi Ltd, Raspberry Pi 5 launch announcement (Sept 2023): "
                                               "'a 2-3x increase in CPU performance relative to Raspberry Pi 4'"},
-           "rows": rows}
+           "rows": rows, "embedders": embedders}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return 0

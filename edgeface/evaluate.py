@@ -1227,11 +1227,12 @@ def _per_visit_lines(study: dict[str, Any], baseline: Optional[str]) -> list[str
 
 
 #: Issue 8's targets on the reporting half, K=100, E=3: correct accept at each stranger-FAR, wrong person at most.
-ISSUE8_TARGETS = {"k": 100, "enroll": 3, "correct_accept": {1e-2: 0.92, 1e-3: 0.75}, "wrong_person_max": 1e-3}
+#: Issue 8's targets, with the 0.1% goal raised from 75% to 85% by issue 13 (the SFace embedder).
+TARGETS = {"k": 100, "enroll": 3, "correct_accept": {1e-2: 0.92, 1e-3: 0.85}, "wrong_person_max": 1e-3}
 
 
 def _targets_lines(study: dict[str, Any]) -> list[str]:
-    t = ISSUE8_TARGETS
+    t = TARGETS
     rows = []
     for r in study["results"]:
         if r["k"] != t["k"] or r["enroll"] != t["enroll"] or study.get("only_tune"):
@@ -1252,7 +1253,7 @@ def _targets_lines(study: dict[str, Any]) -> list[str]:
     head = ["variant", "shippable as configured"] + [
         f"stranger {pct(f, 1)}: correct accept (goal {pct(g, 0)}) / wrong person (goal <= {pct(t['wrong_person_max'], 1)})"
         for f, g in t["correct_accept"].items()] + ["targets"]
-    return ["## Against the issue-8 targets (reporting half, K=100, E=3)", "", md_table(head, rows), ""]
+    return ["## Against the targets (issues 8 and 13; reporting half, K=100, E=3)", "", md_table(head, rows), ""]
 
 
 def open_set_plots(study: dict[str, Any], plot_dir: Path, prefix: str, link_base: Path, k: int, e: int) -> dict[str, str]:

@@ -124,7 +124,8 @@ def test_ensure_embedder_model_returns_existing_file() -> None:
     from edgeface.convert import ensure_embedder_model
 
     cfg = parse_config({"models_dir": str(REPO / "models")})
-    assert ensure_embedder_model(cfg) == REPO / "models" / "facenet_int8.tflite"
+    assert ensure_embedder_model(cfg) == REPO / "models" / "sface_int8.tflite"  # the default embedder
+    assert ensure_embedder_model(_config(REPO / "models")) == REPO / "models" / "facenet_int8.tflite"
 
 
 def test_ensure_embedder_model_missing_file_without_weights_says_what_to_do(tmp_path: Path) -> None:
