@@ -197,10 +197,13 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
                                                 gate=gate, keep_chips=keep, on_item=on_item)
             finally:
                 source.close()
-            if not any(it.accepted for it in items):
+            good = sum(it.accepted for it in items)
+            if not good:
                 why = trouble[0] if trouble else f"no usable face in {len(items)} frames"
                 raise CameraError(f"enroll --camera: camera.source {cfg.camera.source!r} gave no usable frame "
                                   f"({why}); nothing was written")
+            if trouble and good < n_frames:
+                _warn(f"warning: camera {trouble[0]}: enrolling the {good} good frame(s) captured before it")
             batches = [(name, items)]
         else:
             total = sum(len(p) for _, p in batches_paths)
