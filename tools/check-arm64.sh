@@ -17,7 +17,8 @@
 # aarch64 wheels are downloaded on the host, natively, and installed inside with --no-index).
 # Prints the demo's events, compares who was granted / who was unknown with the same demo run natively
 # from the same wheel, and the durations. EDGEFACE_ARM64_EMULATION=proot forces the fallback.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'exit 1' ERR   # any unexpected failure is a failed check (1), whatever its own status; 3 only from setup()
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ROOT="${EDGEFACE_ARM64_ROOT:-/var/tmp/edgeface-arm64}"
@@ -180,6 +181,8 @@ cp "$H/dist/$WHEEL_NAME" "$H/wheelhouse/"
 # ------------------------------------------------------------------------------------------ the Pi installer
 # What a Pi owner runs, from the clone's files, with the wheel and the wheelhouse (offline).
 cp -r "$REPO/tools" "$REPO/systemd" "$REPO/config.yaml" "$REPO/pyproject.toml" "$H/src/"
+# Every run installs on a fresh "Pi": no venv, config, state or user left from the previous run.
+inroot sh -c 'userdel edgeface 2>/dev/null; rm -rf /opt/edgeface /etc/edgeface /var/lib/edgeface /etc/systemd/system/edgeface.service'
 step "tools/install-pi.sh --wheel $WHEEL_NAME (emulated)"
 T_INSTALL=$(date +%s)
 inroot bash "$CHK/src/tools/install-pi.sh" --wheel "$CHK/dist/$WHEEL_NAME" --find-links "$CHK/wheelhouse" \

@@ -85,6 +85,11 @@ if ! /usr/bin/python3 -c 'import lgpio' 2>/dev/null; then
   fi
 fi
 if [[ ${#PIP_SOURCE[@]} -eq 0 ]]; then "$PY" -m pip install --upgrade pip; fi
+# An older install may have put a numpy 2 into the venv: remove it, the system one takes its place.
+if "$PY" -c 'import numpy, sys; sys.exit(not numpy.__file__.startswith(sys.prefix))' 2>/dev/null; then
+  echo "   removing the venv's own numpy (it shadows the system numpy $SYS_NUMPY)"
+  "$PY" -m pip uninstall -y numpy
+fi
 "$PY" -m pip install "${PIP_SOURCE[@]}" -c "$PREFIX/constraints.txt" "$TARGET"
 "$PY" -c 'import numpy, sys; p = numpy.__file__; print("   numpy", numpy.__version__, "from", p); sys.exit(p.startswith(sys.prefix))' \
   || { echo "a numpy was installed into $PREFIX/venv: it would shadow the system numpy" >&2; exit 1; }
