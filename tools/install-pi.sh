@@ -90,7 +90,13 @@ if "$PY" -c 'import numpy, sys; sys.exit(not numpy.__file__.startswith(sys.prefi
   echo "   removing the venv's own numpy (it shadows the system numpy $SYS_NUMPY)"
   "$PY" -m pip uninstall -y numpy
 fi
-"$PY" -m pip install "${PIP_SOURCE[@]}" -c "$PREFIX/constraints.txt" "$TARGET"
+if ! "$PY" -m pip install "${PIP_SOURCE[@]}" -c "$PREFIX/constraints.txt" "$TARGET"; then
+  if "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 13))'; then
+    echo "pip failed on Python $("$PY" -c 'import platform; print(platform.python_version())'): ai-edge-litert (the TFLite" \
+         "runtime) has published aarch64 wheels only up to CPython 3.12 so far; use Raspberry Pi OS Bookworm" >&2
+  fi
+  exit 1
+fi
 "$PY" -c 'import numpy, sys; p = numpy.__file__; print("   numpy", numpy.__version__, "from", p); sys.exit(p.startswith(sys.prefix))' \
   || { echo "a numpy was installed into $PREFIX/venv: it would shadow the system numpy" >&2; exit 1; }
 
