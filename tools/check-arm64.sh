@@ -218,7 +218,8 @@ if "$HOSTPY" -c 'import cv2, numpy, click' 2>/dev/null; then
   "$HOSTPY" -m venv "$X86"
   PURELIB="$("$X86/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   "$HOSTPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$PURELIB/_host_deps.pth"
-  "$X86/bin/python" -m pip install -q --no-deps --no-index "$H/dist/$WHEEL_NAME" 2>&1 | grep -v "^WARNING: Location" || true
+  # --ignore-installed: the host's own site (on the path through the .pth) may hold an edgeface of the same version
+  "$X86/bin/python" -m pip install -q --no-deps --no-index --ignore-installed "$H/dist/$WHEEL_NAME"
   (cd "$OUT" && env -u EDGEFACE_MODELS_DIR -u PYTHONPATH TQDM_DISABLE=1 "$X86/bin/edgeface" demo --broker 127.0.0.1:1 \
      > "$OUT/demo-x86.jsonl" 2> "$OUT/demo-x86.err") || { tail -20 "$OUT/demo-x86.err"; echo "demo failed on x86" >&2; exit 1; }
 else
