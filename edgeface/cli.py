@@ -163,6 +163,17 @@ def _is_door_release(args: Sequence[str]) -> bool:
     return list(args[i:i + 2]) == ["door", "release"]
 
 
+def describe_os_error(exc: OSError) -> str:
+    """`permission denied: /var/lib/edgeface/gallery.db` (what failed, on which path), for one-line errors."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    what = what[:1].lower() + what[1:]
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    if not paths:
+        return what
+    hint = " (check its owner and mode)" if isinstance(exc, PermissionError) else ""
+    return f"{what}: {' -> '.join(paths)}{hint}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI and return its exit status (for tests and the console script alike)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -181,6 +192,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         click.echo(f"error: {exc}", err=True)
         return int(exc.exit_status)
+    except OSError as exc:  # PermissionError, disk full, read-only file system...: one line naming the path
+        if traceback:
+            raise
+        click.echo(f"error: {describe_os_error(exc)}", err=True)
+        return int(ExitStatus.ERROR)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:

@@ -23,7 +23,7 @@ import click
 from .cli import CliContext, pass_ctx
 from .config import EdgefaceConfig
 from .enroll import QualityGate
-from .errors import ConfigError, ExitStatus, ImageError, NoFaceError
+from .errors import CameraError, ConfigError, ExitStatus, GalleryError, ImageError, NoFaceError
 
 UNKNOWN = "unknown"
 NO_FACE = "no_face"
@@ -179,7 +179,15 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
         if camera:
             from .frames import open_source
 
-            source = open_source(cfg.camera)
+            trouble: list[str] = []
+
+            def on_health(state: str, detail: str) -> None:
+                # enrolling is interactive: a camera that fails to open or freezes ends it (the daemon retries)
+                if state in ("reconnecting", "frozen", "stopped"):
+                    trouble.append(f"{state}: {detail}")
+                    source.close()
+
+            source = open_source(cfg.camera, on_health=on_health)
             try:
                 with _progress(n_frames, f"capturing {name}") as bar:
                     def on_item(item: Any) -> None:
@@ -189,6 +197,13 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
                                                 gate=gate, keep_chips=keep, on_item=on_item)
             finally:
                 source.close()
+            good = sum(it.accepted for it in items)
+            if not good:
+                why = trouble[0] if trouble else f"no usable face in {len(items)} frames"
+                raise CameraError(f"enroll --camera: camera.source {cfg.camera.source!r} gave no usable frame "
+                                  f"({why}); nothing was written")
+            if trouble and good < n_frames:
+                _warn(f"warning: camera {trouble[0]}: enrolling the {good} good frame(s) captured before it")
             batches = [(name, items)]
         else:
             total = sum(len(p) for _, p in batches_paths)
@@ -199,6 +214,12 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
     with open_gallery(cfg, create=True, model=model) as gallery:
         reports = gallery.enroll_many(batches, external_id=external_id)
     _report_enrollment(reports, as_json)
+    empty = [r.name for r in reports if not r.added]
+    if empty:  # re-enrolling the same photos, or every new one rejected: say so and fail, a script must see it
+        others = len(reports) - len(empty)
+        _warn(f"error: nothing added for {', '.join(map(repr, empty))} (every photo rejected or already enrolled)"
+              + (f"; the {others} other(s) were enrolled" if others else ""))
+        raise click.exceptions.Exit(int(ExitStatus.NO_FACE))
 
 
 # ----------------------------------------------------------------------------------------------- identify
@@ -238,6 +259,10 @@ def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Option
     failed = 0
     rows: list[dict] = []
     with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer)) as gallery:
+        people = gallery.people()
+        if not any(p.enabled and p.n_embeddings for p in people):
+            _warn(f"warning: gallery {gallery.path} has nobody enabled with {gallery.model_id} embeddings "
+                  f"({len(people)} people in it): every face will be '{UNKNOWN}'")
         for path in paths:
             try:
                 rgb = load_image(path)
@@ -407,9 +432,12 @@ def gallery_group() -> None:
 
 @gallery_group.command("export")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @pass_ctx
-def gallery_export(obj: CliContext, file: Path) -> None:
+def gallery_export(obj: CliContext, file: Path, force: bool) -> None:
     """Write every person and embedding to FILE (portable JSON, mode 0600; it is biometric data)."""
+    if file.exists() and not force:  # an older export may be the only backup: never replace it silently
+        raise GalleryError(f"export file {file} exists; give --force to replace it")
     with open_gallery(obj.config) as g:
         n = g.export(file)
     _warn(f"exported {n} people to {file}")

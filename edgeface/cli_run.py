@@ -217,7 +217,8 @@ def run_demo(*, loop: bool = False, mqtt_host: str = "127.0.0.1", mqtt_port: int
 
     out = out or sys.stdout
     if not DEMO_FACES.is_dir():
-        raise EdgefaceError(f"the demo needs the sample faces in {DEMO_FACES} (run it from a git clone)")
+        raise EdgefaceError(f"the demo needs the sample faces in {DEMO_FACES} (installed with the package; "
+                            "reinstall edgeface)")
     tmp = Path(tempfile.mkdtemp(prefix="edgeface-demo-")) if state_dir is None else state_dir
     try:
         cfg = demo_config(tmp, loop=loop, mqtt_host=mqtt_host, mqtt_port=mqtt_port)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from .config import CameraConfig
 from .errors import CameraError, ImageError
 from .images import list_images, load_image, to_rgb
+from .models import demo_faces_dir
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,8 @@ log = logging.getLogger(__name__)
 HealthCallback = Callable[[str, str], None]  # (state, detail); state in HEALTH_STATES
 HEALTH_STATES = ("ok", "reconnecting", "frozen", "stopped")
 
-#: The shipped sample faces (a git clone), used by camera.source 'demo'.
-DEMO_FACES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces"
+#: The shipped sample faces (installed with the package, or the checkout's), used by camera.source 'demo'.
+DEMO_FACES = demo_faces_dir()
 
 
 class FrameSource(Protocol):
@@ -346,6 +348,34 @@ class OpenCVSource(_LiveSource):
             cap.release()
 
 
+#: What a C extension built against numpy 1.x says when numpy 2 is imported (and the other way round).
+_NUMPY_ABI_SIGNS = ("numpy.dtype size changed", "compiled using NumPy", "_ARRAY_API", "numpy.core.multiarray",
+                    "numpy._core", "binary incompatibility")
+
+
+def import_picamera2() -> type:
+    """Picamera2, or a one-line CameraError that says how to fix the install.
+
+    Raspberry Pi OS's python3-picamera2 (and simplejpeg under it) is compiled against the apt numpy; a numpy 2
+    pip-installed into the venv makes that import fail with "numpy.dtype size changed". tools/install-pi.sh pins
+    the venv to the system numpy; this names the mismatch when a venv was made some other way."""
+    try:
+        from picamera2 import Picamera2  # type: ignore[import-not-found]
+    except Exception as exc:  # noqa: BLE001  (ValueError from Cython's size check, ImportError, AttributeError)
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "picamera2":
+            raise CameraError("camera.source 'picamera' needs picamera2 (on a Pi: sudo apt install "
+                              "python3-picamera2, and a venv made with --system-site-packages)") from exc
+        if any(sign in str(exc) for sign in _NUMPY_ABI_SIGNS):
+            raise CameraError(
+                f"camera.source 'picamera': picamera2 cannot load with numpy {np.__version__} from "
+                f"{Path(np.__file__).parent} ({text}); Raspberry Pi OS's python3-picamera2 is built for the system "
+                f"numpy: re-run tools/install-pi.sh (it keeps the venv on the apt numpy) or "
+                f"`{Path(sys.prefix) / 'bin' / 'pip'} uninstall numpy`") from exc
+        raise CameraError(f"camera.source 'picamera': picamera2 failed to import ({text})") from exc
+    return Picamera2
+
+
 class PiCameraSource(_LiveSource):
     """Raspberry Pi camera through picamera2 (imported here only: it exists on a Pi only)."""
 
@@ -354,12 +384,7 @@ class PiCameraSource(_LiveSource):
                  on_health: Optional[HealthCallback] = None) -> None:
         super().__init__(max_fps=max_fps, reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s,
                          frozen_after_s=frozen_after_s, on_health=on_health)
-        try:
-            from picamera2 import Picamera2  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise CameraError("camera.source 'picamera' needs picamera2 (on a Pi: sudo apt install "
-                              "python3-picamera2, and a venv made with --system-site-packages)") from exc
-        self._Picamera2 = Picamera2
+        self._Picamera2 = import_picamera2()
         self.width, self.height = width, height
         self.name = "picamera"
         self._cam = None
@@ -398,7 +423,8 @@ def open_source(cfg: CameraConfig, *, on_health: Optional[HealthCallback] = None
         return PiCameraSource(width=cfg.width, height=cfg.height, **common)  # type: ignore[arg-type]
     if src == "demo":
         if not DEMO_FACES.is_dir():
-            raise CameraError(f"camera.source 'demo' needs the sample faces in {DEMO_FACES} (a git clone)")
+            raise CameraError(f"camera.source 'demo' needs the sample faces in {DEMO_FACES} (installed with the "
+                              "package; reinstall edgeface)")
         return FolderSource(DEMO_FACES, loop=cfg.loop, max_fps=cfg.max_fps, on_health=on_health)
     if "://" not in src and Path(src).expanduser().is_dir():
         return FolderSource(Path(src).expanduser(), loop=cfg.loop, max_fps=cfg.max_fps, on_health=on_health)

@@ -13,15 +13,34 @@ from .errors import ModelError
 MANIFEST_NAME = "manifest.json"
 
 
+#: Where a wheel or sdist install carries models/ and the sample faces (copied there by setup.py's build step).
+PACKAGE_DATA = Path(__file__).resolve().parent / "_data"
+#: A source checkout or an editable install: the repository's own folders next to the package.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 def default_models_dir() -> Path:
-    """`$EDGEFACE_MODELS_DIR`, else the repository's models/ (source checkout), else /usr/share/edgeface/models."""
+    """`$EDGEFACE_MODELS_DIR`, else the models installed with the package (wheel, sdist, Pi installer), else the
+    repository's models/ (editable install or source checkout).
+
+    The installed copy wins so that a site-packages install never picks up some unrelated checkout; when none has
+    a manifest the packaged path is returned and load_manifest names it."""
     env = os.environ.get("EDGEFACE_MODELS_DIR")
     if env:
         return Path(env)
-    repo_models = Path(__file__).resolve().parent.parent / "models"
-    if (repo_models / MANIFEST_NAME).is_file():
-        return repo_models
-    return Path("/usr/share/edgeface/models")
+    for candidate in (PACKAGE_DATA / "models", REPO_ROOT / "models"):
+        if (candidate / MANIFEST_NAME).is_file():
+            return candidate
+    return PACKAGE_DATA / "models"
+
+
+def demo_faces_dir() -> Path:
+    """The demo's sample faces (tests/fixtures/faces in the repository, MIT-licensed; see its README.md):
+    installed with the package, else the checkout's."""
+    for candidate in (PACKAGE_DATA / "demo_faces" / "faces", REPO_ROOT / "tests" / "fixtures" / "faces"):
+        if candidate.is_dir():
+            return candidate
+    return PACKAGE_DATA / "demo_faces" / "faces"
 
 
 @dataclass(frozen=True)
