@@ -348,6 +348,28 @@ def _tflite_embedder(path: Path, name: str, models_dir: Path) -> Any:
     return TFLiteEmbedder(path, spec=_embedder_spec(name), num_threads=os.cpu_count() or 1, models_dir=models_dir)
 
 
+def _stage_candidate(work: Path, name: str, data: bytes, report: dict[str, Any], *, float_name: str,
+                     float_data: Optional[Callable[[], bytes]], need_float: bool,
+                     log: Callable[[str], None]) -> tuple[Path, Optional[Path]]:
+    """Write the converted model into the scratch folder (its bytes and sha256 into the report) and, when a
+    float32 reference is needed (evaluation, --keep-float), that too; `float_data` None: the candidate is float."""
+    candidate = work / f"{name}.tflite"
+    write_atomic(candidate, data)
+    report["bytes"] = len(data)
+    report["sha256"] = sha256_file(candidate)
+    if not need_float:
+        return candidate, None
+    if float_data is None:
+        float_path = candidate
+    else:
+        log("converting the float32 reference")
+        float_path = work / f"{float_name}.tflite"
+        write_atomic(float_path, float_data())
+    report["float_bytes"] = float_path.stat().st_size
+    report["size_ratio"] = round(report["bytes"] / report["float_bytes"], 4)
+    return candidate, float_path
+
+
 def convert_facenet(weights: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, quantization: str = "int8",
                     representative: str | os.PathLike[str] | None = None, name: Optional[str] = None,
                     evaluate: str | os.PathLike[str] | None = None, max_representative: int = 200,
@@ -402,21 +424,10 @@ def convert_facenet(weights: str | os.PathLike[str], out_dir: str | os.PathLike[
         log(f"converting to TFLite ({quantization})")
         data = to_tflite(model, quantization, rep_inputs)
         report["convert_seconds"] = round(time.monotonic() - t0, 1)
-        candidate = work / f"{name}.tflite"
-        write_atomic(candidate, data)
-        report["bytes"] = len(data)
-        report["sha256"] = sha256_file(candidate)
-
-        float_path: Optional[Path] = None
-        if evaluate is not None or keep_float is not None:
-            if quantization == "float":
-                float_path = candidate
-            else:
-                log("converting the float32 reference")
-                float_path = work / "facenet_float32.tflite"
-                write_atomic(float_path, to_tflite(model, "float"))
-            report["float_bytes"] = float_path.stat().st_size
-            report["size_ratio"] = round(report["bytes"] / report["float_bytes"], 4)
+        candidate, float_path = _stage_candidate(work, name, data, report, float_name="facenet_float32",
+                                                 float_data=None if quantization == "float" else
+                                                 lambda: to_tflite(model, "float"),
+                                                 need_float=evaluate is not None or keep_float is not None, log=log)
 
         threshold = None
         if evaluate is not None:
@@ -724,20 +735,10 @@ def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[st
         data = to_tflite(qmodel, quantization, arcface_norm(rep.crops) if quantization == "int8" else None,
                          float_ops=("PRELU",) if float_prelu else ())
         report["convert_seconds"] = round(time.monotonic() - t0, 1)
-        candidate = work / f"{name}.tflite"
-        write_atomic(candidate, data)
-        report["bytes"] = len(data)
-        report["sha256"] = sha256_file(candidate)
-        float_path: Optional[Path] = None
-        if evaluate is not None or keep_float is not None:
-            if quantization == "float":
-                float_path = candidate
-            else:
-                log("converting the float32 reference")
-                float_path = work / "sface_float32.tflite"
-                write_atomic(float_path, to_tflite(model, "float"))
-            report["float_bytes"] = float_path.stat().st_size
-            report["size_ratio"] = round(report["bytes"] / report["float_bytes"], 4)
+        candidate, float_path = _stage_candidate(work, name, data, report, float_name="sface_float32",
+                                                 float_data=None if quantization == "float" else
+                                                 lambda: to_tflite(model, "float"),
+                                                 need_float=evaluate is not None or keep_float is not None, log=log)
         threshold = None
         if evaluate is not None:
             log(f"evaluating on {evaluate}")
