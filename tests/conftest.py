@@ -62,3 +62,13 @@ def obama_gallery_file(analyzer, tmp_path_factory) -> Path:
                       max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir)) as g:
         g.enroll("barack_obama", enroll_images(analyzer, [person / f"barack_obama_0{i}.jpg" for i in (1, 2, 3)]))
     return path
+
+
+def run_cli(capsys, config: Path, *args: object) -> tuple[int, list[str], str]:
+    """(exit status, stdout lines, stderr) of one in-process `edgeface --config CONFIG ARGS...`."""
+    from edgeface.cli import main
+
+    capsys.readouterr()
+    rc = main(["--config", str(config), *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out.splitlines(), err

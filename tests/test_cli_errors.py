@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FIXTURES
-from edgeface.cli import main
+from conftest import FIXTURES, run_cli as run
 
 FACES = FIXTURES / "faces"
 OBAMA = sorted((FACES / "barack_obama").glob("*.jpg"))
@@ -25,12 +24,6 @@ def write_config(path: Path, **doc) -> Path:
     path.write_text(yaml.safe_dump(doc))
     return path
 
-
-def run(capsys, config: Path, *args: str) -> tuple[int, list[str], str]:
-    capsys.readouterr()
-    rc = main(["--config", str(config), *map(str, args)])
-    out, err = capsys.readouterr()
-    return rc, out.splitlines(), err
 
 
 def edgeface_cli(*args: str, timeout: float = 120, as_nobody: bool = False, cwd: Path | None = None,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import FIXTURES, SHARED
+from conftest import FIXTURES, SHARED, run_cli as run
 from edgeface.cli import main
 from edgeface.gallery import EnrollItem, Gallery
 
@@ -28,13 +28,6 @@ def write_config(path: Path, gallery: Path, **gallery_extra) -> Path:
     path.write_text(yaml.safe_dump(doc))
     return path
 
-
-def run(capsys, config: Path, *args: str) -> tuple[int, list[str], str]:
-    """(exit status, stdout lines, stderr) of one in-process `edgeface --config CONFIG ARGS...`."""
-    capsys.readouterr()
-    rc = main(["--config", str(config), *map(str, args)])
-    out, err = capsys.readouterr()
-    return rc, out.splitlines(), err
 
 
 @pytest.fixture(scope="module")

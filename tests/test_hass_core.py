@@ -190,21 +190,6 @@ def hass(broker, tmp_path_factory):
         ha.stop()
 
 
-@pytest.fixture(scope="module")
-def gallery_file(analyzer, tmp_path_factory):
-    from edgeface.config import parse_config
-    from edgeface.enroll import enroll_images
-    from edgeface.gallery import Gallery, resolve_max_distance
-
-    cfg = parse_config({})
-    path = tmp_path_factory.mktemp("gallery") / "gallery.db"
-    g = Gallery.open(path, model_id=analyzer.embedder.model_id, embedding_dim=analyzer.embedder.spec.embedding_dim,
-                     max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir))
-    g.enroll("barack_obama", enroll_images(analyzer, [FACES / "barack_obama" / f"barack_obama_0{i}.jpg"
-                                                      for i in (1, 2, 3)]))
-    g.close()
-    return path
-
 
 def rising_edges(pin, since: int = 0) -> int:
     """Low-to-high changes of a mock pin after its `since`-th recorded state."""
@@ -212,7 +197,7 @@ def rising_edges(pin, since: int = 0) -> int:
     return sum(1 for a, b in zip(states, states[1:]) if b.state and not a.state)
 
 
-def test_edgeface_in_a_real_home_assistant(hass, broker, gallery_file, analyzer, tmp_path, monkeypatch):
+def test_edgeface_in_a_real_home_assistant(hass, broker, obama_gallery_file, analyzer, tmp_path, monkeypatch):
     from gpiozero.pins.mock import MockFactory
 
     from edgeface.config import parse_config
@@ -224,7 +209,7 @@ def test_edgeface_in_a_real_home_assistant(hass, broker, gallery_file, analyzer,
     monkeypatch.setenv("EDGEFACE_UNLOCK_TOTP", SECRET)
     state = tmp_path / "state"
     state.mkdir()
-    shutil.copyfile(gallery_file, state / "gallery.db")
+    shutil.copyfile(obama_gallery_file, state / "gallery.db")
     cfg = parse_config({
         "state_dir": str(state),
         "camera": {"source": str(FACES)},
