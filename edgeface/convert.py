@@ -348,6 +348,33 @@ def _tflite_embedder(path: Path, name: str, models_dir: Path) -> Any:
     return TFLiteEmbedder(path, spec=_embedder_spec(name), num_threads=os.cpu_count() or 1, models_dir=models_dir)
 
 
+def _agreement(reference: Any, candidate: Any, faces: CropSet, folder: Any, report: dict[str, Any]) -> float:
+    """Compare the converted model with its float32 reference on real faces (into the report); the candidate's
+    distance threshold at the report's false-accept rate."""
+    cmp = compare_embedders(reference, candidate, faces)
+    cmp["folder"] = str(folder)
+    cmp["skipped_no_face"] = faces.skipped
+    report["evaluation"] = cmp
+    return round(cmp["candidate"]["threshold_at_far"], 3)
+
+
+def _install_model(out_dir: Path, name: str, data: bytes, float_path: Optional[Path],
+                   keep_float: Optional[str | os.PathLike[str]]) -> Path:
+    """Replace the shipped model (atomically) once the report is done; keep the float reference if asked."""
+    model_path = out_dir / f"{name}.tflite"
+    write_atomic(model_path, data)
+    if keep_float is not None and float_path is not None:
+        write_atomic(Path(keep_float), float_path.read_bytes())
+    return model_path
+
+
+def _finish(out_dir: Path, model_path: Path, entry: dict[str, Any], report: dict[str, Any]) -> "ConvertResult":
+    """Record the new model in the manifest and write its agreement report beside it."""
+    update_manifest(out_dir, entry)
+    report_paths = write_report(out_dir / f"{model_path.stem}.report", report, entry)
+    return ConvertResult(model_path, entry, report, report_paths)
+
+
 def _stage_candidate(work: Path, name: str, data: bytes, report: dict[str, Any], *, float_name: str,
                      float_data: Optional[Callable[[], bytes]], need_float: bool,
                      log: Callable[[str], None]) -> tuple[Path, Optional[Path]]:
@@ -439,22 +466,12 @@ def convert_facenet(weights: str | os.PathLike[str], out_dir: str | os.PathLike[
                 report["representative_evaluation_people_overlap"] = sorted(set(faces.labels) & set(rep.labels))
             ref = _tflite_embedder(float_path, "facenet_float32", work)
             cand = _tflite_embedder(candidate, name, work)
-            cmp = compare_embedders(ref, cand, faces)
-            cmp["folder"] = str(evaluate)
-            cmp["skipped_no_face"] = faces.skipped
-            report["evaluation"] = cmp
-            threshold = round(cmp["candidate"]["threshold_at_far"], 3)
+            threshold = _agreement(ref, cand, faces, evaluate, report)
         report["total_seconds"] = round(time.monotonic() - started, 1)
         report["command"] = command
 
-        model_path = out_dir / f"{name}.tflite"
-        write_atomic(model_path, data)
-        if keep_float is not None and float_path is not None:
-            write_atomic(Path(keep_float), float_path.read_bytes())
-    entry = manifest_entry(name, model_path, quantization, threshold, report)
-    update_manifest(out_dir, entry)
-    report_paths = write_report(out_dir / f"{name}.report", report, entry)
-    return ConvertResult(model_path, entry, report, report_paths)
+        model_path = _install_model(out_dir, name, data, float_path, keep_float)
+    return _finish(out_dir, model_path, manifest_entry(name, model_path, quantization, threshold, report), report)
 
 
 def _tf_version() -> str:
@@ -747,21 +764,12 @@ def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[st
                 report["representative_evaluation_people_overlap"] = sorted(set(faces.labels) & set(rep.labels))
             ref = TFLiteEmbedder(float_path, spec=_sface_spec("sface_float32"), num_threads=os.cpu_count() or 1)
             cand = TFLiteEmbedder(candidate, spec=_sface_spec(name), num_threads=os.cpu_count() or 1)
-            cmp = compare_embedders(ref, cand, faces)
-            cmp["folder"] = str(evaluate)
-            cmp["skipped_no_face"] = faces.skipped
-            report["evaluation"] = cmp
-            threshold = round(cmp["candidate"]["threshold_at_far"], 3)
+            threshold = _agreement(ref, cand, faces, evaluate, report)
         report["total_seconds"] = round(time.monotonic() - started, 1)
         report["command"] = command
-        model_path = out_dir / f"{name}.tflite"
-        write_atomic(model_path, data)
-        if keep_float is not None and float_path is not None:
-            write_atomic(Path(keep_float), float_path.read_bytes())
-    entry = sface_manifest_entry(name, model_path, quantization, threshold, report)
-    update_manifest(out_dir, entry)
-    report_paths = write_report(out_dir / f"{name}.report", report, entry)
-    return ConvertResult(model_path, entry, report, report_paths)
+        model_path = _install_model(out_dir, name, data, float_path, keep_float)
+    return _finish(out_dir, model_path, sface_manifest_entry(name, model_path, quantization, threshold, report),
+                   report)
 
 
 def sface_manifest_entry(name: str, path: Path, quantization: str, threshold: Optional[float],
