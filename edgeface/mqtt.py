@@ -365,7 +365,7 @@ class MqttPublisher:
                 dt.datetime.fromtimestamp(since, dt.timezone.utc).isoformat(timespec="seconds")}
 
     def _publish_backlog(self, *, force: bool = False) -> None:
-        """Retained JSON on <prefix>/<door>/outbox when it changed: at once when the backlog empties or on
+        """Retained JSON state on <prefix>/<door>/outbox when it changed: at once when the backlog empties or on
         connect, else at most every BACKLOG_EVERY_S (the sender calls this after each delivery and when idle)."""
         if not self.connected:
             return
@@ -377,7 +377,9 @@ class MqttPublisher:
                                                and not (snap["waiting"] == 0 and (last or {}).get("waiting")))):
                 return
             self._backlog_sent = (now, snap)
-            self._publish_quietly(self.topics.outbox, json.dumps(snap, sort_keys=True), retain=True)
+            # a retained state like the others: after a reconnect it is re-sent only once older unacknowledged
+            # publishes of it are in, so the sensor never ends on a stale backlog (_sync_states)
+            self.set_state(self.topics.outbox, json.dumps(snap, sort_keys=True))
         except Exception:  # noqa: BLE001  (closed outbox at shutdown)
             if not self._stop.is_set():
                 log.debug("backlog publish failed", exc_info=True)
