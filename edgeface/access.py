@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Union
 
-from .security import create_private_file
+from .security import write_private_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,5 @@ class AccessSwitch:
             return ""
 
     def _write(self, on: bool, by: str) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        create_private_file(tmp)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"enabled": on, "changed": time.time(), "by": by}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_private_atomic(self.path, json.dumps({"enabled": on, "changed": time.time(), "by": by}).encode())

@@ -334,7 +334,7 @@ def register(group: click.Group) -> None:
     @pass_ctx
     def door_totp_init(obj: CliContext, out_path: str, force: bool) -> None:
         """Create the one-time-code secret and print the otpauth:// URI for the owner's authenticator app."""
-        from .security import create_private_file
+        from .security import ensure_private_dir, write_private_atomic
         from .totp import new_secret, otpauth_uri
 
         out = Path(out_path)
@@ -342,11 +342,9 @@ def register(group: click.Group) -> None:
             raise ConfigError(f"{out} already exists (use --force to replace it, or `edgeface door totp-uri`)")
         secret = new_secret()
         try:
-            create_private_file(out)
-            tmp = out.with_name(out.name + ".tmp")
-            create_private_file(tmp)
-            tmp.write_text(secret + "\n", encoding="utf-8")
-            os.replace(tmp, out)
+            if not out.parent.exists():
+                ensure_private_dir(out.parent)
+            write_private_atomic(out, (secret + "\n").encode("utf-8"))
         except OSError as exc:
             raise ConfigError(f"{out}: cannot write the secret: {exc.strerror or exc}") from None
         click.echo(f"wrote the TOTP secret to {out} (0600); add it to the service as a credential:", err=True)

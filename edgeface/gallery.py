@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import GalleryError, NoFaceError
 from .types import Face, Match
+from .security import write_private_atomic
 
 #: PRAGMA application_id of an edgeface gallery ("EDGF"): tells our file from any other SQLite database.
 APPLICATION_ID = 0x45444746
@@ -313,19 +314,6 @@ def _face_from_json(text: str) -> Face:
     return Face(tuple(d["box"]), float(d["score"]), np.asarray(d["keypoints"], np.float32),
                 landmarks5=None if lm is None else np.asarray(lm, np.float32))
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- index
@@ -963,7 +951,7 @@ class Gallery:
                "embedding_dim": self.embedding_dim, "vector_encoding": "base64 little-endian float32",
                "exported": _iso(time.time()), "people": people}
         try:
-            _atomic_write(path, json.dumps(doc, indent=1).encode("utf-8"))
+            write_private_atomic(path, json.dumps(doc, indent=1).encode("utf-8"))
         except OSError as exc:
             raise GalleryError(f"cannot write export file {path}: {exc.strerror or exc}") from None
         return len(people)

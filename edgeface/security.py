@@ -73,6 +73,28 @@ def create_private_file(path: PathLike) -> Path:
     return p
 
 
+def write_private_atomic(path: PathLike, data: bytes) -> None:
+    """Replace `path` with `data`, 0600, through a temp file beside it, fsync and a rename (the folder synced too):
+    a crash or a full disk leaves the old file or the new one, never half of either, and never a readable one."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(p.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 @contextlib.contextmanager
 def private_umask() -> Iterator[None]:
     """Temporarily set umask 077: files created inside (SQLite's -wal/-shm too) come out 0600/0700.
