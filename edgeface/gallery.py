@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import GalleryError, NoFaceError
 from .types import Face, Match
-from .security import write_private_atomic
+from .security import SQLITE_SUFFIXES, write_private_atomic
 
 #: PRAGMA application_id of an edgeface gallery ("EDGF"): tells our file from any other SQLite database.
 APPLICATION_ID = 0x45444746
@@ -450,8 +450,12 @@ class Gallery:
         linked into place. (A file created empty first and killed before its schema was written would be a
         0-byte gallery, which open() refuses as damaged.) Losing the race to another process is fine."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+
+        def remove_tmp() -> None:
+            for suffix in SQLITE_SUFFIXES:
+                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+
+        remove_tmp()
         try:
             # 0600 before SQLite opens it (its -wal/-shm files get the same mode); no umask games: the umask is
             # process-wide and the daemon has other threads writing files.
@@ -472,8 +476,7 @@ class Gallery:
                 if not path.exists():
                     os.replace(tmp, path)
         finally:
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+            remove_tmp()
 
     def _prepare(self, allow_model_change: bool) -> None:
         c = self._conn
