@@ -342,10 +342,11 @@ def _embedder_spec(name: str) -> Any:
     return EmbedderSpec(name, INPUT_SIZE, TEMPLATE, PREPROCESSING_ID, EMBEDDING_DIM)
 
 
-def _tflite_embedder(path: Path, name: str, models_dir: Path) -> Any:
+def _tflite_embedder(path: Path, spec: Any, models_dir: Path) -> Any:
+    """A converted file (in the scratch folder, so no shipped manifest is consulted) run as the daemon would."""
     from .embed import TFLiteEmbedder
 
-    return TFLiteEmbedder(path, spec=_embedder_spec(name), num_threads=os.cpu_count() or 1, models_dir=models_dir)
+    return TFLiteEmbedder(path, spec=spec, num_threads=os.cpu_count() or 1, models_dir=models_dir)
 
 
 def _agreement(reference: Any, candidate: Any, faces: CropSet, folder: Any, report: dict[str, Any]) -> float:
@@ -464,8 +465,8 @@ def convert_facenet(weights: str | os.PathLike[str], out_dir: str | os.PathLike[
             report["architecture_check"] = check_against_config(model, weights, prewhiten(faces.crops))
             if rep_info:
                 report["representative_evaluation_people_overlap"] = sorted(set(faces.labels) & set(rep.labels))
-            ref = _tflite_embedder(float_path, "facenet_float32", work)
-            cand = _tflite_embedder(candidate, name, work)
+            ref = _tflite_embedder(float_path, _embedder_spec("facenet_float32"), work)
+            cand = _tflite_embedder(candidate, _embedder_spec(name), work)
             threshold = _agreement(ref, cand, faces, evaluate, report)
         report["total_seconds"] = round(time.monotonic() - started, 1)
         report["command"] = command
@@ -699,10 +700,12 @@ def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[st
     so a fully int8 file runs them outside the delegate, in pieces, slower than float; this way the whole graph
     stays in XNNPACK (float32 input and output)."""
     from . import sface_arch  # noqa: PLC0415
-    from .embed import TFLiteEmbedder, arcface_norm
+    from .embed import arcface_norm
 
     if quantization not in SFACE_QUANTIZATIONS:
         raise ModelError(f"unknown quantization {quantization!r}; expected one of {list(SFACE_QUANTIZATIONS)}")
+    if (equalise or float_prelu) and quantization != "int8":
+        raise ModelError("--equalise and --float-prelu apply to --quantization int8 only")
     weights = Path(weights)
     if not weights.is_file():
         raise ModelError(f"SFace ONNX file not found: {weights} (see models/MODELS.md for where to get it)")
@@ -719,8 +722,6 @@ def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[st
         "tensorflow": _tf_version(), "landmark_refinement": refine, "equalise_alpha": equalise or None,
         "float_ops": ["PRELU"] if float_prelu else None,
     }
-    if (equalise or float_prelu) and quantization != "int8":
-        raise ModelError("--equalise and --float-prelu apply to --quantization int8 only")
     rep_info: dict[str, Any] = {}
     rep = None
     if quantization == "int8" or representative is not None:
@@ -733,24 +734,24 @@ def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[st
             raise ModelError(f"no faces found in {representative} for the representative set")
         rep_info = {"folder": str(representative), "faces": len(rep), "people": len(set(rep.labels)),
                     "per_person": representative_per_person, "skipped_no_face": len(rep.skipped)}
-        if rep is not None and quantization != "int8":
+        if quantization != "int8":
             rep_info["used"] = "agreement with the ONNX graph only (no calibration for this precision)"
     report["representative"] = rep_info or None
     if rep is not None:
         log("checking the Keras rebuild against the ONNX graph (onnx reference evaluator)")
         report["architecture_check"] = check_against_onnx(model, weights, rep.crops[:16])
+    calibration = arcface_norm(rep.crops) if quantization == "int8" and rep is not None else None
     qmodel = model
-    if equalise and quantization == "int8":
+    if equalise:  # int8 only (checked above)
         log(f"equalising activation ranges (alpha {equalise})")
         qmodel = sface_arch.build_sface(sface_arch.equalise(layers, sface_arch.activation_ranges(
-            model, arcface_norm(rep.crops)), equalise))
+            model, calibration), equalise))
 
     with tempfile.TemporaryDirectory(prefix="edgeface-convert-") as work_dir:
         work = Path(work_dir)
         t0 = time.monotonic()
         log(f"converting to TFLite ({quantization})")
-        data = to_tflite(qmodel, quantization, arcface_norm(rep.crops) if quantization == "int8" else None,
-                         float_ops=("PRELU",) if float_prelu else ())
+        data = to_tflite(qmodel, quantization, calibration, float_ops=("PRELU",) if float_prelu else ())
         report["convert_seconds"] = round(time.monotonic() - t0, 1)
         candidate, float_path = _stage_candidate(work, name, data, report, float_name="sface_float32",
                                                  float_data=None if quantization == "float" else
@@ -762,8 +763,8 @@ def convert_sface(weights: str | os.PathLike[str], out_dir: str | os.PathLike[st
             faces = aligned_crops(evaluate, template=SFACE_TEMPLATE, refine=refine)
             if rep_info:
                 report["representative_evaluation_people_overlap"] = sorted(set(faces.labels) & set(rep.labels))
-            ref = TFLiteEmbedder(float_path, spec=_sface_spec("sface_float32"), num_threads=os.cpu_count() or 1)
-            cand = TFLiteEmbedder(candidate, spec=_sface_spec(name), num_threads=os.cpu_count() or 1)
+            ref = _tflite_embedder(float_path, _sface_spec("sface_float32"), work)
+            cand = _tflite_embedder(candidate, _sface_spec(name), work)
             threshold = _agreement(ref, cand, faces, evaluate, report)
         report["total_seconds"] = round(time.monotonic() - started, 1)
         report["command"] = command
