@@ -46,7 +46,7 @@ def convert_cmd(model_kind: str, weights: Path, out_dir: Path, quantization: Opt
                 keep_float: Optional[Path], refine: bool, equalise: float, float_prelu: bool,
                 name: Optional[str]) -> None:
     """Convert the Keras FaceNet weights or the SFace ONNX file to a TFLite embedder for edgeface."""
-    from .convert import SFACE_QUANTIZATIONS, convert_facenet, convert_sface, require_tensorflow
+    from .convert import convert_facenet, convert_sface, require_tensorflow
     from .errors import ConfigError, ModelError
 
     if not weights.is_file():
@@ -59,8 +59,6 @@ def convert_cmd(model_kind: str, weights: Path, out_dir: Path, quantization: Opt
                   representative_per_person=per_person, keep_float=keep_float, refine=refine,
                   command=shlex.join(["edgeface", *sys.argv[1:]]), log=lambda msg: click.echo(msg, err=True))
     if model_kind == "sface":
-        if quantization is not None and quantization not in SFACE_QUANTIZATIONS:
-            raise ConfigError(f"--quantization {quantization}: expected one of {list(SFACE_QUANTIZATIONS)} for SFace")
         result = convert_sface(weights, out_dir, quantization=quantization or "float16", equalise=equalise,
                                float_prelu=float_prelu, **common)
     else:

@@ -359,7 +359,7 @@ def register(group: click.Group) -> None:
     @pass_ctx
     def door_totp_uri(obj: CliContext, secret_file: Optional[str]) -> None:
         """Print the otpauth:// URI of the configured one-time-code secret (to add another phone)."""
-        from .totp import TotpSecretError, decode_secret, otpauth_uri
+        from .totp import TotpSecretError, decode_secret, normalize_secret, otpauth_uri
 
         env = obj.config.mqtt.totp_secret_env
         secret = Path(secret_file).read_text(encoding="utf-8").strip() if secret_file else read_secret(env)
@@ -369,7 +369,7 @@ def register(group: click.Group) -> None:
             decode_secret(secret)
         except TotpSecretError as exc:
             raise ConfigError(f"{secret_file or '$' + env} (the TOTP secret): {exc}") from None
-        click.echo(otpauth_uri("".join(secret.split()).upper(), account=obj.config.door.door_id))
+        click.echo(otpauth_uri(normalize_secret(secret), account=obj.config.door.door_id))
 
 
 def _version() -> str:

@@ -50,9 +50,14 @@ def new_secret() -> str:
     return base64.b32encode(secrets.token_bytes(SECRET_BYTES)).decode().rstrip("=")
 
 
+def normalize_secret(secret: str) -> str:
+    """A base32 secret as typed or stored (spaces, lower case) in the canonical upper-case form without spaces."""
+    return "".join(secret.split()).upper()
+
+
 def decode_secret(secret: str) -> bytes:
     """The key bytes of a base32 secret (spaces and lower case allowed, padding optional)."""
-    clean = "".join(secret.split()).upper().rstrip("=")
+    clean = normalize_secret(secret).rstrip("=")
     try:
         key = base64.b32decode(clean + "=" * (-len(clean) % 8))
     except (binascii.Error, ValueError):
