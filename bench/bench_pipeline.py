@@ -61,8 +61,9 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
     choice = choices[0]
     t0 = time.perf_counter()
     det = build_detector(cfg.detector, num_threads=threads)
-    use_mesh = cfg.detector.refine_landmarks if choice.landmarks is None else choice.landmarks
-    mesh = LandmarkRefiner(num_threads=threads) if use_mesh else None
+    use_mesh = bool(choice.mesh2) or (cfg.detector.refine_landmarks if choice.landmarks is None else choice.landmarks)
+    mesh_passes = 2 if choice.mesh2 else cfg.detector.landmark_passes
+    mesh = LandmarkRefiner(num_threads=threads, passes=mesh_passes) if use_mesh else None
     t1 = time.perf_counter()
     embs, paths, infos = [], [], []
     for c in choices:

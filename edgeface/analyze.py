@@ -60,8 +60,8 @@ class FaceAnalyzer:
                                 preprocessing=embedder.preprocessing)
         emb = TFLiteEmbedder(embedder.model, spec=spec, num_threads=embedder.num_threads,
                              flip_augment=embedder.flip_augment, models_dir=models_dir)
-        refiner = LandmarkRefiner(num_threads=detector.num_threads, models_dir=models_dir) \
-            if detector.refine_landmarks else None
+        refiner = LandmarkRefiner(num_threads=detector.num_threads, models_dir=models_dir,
+                                  passes=detector.landmark_passes) if detector.refine_landmarks else None
         return cls(det, emb, refiner=refiner, min_presence=detector.min_presence)
 
     def detect(self, image: np.ndarray) -> list[Face]:

@@ -34,7 +34,7 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--model", "models", multiple=True, metavar="MODEL",
               help="Embedder: manifest name, .tflite path, PATH:TEMPLATE:PREPROCESSING for a model outside the manifest "
                    "(e.g. mobilefacenet.tflite:arcface112:arcface), suffix +flip for flip averaging, +lm / -lm to force "
-                   "the face mesh on / off (default: detector.refine_landmarks), +full for BlazeFace full range, +short for short range alone (no full-range fallback), or 'face_recognition' (the dlib peer). Repeat to compare. Default: the config's embedder.")
+                   "the face mesh on / off (default: detector.refine_landmarks), +mesh2 for two face-mesh passes, +full for BlazeFace full range, +short for short range alone (no full-range fallback), or 'face_recognition' (the dlib peer). Repeat to compare. Default: the config's embedder.")
 @click.option("--pairs", "pairs_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="LFW-style pairs.txt; default: every pair of photos in DATASET.")
 @click.option("--open-set", "open_set_mode", is_flag=True,
@@ -145,7 +145,8 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
         baseline = variants[0].name
         calibrate: list[str] = []
         if ablation:
-            base = [c for c in choices if not c.is_peer and not c.flip and c.landmarks is None and c.detector is None]
+            base = [c for c in choices if not c.is_peer and not c.flip and c.landmarks is None and c.detector is None
+                    and c.mesh2 is None]
             mesh_on = cfg.detector.refine_landmarks
             toggled = not mesh_on
             other = "best" if template == "mean" else "mean"
@@ -154,6 +155,10 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                 flip = ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True)
                 lm = ev.ModelChoice(c.model, c.template, c.preprocessing, landmarks=toggled)
                 extra = [flip, lm]
+                mesh2 = None
+                if mesh_on and cfg.detector.landmark_passes == 1:
+                    mesh2 = ev.ModelChoice(c.model, c.template, c.preprocessing, mesh2=True)
+                    extra.append(mesh2)
                 full_range = short_only = None
                 if cfg.detector.variant != "full":
                     full_range = ev.ModelChoice(c.model, c.template, c.preprocessing, detector="full")
@@ -173,6 +178,8 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                     ev.Variant(flip.label, "flip TTA", (flip.label,), template=template, deployable=ship),
                     ev.Variant(lm.label, "face mesh on" if toggled else "face mesh off (BlazeFace points)", (lm.label,),
                                template=template, deployable=ship),
+                    *([ev.Variant(mesh2.label, "face mesh twice (second crop from the first pass's points)",
+                                  (mesh2.label,), template=template, deployable=ship)] if mesh2 else []),
                     *([ev.Variant(full_range.label, "BlazeFace full range (finds more, smaller faces)", (full_range.label,),
                                   template=template, deployable=ship)] if full_range else []),
                     *([ev.Variant(short_only.label, "short range alone (no full-range fallback)", (short_only.label,),

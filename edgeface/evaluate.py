@@ -122,9 +122,11 @@ def split_persons(persons: Sequence[str], split: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------- models
 @dataclass(frozen=True)
 class ModelChoice:
-    """One --model argument: `NAME|PATH[:TEMPLATE:PREPROCESSING][+flip][+lm|-lm][+full|+short]`, or `face_recognition`.
+    """One --model argument: `NAME|PATH[:TEMPLATE:PREPROCESSING][+flip][+lm|-lm][+mesh2][+full|+short]`, or
+    `face_recognition`.
 
-    `landmarks` None follows the config (detector.refine_landmarks); +lm / -lm force the face mesh on / off."""
+    `landmarks` None follows the config (detector.refine_landmarks); +lm / -lm force the face mesh on / off;
+    +mesh2 runs it twice per face (detector.landmark_passes 2)."""
 
     model: str
     template: Optional[str] = None
@@ -134,6 +136,8 @@ class ModelChoice:
     #: None follows the config (detector.variant); "+full" forces BlazeFace full range, "+short" short range alone
     #: (no full-range fallback).
     detector: Optional[str] = None
+    #: True: two face-mesh passes per face (None follows the config's detector.landmark_passes).
+    mesh2: Optional[bool] = None
 
     @property
     def is_peer(self) -> bool:
@@ -147,7 +151,8 @@ class ModelChoice:
     @property
     def label(self) -> str:
         lm = {None: "", True: "+lm", False: "-lm"}[self.landmarks]
-        return self.base_label + lm + (f"+{self.detector}" if self.detector else "") + ("+flip" if self.flip else "")
+        return (self.base_label + lm + ("+mesh2" if self.mesh2 else "") + (f"+{self.detector}" if self.detector else "")
+                + ("+flip" if self.flip else ""))
 
     @property
     def shipped(self) -> bool:
@@ -170,7 +175,7 @@ class ModelChoice:
         raw = text.strip()
         flags = set()
         while True:
-            for flag in ("+flip", "+lm", "-lm", "+full", "+short"):
+            for flag in ("+flip", "+lm", "-lm", "+mesh2", "+full", "+short"):
                 if raw.endswith(flag):
                     flags.add(flag)
                     raw = raw[: -len(flag)]
@@ -193,13 +198,13 @@ class ModelChoice:
         if not raw:
             raise ConfigError(f"--model {text!r} names no model")
         if raw == PEER_NAME and flags:
-            raise ConfigError(f"--model {text}: +flip/+lm/-lm/+full/+short apply to edgeface's embedders only")
-        if {"+lm", "-lm"} <= flags or {"+full", "+short"} <= flags:
-            raise ConfigError(f"--model {text}: {' and '.join(sorted(flags & {'+lm', '-lm', '+full', '+short'}))} "
+            raise ConfigError(f"--model {text}: +flip/+lm/-lm/+mesh2/+full/+short apply to edgeface's embedders only")
+        if {"+lm", "-lm"} <= flags or {"+full", "+short"} <= flags or {"+mesh2", "-lm"} <= flags:
+            raise ConfigError(f"--model {text}: {' and '.join(sorted(flags & {'+lm', '-lm', '+mesh2', '+full', '+short'}))} "
                               "contradict each other")
         lm = True if "+lm" in flags else (False if "-lm" in flags else None)
         detector = "full" if "+full" in flags else ("short" if "+short" in flags else None)
-        return ModelChoice(raw, template, preprocessing, "+flip" in flags, lm, detector)
+        return ModelChoice(raw, template, preprocessing, "+flip" in flags, lm, detector, True if "+mesh2" in flags else None)
 
 
 # ------------------------------------------------------------------------------------------ embedded sets
@@ -298,6 +303,9 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     elif choice.detector and choice.detector != det_cfg.variant:
         det_cfg = det_cfg.model_copy(update={"variant": choice.detector, "model": None})
     use_mesh = det_cfg.refine_landmarks if choice.landmarks is None else choice.landmarks
+    if choice.mesh2:
+        use_mesh = True
+        det_cfg = det_cfg.model_copy(update={"landmark_passes": 2})
     path, info = resolve_model(choice.model)
     spec = None
     if choice.template:
@@ -322,7 +330,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     refiner = None
     if use_mesh:
         from .landmarks import LandmarkRefiner
-        refiner = LandmarkRefiner(num_threads=num_threads)
+        refiner = LandmarkRefiner(num_threads=num_threads, passes=det_cfg.landmark_passes)
     n = len(ds)
     emb = np.full((n, embedder.spec.embedding_dim), np.nan, np.float32)
     enroll_emb = np.full_like(emb, np.nan)

@@ -202,3 +202,8 @@ def test_model_choice_detector_flags() -> None:
     assert ModelChoice.parse("facenet_int8").detector is None
     with pytest.raises(ConfigError, match="contradict"):
         ModelChoice.parse("facenet_int8+full+short")
+    two = ModelChoice.parse("sface_int8+mesh2+flip")
+    assert (two.mesh2, two.flip, two.label) == (True, True, "sface_int8+mesh2+flip")
+    assert ModelChoice.parse("sface_int8").mesh2 is None
+    with pytest.raises(ConfigError, match="contradict"):
+        ModelChoice.parse("sface_int8+mesh2-lm")
