@@ -58,6 +58,51 @@ class _PeopleCache:
     unreadable: bool = False
 
 
+class FrameFailureLog:
+    """Logs failing frames without flooding the journal: a gallery damaged while the daemon runs fails every
+    frame (10+ a second), and one traceback each fills a Pi's SD card. The first failure of a kind (exception
+    type and message) is logged with its traceback, repeats of it become one count line per `interval_s`, and
+    the first good frame after failures says how many there were. The door stays locked throughout: a failed
+    frame never reaches the policy."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log, self.interval_s, self._clock = logger, interval_s, clock
+        self._kind: Optional[str] = None
+        self._failures = 0  # since the last good frame
+        self._unreported = 0  # repeats of the current kind not yet in a count line
+        self._reported_at = 0.0
+
+    def failed(self, frame_index: int, exc: BaseException) -> None:
+        kind = f"{type(exc).__name__}: {exc}"
+        self._failures += 1
+        now = self._clock()
+        if kind != self._kind:
+            self._flush()
+            self._kind, self._unreported, self._reported_at = kind, 0, now
+            self._log.error("frame %s failed (the door stays locked)", frame_index, exc_info=exc)
+            return
+        self._unreported += 1
+        if now - self._reported_at >= self.interval_s:
+            self._flush()
+            self._reported_at = now
+
+    def close(self) -> None:
+        """The count line still owed (the frames ended while failing)."""
+        self._flush()
+
+    def succeeded(self) -> None:
+        if self._failures:
+            self._flush()
+            self._log.warning("frames are processed again after %d failed frame(s)", self._failures)
+            self._failures, self._kind = 0, None
+
+    def _flush(self) -> None:
+        if self._unreported:
+            self._log.error("%d more frame(s) failed the same way: %s", self._unreported, self._kind)
+            self._unreported = 0
+
+
 class Daemon:
     """Owns every part; build with the config, optionally hand in parts (tests, demo)."""
 
@@ -77,6 +122,7 @@ class Daemon:
         self._rule_errors: dict[str, str] = {}
         self.tz = ZoneInfo(cfg.policy.timezone)
         self.frames_seen = 0
+        self.frame_failures = FrameFailureLog(log)
         self.camera_health = "reconnecting"
         self._parts: list[Any] = []  # closed in reverse order
         try:
@@ -526,12 +572,15 @@ class Daemon:
                     break
                 try:
                     self.process_frame(frame)
-                except Exception:  # noqa: BLE001  (one bad frame must not stop the door)
-                    log.exception("frame %s failed", frame.index)
+                except Exception as exc:  # noqa: BLE001  (one bad frame must not stop the door)
+                    self.frame_failures.failed(frame.index, exc)
+                else:
+                    self.frame_failures.succeeded()
                 n += 1
                 if max_frames is not None and n >= max_frames:
                     break
         finally:
+            self.frame_failures.close()
             close = getattr(frames, "close", None)
             if close:
                 close()

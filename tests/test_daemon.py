@@ -446,3 +446,54 @@ def test_liveness_on_a_still_photo_never_opens_the_door(tmp_path, analyzer, enro
         daemon.run()
     assert [(e["result"], e["person_name"]) for e in events] == [("denied", "barack_obama")]
     assert pin_levels(pins.pin(17)) == [False]
+
+
+def test_gallery_damaged_while_running_denies_every_frame_and_logs_one_traceback(tmp_path, analyzer, enrolled_gallery,
+                                                                                pins, caplog):
+    """A vector overwritten on disk after start-up (bit rot, another process): every frame fails at the match, the
+    relay never moves, and the journal gets one traceback and one count line, not one traceback per frame."""
+    import logging
+
+    import numpy as np
+
+    cfg = make_config(tmp_path, enrolled_gallery, None)
+    events = []
+    source = FolderSource(photo_folder(tmp_path, OBAMA_PROBE), repeat=20, clock=TickClock())
+    with Daemon(cfg, analyzer=analyzer, source=source, pin_factory=pins, event_sink=events.append) as daemon:
+        bad = np.full(analyzer.embedder.spec.embedding_dim, np.nan, "<f4")
+        with sqlite3.connect(Path(cfg.state_dir) / "gallery.db") as other:
+            other.execute("UPDATE embeddings SET vector = ? WHERE id = 1", (bad.tobytes(),))
+        with caplog.at_level(logging.INFO, logger="edgeface.daemon"):
+            assert daemon.run() == 20
+    assert pin_levels(pins.pin(17)) == [False]
+    assert not [e for e in events if e.get("result") == "granted"]
+    errors = [r for r in caplog.records if r.name == "edgeface.daemon" and r.levelno >= logging.ERROR]
+    assert [bool(r.exc_info) for r in errors] == [True, False], [r.getMessage() for r in errors]
+    assert "embedding 1 of 'barack_obama'" in str(errors[0].exc_info[1])
+    assert errors[1].getMessage().startswith("19 more frame(s) failed the same way: GalleryError: ")
+
+
+def test_frame_failure_log_counts_repeats_and_says_when_frames_recover(caplog) -> None:
+    import logging
+
+    from edgeface.daemon import FrameFailureLog
+
+    now = [0.0]
+    logger = logging.getLogger("edgeface.test_frames")
+    failures = FrameFailureLog(logger, interval_s=60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="edgeface.test_frames"):
+        for i in range(30):  # 30 identical failures 0.1 s apart, then 61 s later one more
+            failures.failed(i, ValueError("bad row"))
+            now[0] += 0.1
+        now[0] += 61.0
+        failures.failed(30, ValueError("bad row"))
+        failures.failed(31, KeyError("other"))  # a new kind: its own traceback
+        failures.succeeded()
+        failures.succeeded()  # nothing more to say
+    lines = [(r.levelname, r.getMessage(), bool(r.exc_info)) for r in caplog.records]
+    assert lines == [
+        ("ERROR", "frame 0 failed (the door stays locked)", True),
+        ("ERROR", "30 more frame(s) failed the same way: ValueError: bad row", False),
+        ("ERROR", "frame 31 failed (the door stays locked)", True),
+        ("WARNING", "frames are processed again after 32 failed frame(s)", False),
+    ]
