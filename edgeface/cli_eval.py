@@ -44,9 +44,10 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
               help="Enrollment photos per person (repeatable). Default: 3 and 1 with --open-set, else 1.")
 @click.option("--draws", type=click.IntRange(1), default=20, show_default=True, help="Random galleries averaged.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--template", type=click.Choice(["mean", "best"]), default=None,
-              help="Per-person score: distance to the mean of the E embeddings, or the best of the E. "
-                   "Default: as the gallery matches (gallery.match_mode best -> best).")
+@click.option("--template", type=click.Choice(["mean", "best", "blend"]), default=None,
+              help="Per-person score: distance to the mean of the E embeddings, the best of the E, or the blend of "
+                   "both. Default: as the gallery matches (gallery.match_mode centroid -> mean, blend -> blend, "
+                   "best/topk_mean -> best).")
 @click.option("--split", type=click.Choice(["tune", "report", "all"]), default=None,
               help="Identities to use (fixed by a hash of the name). Without --open-set: default all. With --open-set: "
                    "default report (tables of the reporting half, thresholds also calibrated on the tuning half); "
@@ -92,7 +93,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
     if not 0 < target_far < 1:
         raise ConfigError(f"--target-far {target_far}: expected a rate between 0 and 1")
     cfg = obj.config
-    template = template or ("mean" if cfg.gallery.match_mode == "centroid" else "best")
+    template = template or {"centroid": "mean", "blend": "blend"}.get(cfg.gallery.match_mode, "best")
     choices = [ev.ModelChoice.parse(m) for m in (models or (cfg.embedder.model,))]
     labels = [c.label for c in choices]
     if len(set(labels)) != len(labels):
@@ -149,7 +150,12 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                     and c.mesh2 is None]
             mesh_on = cfg.detector.refine_landmarks
             toggled = not mesh_on
-            other = "best" if template == "mean" else "mean"
+            others = [t for t in ("mean", "best", "blend") if t != template]
+            # Cohort s-norm is measured on single templates: with the blend it runs on the mean template.
+            cohort_template = "mean" if template == "blend" else template
+            cohort_note = ", mean template" if template == "blend" else ""
+            what = {"mean": "mean template", "best": "best of E photos",
+                    "blend": "blend: 0.75 x mean template + 0.25 x best photo"}
             for c in base:
                 ship = c.shipped  # only models in the manifest can be recommended as the default
                 flip = ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True)
@@ -170,9 +176,9 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                     if x.label not in sets:
                         sets[x.label] = embed(x)
                 variants += [
-                    # Both are gallery match modes (gallery.match_mode best / centroid), so both can ship.
-                    ev.Variant(f"{c.label} {other}-of-E", f"{other} template" if other == "mean" else "best of E photos",
-                               (c.label,), template=other, deployable=ship),
+                    # All are gallery match modes (gallery.match_mode centroid / best / blend), so all can ship.
+                    *[ev.Variant(f"{c.label} {other}" if other == "blend" else f"{c.label} {other}-of-E", what[other],
+                                 (c.label,), template=other, deployable=ship) for other in others],
                     ev.Variant(f"{c.label} enrolled without mirror", "enrollment without the mirror image (as "
                                "probes)", (c.label,), template=template, deployable=ship, enroll_mirror=False),
                     ev.Variant(flip.label, "flip TTA", (flip.label,), template=template, deployable=ship),
@@ -187,17 +193,17 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                     ev.Variant(f"{c.label} face >= {cfg.policy.min_face_size}px", "the product's face-size rule: enrollment "
                                f"and the door refuse faces under {cfg.policy.min_face_size} px", (c.label,), template=template,
                                min_face_px=float(cfg.policy.min_face_size), deployable=ship),
-                    ev.Variant(f"{c.label} +cohort", "cohort s-norm (top 100)", (c.label,), template=template,
-                               cohort_top=100, deployable=False),
-                    ev.Variant(f"{flip.label} +cohort", "flip TTA + cohort s-norm", (flip.label,), template=template,
-                               cohort_top=100, deployable=False)]
+                    ev.Variant(f"{c.label} +cohort", f"cohort s-norm (top 100){cohort_note}", (c.label,),
+                               template=cohort_template, cohort_top=100, deployable=False),
+                    ev.Variant(f"{flip.label} +cohort", f"flip TTA + cohort s-norm{cohort_note}", (flip.label,),
+                               template=cohort_template, cohort_top=100, deployable=False)]
             if len(base) >= 2:
                 a, b = base[0], base[1]
                 variants.append(ev.Variant(f"{a.label} ⊕ {b.label}", "score fusion", (a.label, b.label), template=template,
                                            deployable=False))
                 fa, fb = f"{a.label}+flip", f"{b.label}+flip"
-                variants.append(ev.Variant(f"{fa} ⊕ {fb} +cohort", "fusion + flip TTA + cohort s-norm", (fa, fb),
-                                           template=template, cohort_top=100, deployable=False))
+                variants.append(ev.Variant(f"{fa} ⊕ {fb} +cohort", f"fusion + flip TTA + cohort s-norm{cohort_note}",
+                                           (fa, fb), template=cohort_template, cohort_top=100, deployable=False))
             calibrate = [variants[0].name] if not choices[0].is_peer else []
         study = ev.open_set_study(ds, sets, variants, ks=(k,), enrolls=enrolls, draws=draws, seed=seed, thresholds=thr,
                                   calibration_ks=sorted({10, 25, 50, k}) if ablation else (), calibrate=calibrate,

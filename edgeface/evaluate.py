@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import ConfigError, ModelError
 from .images import list_images, load_image
+from .gallery import blend_distances
 
 PEER_NAME = "face_recognition"
 #: face_recognition's documented default: "0.6 is typical best performance".
@@ -580,7 +581,8 @@ class OpenSetSettings:
     enroll: int = 3
     draws: int = 20
     seed: int = 0
-    template: str = "mean"  # "mean": one unit-mean template per person; "best": best of the E photos
+    #: "mean": one unit-mean template per person; "best": best of the E photos; "blend": the gallery's blend mode
+    template: str = "mean"
     cohort_top: int = 0  # >0: adaptive s-norm against the `cohort_top` most similar cohort photos
     #: >0: the product's face-size rules: enrollment refuses, and the door never accepts, a face smaller than this.
     min_face_px: float = 0.0
@@ -656,6 +658,8 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
     norm = _Cohort(cohort, settings.cohort_top) if (cohort is not None and settings.cohort_top > 0) else None
     if norm is not None and es.metric != "cosine":
         raise ConfigError("cohort normalisation needs a cosine-distance embedder")
+    if norm is not None and settings.template == "blend":
+        raise ConfigError("cohort normalisation is not measured with the blend template")
     gen_scores, gen_correct, str_scores = [], [], []
     per_draw: list[tuple[int, int]] = []  # (first probe index, first stranger index) into the pooled arrays
     counts = {"probe": 0, "probe_no_face": 0, "stranger": 0, "stranger_no_face": 0, "enroll_refused_no_face": 0,
@@ -671,21 +675,21 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
         chosen_set = set(int(c) for c in chosen)
         probe_idx = np.array([p for lab in chosen for p in photos_by_person[int(lab)] if int(p) not in enrolled_set], np.int64)
         stranger_idx = np.array([p for lab in labels_in if int(lab) not in chosen_set for p in photos_by_person[int(lab)]], np.int64)
-        # Templates: one per person (mean) or one per enrollment photo (best-of).
-        owners, templates = [], []
+        # Templates: one per person (mean), one per enrollment photo (best-of), or both (blend).
+        people, means, photos, photo_owner = [], [], [], []
         for lab in chosen:
             vecs = es.for_enrollment()[enrolled[int(lab)]]
             if len(vecs) == 0:
                 continue  # nobody could be enrolled from these photos: their probes can only be rejected
-            if settings.template == "mean":
-                m = vecs.mean(axis=0)
-                if es.metric == "cosine":
-                    m = m / max(float(np.linalg.norm(m)), 1e-12)
-                templates.append(m[None]); owners.append(int(lab))
-            else:
-                templates.append(vecs); owners.extend([int(lab)] * len(vecs))
-        tmpl = np.concatenate(templates).astype(np.float32)
-        owners_arr = np.array(owners)
+            m = vecs.mean(axis=0)
+            if es.metric == "cosine":
+                m = m / max(float(np.linalg.norm(m)), 1e-12)
+            people.append(int(lab)); means.append(m[None]); photos.append(vecs); photo_owner.extend([len(people) - 1] * len(vecs))
+        mean_tmpl = np.concatenate(means).astype(np.float32)
+        photo_tmpl = np.concatenate(photos).astype(np.float32)
+        photo_starts = np.flatnonzero(np.r_[True, np.diff(photo_owner) != 0])
+        tmpl = photo_tmpl if settings.template == "best" else mean_tmpl
+        owners_arr = np.array(people)[photo_owner] if settings.template == "best" else np.array(people)
         per_draw.append((len(gen_scores), len(str_scores)))
         for idx, is_probe in ((probe_idx, True), (stranger_idx, False)):
             ok = found[idx]
@@ -693,7 +697,11 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
             best_owner = np.full(len(idx), -1)
             if ok.any():
                 x = es.emb[idx[ok]]
-                s = norm.normalise(x, tmpl) if norm is not None else distances(x, tmpl, es.metric)
+                if settings.template == "blend":
+                    s = blend_distances(distances(x, mean_tmpl, es.metric),
+                                        np.minimum.reduceat(distances(x, photo_tmpl, es.metric), photo_starts, axis=1))
+                else:
+                    s = norm.normalise(x, tmpl) if norm is not None else distances(x, tmpl, es.metric)
                 j = np.argmin(s, axis=1)
                 scores[ok] = s[np.arange(len(j)), j]
                 best_owner[ok] = owners_arr[j]

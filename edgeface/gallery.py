@@ -319,8 +319,18 @@ def _face_from_json(text: str) -> Face:
 # ----------------------------------------------------------------------------------------------- index
 
 
-#: Per-person scores: nearest enrolled embedding, mean of the k nearest, or the person's mean template.
-MATCH_MODES = ("best", "topk_mean", "centroid")
+#: Per-person scores: nearest enrolled embedding, mean of the k nearest, the person's mean template, or a blend of
+#: the last and the first.
+MATCH_MODES = ("best", "topk_mean", "centroid", "blend")
+#: blend = this x the centroid distance + the rest x the nearest-embedding distance. The centroid is robust to one odd
+#: enrollment photo; the nearest term rewards a face that closely matches one particular photo (glasses, beard).
+#: 0.75 was chosen on the open-set tuning half (0.25 / 0.5 / 0.75 tried; docs/accuracy.md "blend" rows).
+BLEND_CENTROID_WEIGHT = 0.75
+
+
+def blend_distances(centroid: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    """The blend match mode's per-person distance from the centroid and the nearest-embedding distances."""
+    return BLEND_CENTROID_WEIGHT * centroid + (1.0 - BLEND_CENTROID_WEIGHT) * nearest
 
 
 class _Index:
@@ -353,10 +363,13 @@ class _Index:
         return self._centroids
 
     def person_distances(self, q: np.ndarray, mode: str, k: int) -> np.ndarray:
-        """Per-person distance of query q: best (min), mean of the k best embeddings, or to the person's centroid."""
+        """Per-person distance of query q: best (min), mean of the k best embeddings, to the person's centroid, or
+        the blend of centroid and best."""
         if mode == "centroid":
             return _no_nan(1.0 - self.centroids() @ q)
         d = 1.0 - self.vectors @ q
+        if mode == "blend":
+            return blend_distances(_no_nan(1.0 - self.centroids() @ q), _no_nan(np.minimum.reduceat(d, self.starts)))
         if mode == "best" or k == 1:
             return _no_nan(np.minimum.reduceat(d, self.starts))
         # A person with any non-finite distance gets +inf (no match), whichever k of their rows are best.

@@ -207,3 +207,33 @@ def test_model_choice_detector_flags() -> None:
     assert ModelChoice.parse("sface_int8").mesh2 is None
     with pytest.raises(ConfigError, match="contradict"):
         ModelChoice.parse("sface_int8+mesh2-lm")
+
+
+@pytest.mark.parametrize("template,mode", [("mean", "centroid"), ("best", "best"), ("blend", "blend")])
+def test_open_set_scores_are_what_the_gallery_answers(tmp_path, template, mode) -> None:
+    """The study's per-probe score for each template equals the real Gallery's match distance in the matching mode,
+    with the same people enrolled from the same photos: the benchmark measures the matcher the door runs."""
+    from edgeface.evaluate import Dataset, EmbeddedSet, OpenSetSettings, _draw_gallery, open_set
+    from edgeface.gallery import EnrollItem, Gallery
+
+    rng = np.random.default_rng(3)
+    persons = [f"p{i}" for i in range(8)]
+    labels = np.repeat(np.arange(8), 5)
+    centres = rng.normal(size=(8, 128))
+    emb = centres[labels] + 0.9 * rng.normal(size=(40, 128))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    ds = Dataset(tmp_path, persons, [tmp_path / persons[lab] / f"{i}.jpg" for i, lab in enumerate(labels)], labels)
+    es = EmbeddedSet("synthetic", "cosine", emb, np.ones(40, np.int32))
+    settings = OpenSetSettings(k=4, enroll=3, draws=1, seed=5, template=template)
+    result = open_set(es, ds, persons, settings)
+    # The same gallery, drawn again with the same seed, in a real SQLite gallery.
+    chosen, enrolled, _, _ = _draw_gallery(np.random.default_rng([5, 0]), np.arange(8),
+                                           {lab: np.flatnonzero(labels == lab) for lab in range(8)}, es.found, 4, 3)
+    with Gallery.open(tmp_path / "g.db", model_id="synthetic", max_distance=2.0, match_mode=mode) as g:
+        for lab in chosen:
+            g.enroll(persons[lab], [EnrollItem(f"{persons[lab]}/{i}", f"{lab}-{i}", emb[i], 0.9)
+                                    for i in enrolled[int(lab)]])
+        taken = {int(i) for v in enrolled.values() for i in v}
+        probes = [i for lab in chosen for i in np.flatnonzero(labels == lab) if int(i) not in taken]
+        expected = [g.match(emb[i]).distance for i in probes]
+    np.testing.assert_allclose(result["_genuine"], expected, atol=1e-5)

@@ -89,7 +89,7 @@ def test_verify(gallery, people):
         gallery.verify(people["bob"][4], "zoe")
 
 
-@pytest.mark.parametrize("mode", ["best", "topk_mean", "centroid"])
+@pytest.mark.parametrize("mode", ["best", "topk_mean", "centroid", "blend"])
 def test_verify_scores_a_person_as_match_does(tmp_path, people, mode):
     with open_g(tmp_path / "g.db", match_mode=mode, top_k=2) as g:
         for name, vecs in people.items():
@@ -396,7 +396,7 @@ def test_default_threshold_follows_the_match_mode(tmp_path):
 
 
 def test_matcher_agrees_with_brute_force(tmp_path):
-    """Vectorised per-person best, top-k mean and centroid equal a plain loop, for uneven numbers of photos per
+    """Vectorised per-person best, top-k mean, centroid and blend equal a plain loop, for uneven numbers of photos per
     person (1:N match and 1:1 verify)."""
     rng = np.random.default_rng(11)
     path = tmp_path / "g.db"
@@ -409,12 +409,15 @@ def test_matcher_agrees_with_brute_force(tmp_path):
             g.enroll(f"p{i:02d}", items(f"p{i}", vecs))
         g.disable("p07")
         enabled = {n: v for n, v in stored.items() if n != "p07"}
-        for mode, k in [("best", 1), ("topk_mean", 3), ("topk_mean", 10), ("centroid", 1)]:
+        for mode, k in [("best", 1), ("topk_mean", 3), ("topk_mean", 10), ("centroid", 1), ("blend", 1)]:
             g.match_mode, g.top_k = mode, k
             for q in rng.normal(size=(20, DIM)).astype(np.float32):
                 q /= np.linalg.norm(q)
                 if mode == "centroid":
                     per = {n: float(1.0 - (v.mean(0) / np.linalg.norm(v.mean(0))) @ q) for n, v in enabled.items()}
+                elif mode == "blend":  # 0.75 x centroid + 0.25 x nearest photo
+                    per = {n: 0.75 * float(1.0 - (v.mean(0) / np.linalg.norm(v.mean(0))) @ q)
+                           + 0.25 * float((1.0 - v @ q).min()) for n, v in enabled.items()}
                 else:
                     per = {n: float(np.sort(1.0 - v @ q)[:k].mean()) for n, v in enabled.items()}
                 name = min(per, key=per.get)
