@@ -24,11 +24,12 @@ MOBILEFACENET = SHARED / "weights" / "mobilefacenet" / "mobilefacenet.tflite"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="'default' (config embedder) or 'mobilefacenet'")
-    ap.add_argument("--mode", default="centroid", choices=["best", "topk_mean", "centroid"])
+    ap.add_argument("--mode", default=None, choices=["best", "topk_mean", "centroid", "blend"],
+                    help="gallery match mode (default: the config's gallery.match_mode)")
     ap.add_argument("--enroll", type=int, default=3, help="photos enrolled per person")
     ap.add_argument("--stranger-every", type=int, default=3, help="use every k-th CelebA identity")
     ap.add_argument("--per-stranger", type=int, default=4, help="photos per CelebA identity")
-    ap.add_argument("--thresholds", default="0.29,0.33,0.35,0.40,0.45,0.50")
+    ap.add_argument("--thresholds", default="0.40,0.45,0.47,0.49,0.52,0.55")
     args = ap.parse_args()
 
     from edgeface.analyze import FaceAnalyzer
@@ -38,6 +39,7 @@ def main() -> None:
     from edgeface.images import list_images, load_image
 
     cfg = EdgefaceConfig()
+    args.mode = args.mode or cfg.gallery.match_mode
     if args.model == "mobilefacenet":
         cfg.embedder = cfg.embedder.model_copy(update={"model": str(MOBILEFACENET), "preprocessing": "arcface",
                                                        "template": "arcface112"})
@@ -69,7 +71,8 @@ def main() -> None:
         sd = np.array([g.match(e).distance for e in strangers])
         g.close()
     kd = np.array(known)
-    print(f"model {analyzer.embedder.model_id} (manifest default {default_max_distance(cfg.embedder.model)}), "
+    print(f"model {analyzer.embedder.model_id} (manifest default for {args.mode}: "
+          f"{default_max_distance(cfg.embedder.model, match_mode=args.mode)}), "
           f"mode {args.mode}: {len(kd)} known probes, {len(sd)} stranger faces")
     print("| max_distance | known accepted | strangers rejected |\n|---|---|---|")
     for t in (float(v) for v in args.thresholds.split(",")):

@@ -85,9 +85,11 @@ class GalleryConfig(Section):
     max_distance: Optional[float] = Field(
         None, gt=0, le=2, description="Cosine distance at or below which a face matches (0 = identical, lower is "
                                       "stricter). Default: the model's calibrated threshold from the manifest.")
-    match_mode: Literal["best", "topk_mean", "centroid"] = Field(
-        "centroid", description="Per-person score: distance to the nearest enrolled embedding (best), the mean of the "
-                            "top_k nearest (topk_mean), or to the person's mean template (centroid, the default: chosen on the open-set tuning half, docs/accuracy.md).")
+    match_mode: Literal["best", "topk_mean", "centroid", "blend"] = Field(
+        "blend", description="Per-person score: distance to the nearest enrolled embedding (best), the mean of the "
+                             "top_k nearest (topk_mean), to the person's mean template (centroid), or 0.75 x centroid + "
+                             "0.25 x best (blend, the default: chosen on the open-set tuning half, docs/accuracy.md). "
+                             "Each has its own calibrated threshold (models/manifest.json).")
     top_k: int = Field(3, ge=1, le=50, description="k for topk_mean.")
 
 

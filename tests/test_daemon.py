@@ -41,8 +41,8 @@ KNOWN = {"barack_obama": ["barack_obama_01.jpg", "barack_obama_02.jpg", "barack_
 OBAMA_PROBE = FACES / "barack_obama" / "barack_obama_04.jpg"
 GUIDO_PROBE = FACES / "guido_van_rossum" / "guido_van_rossum_05.jpg"
 #: A stranger far from both enrolled people (sface_int8: >= 0.85 cosine distance; facenet_int8: >= 0.97).
-#: steve_wozniak would do too at the shipped threshold (sface_int8 0.47: he is 0.68-0.72 from guido_van_rossum's
-#: template; facenet_int8 0.33: 0.46-0.58), a look-alike pair that a looser threshold (e.g. FaceNet's per-pair
+#: steve_wozniak would do too at the shipped threshold (sface_int8 blend 0.49: he is 0.68-0.72 from guido_van_rossum's
+#: template; facenet_int8 centroid 0.33: 0.46-0.58), a look-alike pair that a looser threshold (e.g. FaceNet's per-pair
 #: 0.584) lets in.
 STRANGER = FACES / "kit_harington" / "kit_harington_02.jpg"
 

@@ -80,8 +80,8 @@ def openset_eval(analyzer, cfg, root: Path, tmp_path: Path, n_enroll: int, stran
 def test_openset_accuracy_on_shared_faces(analyzer, cfg, tmp_path):
     """18 people: 12 enrolled with 3 photos each, 6 never enrolled; 3 rotations.
 
-    Measured with the shipped config (sface_int8, centroid, 0.47, mirror-averaged enrollment): rank-1 130/130, accepted 124/130, wrong
-    person 0, strangers rejected 117/117 (facenet_int8 at 0.33: 130/130, 120/130, 0, 117/117). (A per-pair threshold of 0.584 rejected only 85/117 strangers: too
+    Measured with the shipped config (sface_int8, blend, 0.49, mirror-averaged enrollment): rank-1 130/130, accepted 128/130, wrong
+    person 0, strangers rejected 117/117 (centroid at 0.47: 124/130; facenet_int8 centroid at 0.33: 130/130, 120/130, 0, 117/117). (A per-pair threshold of 0.584 rejected only 85/117 strangers: too
     loose for 1:N, see docs/gallery.md.) Single photos: the daemon's K-of-N vote accepts more per visit."""
     t = openset_eval(analyzer, cfg, shared_path("data", "faces"), tmp_path, n_enroll=3, stranger_every=3)
     print(t)
@@ -95,8 +95,8 @@ def test_openset_accuracy_on_shared_faces(analyzer, cfg, tmp_path):
 def test_openset_accuracy_on_fixture_faces(analyzer, cfg, tmp_path, fixture_faces):
     """7 committed people: ~5 enrolled with 2 photos, the others strangers; 3 rotations.
 
-    Measured with the shipped config (sface_int8, centroid, 0.47, mirror-averaged enrollment): rank-1 26/26, accepted 24/26, strangers
-    28/28 (facenet_int8 at 0.33: 26/26, 26/26, 28/28)."""
+    Measured with the shipped config (sface_int8, blend, 0.49, mirror-averaged enrollment): rank-1 26/26, accepted 26/26, strangers
+    28/28 (centroid at 0.47: 24/26; facenet_int8 centroid at 0.33: 26/26, 26/26, 28/28)."""
     t = openset_eval(analyzer, cfg, fixture_faces, tmp_path, n_enroll=2, stranger_every=3)
     print(t)
     assert t["known"] >= 20 and t["strangers"] >= 15
