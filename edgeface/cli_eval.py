@@ -209,12 +209,14 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                                   calibration_ks=sorted({10, 25, 50, k}) if ablation else (), calibrate=calibrate,
                                   only_tune=(split == "tune"))
         study["excluded"] = sorted(exclusions)
-        rec = ev.recommend(study, k=k, enroll=enrolls[0], far_target=target_far)
-        study["recommendation"] = rec
+        rec = ev.recommend(study, k=k, enroll=enrolls[0], far_target=target_far, baseline=baseline)
+        rec_same_cost = ev.recommend(study, k=k, enroll=enrolls[0], far_target=target_far, baseline=baseline,
+                                     max_cost=ev.SAME_COST)
+        study["recommendation"], study["recommendation_same_cost"] = rec, rec_same_cost
         plots = {}
         for e in enrolls:
             plots.update(ev.open_set_plots(study, plots_dir, prefix, report_path.parent, k, e))
-        md = ev.render_open_set_markdown(study, plots, command, rec, baseline if ablation else None)
+        md = ev.render_open_set_markdown(study, plots, command, rec, baseline if ablation else None, rec_same_cost)
         report = study
         _summary_open_set(study, rec)
     ev.write_text_atomic(report_path, md)
@@ -240,6 +242,9 @@ def _summary_open_set(study: dict, rec: Optional[dict]) -> None:
         click.echo(f"K={r['k']} E={r['enroll']} {r['variant']}: " + "; ".join(parts))
     if rec:
         click.echo(f"recommended (tuning half): {rec['variant']} threshold {rec['threshold']:.4f}")
+    same = study.get("recommendation_same_cost")
+    if same and rec and same["variant"] != rec["variant"]:
+        click.echo(f"recommended at no more work per face: {same['variant']} threshold {same['threshold']:.4f}")
 
 
 def register(group: click.Group) -> None:

@@ -1067,13 +1067,30 @@ def open_set_study(ds: Dataset, sets: dict[str, EmbeddedSet], variants: Sequence
             "results": results, "calibration": calibration}
 
 
+#: A variant costs "no more per face" than the baseline within this factor of its measured detect+align+embed time
+#: (variants that reuse the baseline's embeddings, such as another match template, cost exactly the same).
+SAME_COST = 1.05
+
+
+def _ms_per_face(r: dict[str, Any]) -> Optional[float]:
+    return (r.get("ms") or {}).get("ms_face_total")
+
+
 def recommend(study: dict[str, Any], *, k: int, enroll: int, far_target: float = 1e-3,
-              max_wrong_person: float = 1e-3) -> Optional[dict[str, Any]]:
+              max_wrong_person: float = 1e-3, baseline: Optional[str] = None,
+              max_cost: Optional[float] = None) -> Optional[dict[str, Any]]:
     """The deployable variant with the best tuning-half correct-accept at the stranger-FAR target (wrong-person
-    accept within bounds), with its tuning-half threshold and that threshold's reporting-half figures."""
+    accept within bounds), with its tuning-half threshold and that threshold's reporting-half figures, and its
+    per-face time as a multiple of the `baseline` variant's. With `max_cost`, only variants within that multiple
+    compete (a lever that doubles the embedding work may not fit a Pi's latency budget)."""
+    base = _find(study, baseline, k, enroll) if baseline else None
+    base_ms = _ms_per_face(base) if base else None
     best = None
     for r in study["results"]:
         if not r["deployable"] or r["k"] != k or r["enroll"] != enroll:
+            continue
+        ms = _ms_per_face(r)
+        if max_cost is not None and (base_ms is None or ms is None or ms > base_ms * max_cost):
             continue
         a = next(x for x in r["tune"]["at_far"] if x["far_target"] == far_target)
         if a["correct_accept"] is None or (a["wrong_person_accept"] or 0) > max_wrong_person:
@@ -1084,8 +1101,10 @@ def recommend(study: dict[str, Any], *, k: int, enroll: int, far_target: float =
         return None
     r, a = best
     key = f"tune-calibrated {far_name(far_target)}"
+    ms = _ms_per_face(r)
     return {"variant": r["variant"], "labels": r["labels"], "template": r["template"], "k": k, "enroll": enroll,
-            "far_target": far_target, "threshold": a["threshold"], "tune": a,
+            "far_target": far_target, "threshold": a["threshold"], "tune": a, "max_cost": max_cost,
+            "cost_vs_baseline": ms / base_ms if (ms is not None and base_ms) else None, "baseline": baseline,
             "report_at_tune_threshold": r["report"]["fixed"].get(key),
             "report_at_own_far": next(x for x in r["report"]["at_far"] if x["far_target"] == far_target)}
 
@@ -1095,7 +1114,8 @@ def _find(study: dict[str, Any], variant: str, k: int, e: int) -> Optional[dict[
 
 
 def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], command: str,
-                             rec: Optional[dict[str, Any]], baseline: Optional[str]) -> str:
+                             rec: Optional[dict[str, Any]], baseline: Optional[str],
+                             rec_same_cost: Optional[dict[str, Any]] = None) -> str:
     fars = study["far_targets"]
     h = study["halves"]
     lines = ["# edgeface open-set identification accuracy", "",
@@ -1186,20 +1206,33 @@ def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], comma
     lines += _targets_lines(study)
     lines += _per_visit_lines(study, baseline)
     if rec:
-        t, rp, ro = rec["tune"], rec["report_at_tune_threshold"], rec["report_at_own_far"]
         lines += ["## Recommended default (chosen on the tuning half)", "",
-                  f"Among settings the daemon can run as shipped (a model in models/manifest.json, config switches only), "
-                  f"`{rec['variant']}` ({rec['template']} template) has the "
-                  f"best tuning-half correct accept at a {pct(rec['far_target'], 1)} stranger false-accept rate (K={rec['k']}, "
-                  f"E={rec['enroll']}): {pct(t['correct_accept'])} at threshold {num(t['threshold'], 4)} (wrong person "
-                  f"{pct(t['wrong_person_accept'], 2)}).", "",
-                  f"That threshold on the reporting half: correct accept {pct(rp['correct_accept']) if rp else 'n/a'}, "
-                  f"wrong person {pct(rp['wrong_person_accept'], 2) if rp else 'n/a'}, stranger accept "
-                  f"{pct(rp['stranger_accept'], 2) if rp else 'n/a'}. At the reporting half's own {pct(rec['far_target'], 1)} "
-                  f"point: correct accept {pct(ro['correct_accept'])}, wrong person {pct(ro['wrong_person_accept'], 2)}.", ""]
+                  "Among settings the daemon can run as shipped (a model in models/manifest.json, config switches only), "
+                  + _recommendation_text(rec, "has the best")]
+        if rec_same_cost and rec_same_cost["variant"] != rec["variant"]:
+            lines += [f"At no more work per face than the configured pipeline (`{rec_same_cost['baseline']}`, within "
+                      f"{rec_same_cost['max_cost']:g}x its detect+align+embed time; what a Pi's latency budget allows "
+                      "without re-measuring it, docs/benchmarks.md), " + _recommendation_text(rec_same_cost, "has the best")]
+        elif rec_same_cost:
+            lines += [f"It costs no more per face than the configured pipeline (`{rec_same_cost['baseline']}`, within "
+                      f"{rec_same_cost['max_cost']:g}x its detect+align+embed time).", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     return "\n".join(lines) + "\n"
+
+
+def _recommendation_text(rec: dict[str, Any], verb: str) -> str:
+    t, rp, ro = rec["tune"], rec["report_at_tune_threshold"], rec["report_at_own_far"]
+    cost = rec.get("cost_vs_baseline")
+    cost_text = f" Its detect+align+embed time per face: {cost:.2f}x `{rec['baseline']}`'s." if cost is not None else ""
+    return (f"`{rec['variant']}` ({rec['template']} template) {verb} tuning-half correct accept at a "
+            f"{pct(rec['far_target'], 1)} stranger false-accept rate (K={rec['k']}, E={rec['enroll']}): "
+            f"{pct(t['correct_accept'])} at threshold {num(t['threshold'], 4)} (wrong person "
+            f"{pct(t['wrong_person_accept'], 2)}).{cost_text}\n\n"
+            f"That threshold on the reporting half: correct accept {pct(rp['correct_accept']) if rp else 'n/a'}, "
+            f"wrong person {pct(rp['wrong_person_accept'], 2) if rp else 'n/a'}, stranger accept "
+            f"{pct(rp['stranger_accept'], 2) if rp else 'n/a'}. At the reporting half's own {pct(rec['far_target'], 1)} "
+            f"point: correct accept {pct(ro['correct_accept'])}, wrong person {pct(ro['wrong_person_accept'], 2)}.\n")
 
 
 def k_of_n_rate(p: float, k: int, n: int) -> float:

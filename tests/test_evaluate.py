@@ -237,3 +237,25 @@ def test_open_set_scores_are_what_the_gallery_answers(tmp_path, template, mode) 
         probes = [i for lab in chosen for i in np.flatnonzero(labels == lab) if int(i) not in taken]
         expected = [g.match(emb[i]).distance for i in probes]
     np.testing.assert_allclose(result["_genuine"], expected, atol=1e-5)
+
+
+def test_recommendation_names_the_best_setting_at_no_extra_cost_per_face() -> None:
+    """Flip TTA wins on accuracy but doubles the embedding work: the report must also name the best setting that a
+    Pi's latency budget allows without re-measuring (no more detect+align+embed time than the configured one)."""
+    from edgeface.evaluate import SAME_COST, recommend
+
+    def row(name: str, ms: float, correct: float, deployable: bool = True) -> dict:
+        at = {"far_target": 1e-3, "threshold": 0.5, "correct_accept": correct, "wrong_person_accept": 0.0,
+              "stranger_accept": 0.001}
+        return {"variant": name, "labels": [name], "template": "blend", "deployable": deployable, "k": 100,
+                "enroll": 3, "ms": {"ms_face_total": ms}, "tune": {"at_far": [at]},
+                "report": {"at_far": [at], "fixed": {}}}
+
+    study = {"results": [row("sface_int8", 6.0, 0.890), row("sface_int8+flip", 12.4, 0.905),
+                         row("sface_int8 best-of-E", 6.0, 0.880), row("sface_int8+mesh2", 7.6, 0.898),
+                         row("sface_int8 ⊕ facenet_int8", 16.0, 0.910, deployable=False)]}
+    best = recommend(study, k=100, enroll=3, baseline="sface_int8")
+    assert best["variant"] == "sface_int8+flip" and abs(best["cost_vs_baseline"] - 12.4 / 6.0) < 1e-9
+    same = recommend(study, k=100, enroll=3, baseline="sface_int8", max_cost=SAME_COST)
+    assert same["variant"] == "sface_int8" and same["cost_vs_baseline"] == 1.0
+    assert recommend(study, k=100, enroll=3, baseline="sface_int8", max_cost=1.3)["variant"] == "sface_int8+mesh2"
