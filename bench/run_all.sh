@@ -35,7 +35,7 @@ SI8F="$SFACE_INT8_FULL:arcface112:arcface"
 #    is score fusion, each face embedded by both), then the reference networks for the Pi projection, timed in
 #    turns with each embedder (same load for the ratio).
 "$PY" bench/bench_matching.py
-"$PY" bench/bench_pipeline.py --embedder sface_int8 --embedder "$SF16" --embedder "$SF32" --embedder "$SI8F" \
+"$PY" bench/bench_pipeline.py --embedder sface_int8 --embedder sface_int8+mesh2 --embedder "$SF16" --embedder "$SF32" --embedder "$SI8F" \
     --embedder facenet_int8 --embedder sface_int8,facenet_int8 --threads 2 --passes 2 --peer-python "$PEER_PY"
 "$PY" bench/bench_reference.py --threads 2 --embedder sface_int8 --embedder "$SF16" --embedder "$SF32" \
     --embedder "$SI8F" --embedder facenet_int8
