@@ -211,7 +211,14 @@ def open_set_section(acc: dict) -> list[str]:
                     [f"threshold from the tuning half ({pct(min(acc['far_targets']), 1)}): stranger / correct accept",
                      "default threshold: stranger / correct / wrong person"], rows), ""]
     if rec:
-        out += [f"Recommended default (chosen on the tuning half): `{rec['variant']}`, threshold {num(rec['threshold'], 4)}.", ""]
+        cost = rec.get("cost_vs_baseline")
+        out += [f"Best on the tuning half: `{rec['variant']}`, threshold {num(rec['threshold'], 4)}"
+                + (f" ({cost:.2f}x the configured pipeline's time per face)." if cost is not None else ".")]
+        same = acc.get("recommendation_same_cost")
+        if same and same["variant"] != rec["variant"]:
+            out += [f"At no more work per face than the configured pipeline: `{same['variant']}`, threshold "
+                    f"{num(same['threshold'], 4)} (accuracy.md, \"Recommended default\")."]
+        out += [""]
     return out
 
 
