@@ -263,7 +263,7 @@ class Daemon:
             f", embedder {self.model_id}",
             f"gallery: {state_path(cfg, cfg.gallery.path)} ({len(people)} people, "
             f"{sum(1 for p in people if getattr(p, 'enabled', True))} enabled), max distance "
-            f"{getattr(self.gallery, 'max_distance', '?')}",
+            f"{getattr(self.gallery, 'max_distance', '?')} ({getattr(self.gallery, 'match_mode', '?')} match)",
             f"camera: {getattr(self.source, 'name', cfg.camera.source)} (max {cfg.camera.max_fps:g} fps)",
             f"door {self.door_id}: relay pin {cfg.door.relay_pin} ({'active high' if cfg.door.active_high else 'active low'}"
             f", pulse {cfg.door.pulse_s:g} s, pin factory {cfg.door.pin_factory or 'default'})"

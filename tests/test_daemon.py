@@ -396,11 +396,21 @@ def test_remote_unlock_needs_a_valid_signed_fresh_command(tmp_path, analyzer, en
     assert pin_levels(pins.pin(17)) == [False, True, False]
 
 
-def test_demo_prints_granted_and_unknown_events(tmp_path):
+def test_demo_prints_granted_and_unknown_events(tmp_path, caplog):
+    import logging
+
     from edgeface.cli_run import run_demo
+    from edgeface.config import EdgefaceConfig
+    from edgeface.gallery import default_max_distance
 
     out = StringIO()
-    assert run_demo(out=out, mqtt_port=1, state_dir=tmp_path) == 0  # no broker there: must not matter
+    with caplog.at_level(logging.INFO):
+        assert run_demo(out=out, mqtt_port=1, state_dir=tmp_path) == 0  # no broker there: must not matter
+    # The demo matches as the service does: the config's match mode, with the threshold calibrated for it.
+    cfg = EdgefaceConfig()
+    thr = default_max_distance(cfg.embedder.model, match_mode=cfg.gallery.match_mode)
+    assert any(f"max distance {thr} ({cfg.gallery.match_mode} match)" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records if "gallery" in r.getMessage()]
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     granted = {e["person_name"] for e in events if e["result"] == "granted"}
     assert granted and granted <= {"barack_obama", "kit_harington", "paul_allen"}
