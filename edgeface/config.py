@@ -50,9 +50,9 @@ class DetectorConfig(Section):
     landmark_passes: Literal[1, 2] = Field(1, description="Face-mesh runs per face: 2 crops the mesh again around "
                                                           "its own first points (better alignment: +0.2-0.3 points "
                                                           "correct accept at 1% stranger false-accept on the open-set "
-                                                          "tuning half, mixed at 0.1%), one more mesh run per face "
-                                                          "(~14 ms projected on a Pi 4; worth it on a Pi 5). "
-                                                          "docs/accuracy.md '+mesh2'.")
+                                                          "tuning half, mixed at 0.1%) for one more mesh run per face "
+                                                          "(a decision projects to 246-304 ms on a Pi 4 instead of "
+                                                          "221-273; worth it on a Pi 5). docs/daemon.md.")
     num_threads: Optional[int] = Field(None, ge=1, le=16, description="Interpreter threads; default min(4, cores).")
 
 

@@ -324,7 +324,7 @@ def _face_from_json(text: str) -> Face:
 MATCH_MODES = ("best", "topk_mean", "centroid", "blend")
 #: blend = this x the centroid distance + the rest x the nearest-embedding distance. The centroid is robust to one odd
 #: enrollment photo; the nearest term rewards a face that closely matches one particular photo (glasses, beard).
-#: 0.75 was chosen on the open-set tuning half (0.25 / 0.5 / 0.75 tried; docs/accuracy.md "blend" rows).
+#: 0.75 was chosen on the open-set tuning half (0.25 / 0.5 / 0.75 tried over four seeds of galleries; docs/gallery.md).
 BLEND_CENTROID_WEIGHT = 0.75
 
 
