@@ -61,9 +61,8 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
     choice = choices[0]
     t0 = time.perf_counter()
     det = build_detector(cfg.detector, num_threads=threads)
-    use_mesh = bool(choice.mesh2) or (cfg.detector.refine_landmarks if choice.landmarks is None else choice.landmarks)
-    mesh_passes = 2 if choice.mesh2 else cfg.detector.landmark_passes
-    mesh = LandmarkRefiner(num_threads=threads, passes=mesh_passes) if use_mesh else None
+    mesh_passes = choice.mesh_passes(cfg.detector)
+    mesh = LandmarkRefiner(num_threads=threads, passes=mesh_passes) if mesh_passes else None
     t1 = time.perf_counter()
     embs, paths, infos = [], [], []
     for c in choices:

@@ -140,6 +140,13 @@ class ModelChoice:
     #: True: two face-mesh passes per face (None follows the config's detector.landmark_passes).
     mesh2: Optional[bool] = None
 
+    def mesh_passes(self, detector: Any) -> int:
+        """Face-mesh runs per face for this choice under a DetectorConfig: 0 (mesh off), 1 or 2."""
+        if self.mesh2:
+            return 2
+        on = detector.refine_landmarks if self.landmarks is None else self.landmarks
+        return detector.landmark_passes if on else 0
+
     @property
     def is_peer(self) -> bool:
         return self.model == PEER_NAME
@@ -303,10 +310,10 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
         det_cfg = det_cfg.model_copy(update={"variant": "short", "model": None, "fallback_full_range": False})
     elif choice.detector and choice.detector != det_cfg.variant:
         det_cfg = det_cfg.model_copy(update={"variant": choice.detector, "model": None})
-    use_mesh = det_cfg.refine_landmarks if choice.landmarks is None else choice.landmarks
-    if choice.mesh2:
-        use_mesh = True
-        det_cfg = det_cfg.model_copy(update={"landmark_passes": 2})
+    mesh_passes = choice.mesh_passes(det_cfg)
+    use_mesh = mesh_passes > 0
+    if choice.mesh2:  # in the cache key below
+        det_cfg = det_cfg.model_copy(update={"landmark_passes": mesh_passes})
     path, info = resolve_model(choice.model)
     spec = None
     if choice.template:
@@ -331,7 +338,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     refiner = None
     if use_mesh:
         from .landmarks import LandmarkRefiner
-        refiner = LandmarkRefiner(num_threads=num_threads, passes=det_cfg.landmark_passes)
+        refiner = LandmarkRefiner(num_threads=num_threads, passes=mesh_passes)
     n = len(ds)
     emb = np.full((n, embedder.spec.embedding_dim), np.nan, np.float32)
     enroll_emb = np.full_like(emb, np.nan)
@@ -675,8 +682,9 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
         chosen_set = set(int(c) for c in chosen)
         probe_idx = np.array([p for lab in chosen for p in photos_by_person[int(lab)] if int(p) not in enrolled_set], np.int64)
         stranger_idx = np.array([p for lab in labels_in if int(lab) not in chosen_set for p in photos_by_person[int(lab)]], np.int64)
-        # Templates: one per person (mean), one per enrollment photo (best-of), or both (blend).
-        people, means, photos, photo_owner = [], [], [], []
+        # Per person: a unit-mean template and their enrollment photos (rows grouped by person), scored as the
+        # gallery's match modes score them (centroid / best / blend).
+        people, means, photos = [], [], []
         for lab in chosen:
             vecs = es.for_enrollment()[enrolled[int(lab)]]
             if len(vecs) == 0:
@@ -684,12 +692,20 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
             m = vecs.mean(axis=0)
             if es.metric == "cosine":
                 m = m / max(float(np.linalg.norm(m)), 1e-12)
-            people.append(int(lab)); means.append(m[None]); photos.append(vecs); photo_owner.extend([len(people) - 1] * len(vecs))
+            people.append(int(lab)); means.append(m[None]); photos.append(vecs)
         mean_tmpl = np.concatenate(means).astype(np.float32)
         photo_tmpl = np.concatenate(photos).astype(np.float32)
-        photo_starts = np.flatnonzero(np.r_[True, np.diff(photo_owner) != 0])
-        tmpl = photo_tmpl if settings.template == "best" else mean_tmpl
-        owners_arr = np.array(people)[photo_owner] if settings.template == "best" else np.array(people)
+        photo_starts = np.cumsum([0] + [len(v) for v in photos[:-1]])
+        owners_arr = np.array(people)
+
+        def person_scores(x: np.ndarray) -> np.ndarray:
+            def score(t: np.ndarray) -> np.ndarray:
+                return norm.normalise(x, t) if norm is not None else distances(x, t, es.metric)
+            if settings.template == "mean":
+                return score(mean_tmpl)
+            nearest = np.minimum.reduceat(score(photo_tmpl), photo_starts, axis=1)
+            return nearest if settings.template == "best" else blend_distances(score(mean_tmpl), nearest)
+
         per_draw.append((len(gen_scores), len(str_scores)))
         for idx, is_probe in ((probe_idx, True), (stranger_idx, False)):
             ok = found[idx]
@@ -697,11 +713,7 @@ def open_set(es: EmbeddedSet, ds: Dataset, persons: Sequence[str], settings: Ope
             best_owner = np.full(len(idx), -1)
             if ok.any():
                 x = es.emb[idx[ok]]
-                if settings.template == "blend":
-                    s = blend_distances(distances(x, mean_tmpl, es.metric),
-                                        np.minimum.reduceat(distances(x, photo_tmpl, es.metric), photo_starts, axis=1))
-                else:
-                    s = norm.normalise(x, tmpl) if norm is not None else distances(x, tmpl, es.metric)
+                s = person_scores(x)
                 j = np.argmin(s, axis=1)
                 scores[ok] = s[np.arange(len(j)), j]
                 best_owner[ok] = owners_arr[j]
@@ -1208,11 +1220,11 @@ def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], comma
     if rec:
         lines += ["## Recommended default (chosen on the tuning half)", "",
                   "Among settings the daemon can run as shipped (a model in models/manifest.json, config switches only), "
-                  + _recommendation_text(rec, "has the best")]
+                  + _recommendation_text(rec)]
         if rec_same_cost and rec_same_cost["variant"] != rec["variant"]:
             lines += [f"At no more work per face than the configured pipeline (`{rec_same_cost['baseline']}`, within "
                       f"{rec_same_cost['max_cost']:g}x its detect+align+embed time; what a Pi's latency budget allows "
-                      "without re-measuring it, docs/benchmarks.md), " + _recommendation_text(rec_same_cost, "has the best")]
+                      "without re-measuring it, docs/benchmarks.md), " + _recommendation_text(rec_same_cost)]
         elif rec_same_cost:
             lines += [f"It costs no more per face than the configured pipeline (`{rec_same_cost['baseline']}`, within "
                       f"{rec_same_cost['max_cost']:g}x its detect+align+embed time).", ""]
@@ -1221,11 +1233,11 @@ def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], comma
     return "\n".join(lines) + "\n"
 
 
-def _recommendation_text(rec: dict[str, Any], verb: str) -> str:
+def _recommendation_text(rec: dict[str, Any]) -> str:
     t, rp, ro = rec["tune"], rec["report_at_tune_threshold"], rec["report_at_own_far"]
     cost = rec.get("cost_vs_baseline")
     cost_text = f" Its detect+align+embed time per face: {cost:.2f}x `{rec['baseline']}`'s." if cost is not None else ""
-    return (f"`{rec['variant']}` ({rec['template']} template) {verb} tuning-half correct accept at a "
+    return (f"`{rec['variant']}` ({rec['template']} template) has the best tuning-half correct accept at a "
             f"{pct(rec['far_target'], 1)} stranger false-accept rate (K={rec['k']}, E={rec['enroll']}): "
             f"{pct(t['correct_accept'])} at threshold {num(t['threshold'], 4)} (wrong person "
             f"{pct(t['wrong_person_accept'], 2)}).{cost_text}\n\n"

@@ -227,10 +227,11 @@ def test_second_mesh_pass_recovers_the_points_when_the_detection_box_is_off(dete
         good = two.refine(image, face).landmarks5
         x, y, w, h = face.box
         off = dataclasses.replace(face, box=(x + 0.25 * w, y - 0.2 * h, 1.3 * w, 1.3 * h))
-        one_pass.append(np.linalg.norm(refiner.refine(image, off).landmarks5 - good, axis=1).mean() / w)
-        two_pass.append(np.linalg.norm(two.refine(image, off).landmarks5 - good, axis=1).mean() / w)
+        once, twice = refiner.refine(image, off), two.refine(image, off)
+        one_pass.append(np.linalg.norm(once.landmarks5 - good, axis=1).mean() / w)
+        two_pass.append(np.linalg.norm(twice.landmarks5 - good, axis=1).mean() / w)
         # The presence score is the first pass's (the one detector.min_presence was set for).
-        assert two.refine(image, off).presence == refiner.refine(image, off).presence
+        assert twice.presence == once.presence
     # Measured: one pass median 0.033 (max 0.069), two passes median 0.016 (max 0.026).
     assert np.median(two_pass) < 0.6 * np.median(one_pass)
     assert max(two_pass) < 0.04, max(two_pass)
