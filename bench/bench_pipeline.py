@@ -44,14 +44,14 @@ def _rss_mb() -> float:
 
 def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict:
     """Measure one configuration in this process."""
-    from edgeface.align import align_face
-    from edgeface.analyze import main_face_index
+    from edgeface.vision.align import align_face
+    from edgeface.vision.analyzer import main_face_index
     from edgeface.config import EdgefaceConfig
-    from edgeface.detect import build_detector
-    from edgeface.embed import EmbedderSpec, TFLiteEmbedder
-    from edgeface.evaluate import ModelChoice
-    from edgeface.images import decode_image
-    from edgeface.landmarks import LandmarkRefiner
+    from edgeface.vision.detect import build_detector
+    from edgeface.vision.embed import EmbedderSpec, TFLiteEmbedder
+    from edgeface.evaluation.study import ModelChoice
+    from edgeface.vision.images import decode_image
+    from edgeface.vision.landmarks import LandmarkRefiner
     from edgeface.models import resolve_model
 
     cfg = EdgefaceConfig()
@@ -68,7 +68,7 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
     for c in choices:
         spec = None
         if c.template:
-            from edgeface.align import TEMPLATES
+            from edgeface.vision.align import TEMPLATES
             spec = EmbedderSpec(c.base_label, TEMPLATES[c.template].size, c.template, c.preprocessing)
         path, info = resolve_model(c.model)
         paths.append(path)
@@ -225,7 +225,7 @@ def main() -> int:
                   f"embed {r['stages_ms']['embed']['median']:.1f} ms  fps {r['fps']:.1f}  peak RSS {r['rss_mb']['peak']:.0f} MB",
                   file=sys.stderr)
             results.append(r)
-    from edgeface.evaluate import machine_description
+    from edgeface.evaluation.study import machine_description
     doc = {"machine": machine_description(), "images": str(args.images), "n_images": len(images),
            "passes": args.passes, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "load_average_1min_at_end": os.getloadavg()[0],

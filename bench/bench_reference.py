@@ -63,7 +63,7 @@ def build(name: str, quant: str, out: Path) -> Path:
 
 
 def time_model(path: Path, threads: int, runs: int = 30) -> float:
-    from edgeface.runtime import load_interpreter
+    from edgeface.vision.runtime import load_interpreter
     it = load_interpreter(path, threads)
     inp = it.get_input_details()[0]
     x = np.zeros(inp["shape"], inp["dtype"])
@@ -81,9 +81,9 @@ def time_model(path: Path, threads: int, runs: int = 30) -> float:
 def _embedder_interpreter(spec: str, threads: int) -> tuple[Any, str]:
     """An embedder named as `edgeface eval --model` (name or PATH:TEMPLATE:PREPROCESSING): its interpreter and
     precision (the manifest's quantization, else int8 / float32 from its input tensor)."""
-    from edgeface.evaluate import ModelChoice
+    from edgeface.evaluation.study import ModelChoice
     from edgeface.models import resolve_model
-    from edgeface.runtime import load_interpreter
+    from edgeface.vision.runtime import load_interpreter
 
     choice = ModelChoice.parse(spec)
     path, info = resolve_model(choice.model)
@@ -111,8 +111,8 @@ def time_in_turns(interpreters: dict[str, Any], rounds: int = 40) -> dict[str, f
 
 
 def main() -> int:
-    from edgeface.evaluate import machine_description
-    from edgeface.runtime import load_interpreter
+    from edgeface.evaluation.study import machine_description
+    from edgeface.vision.runtime import load_interpreter
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgeface" / "bench")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,

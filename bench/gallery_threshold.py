@@ -32,11 +32,11 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.40,0.45,0.47,0.49,0.52,0.55")
     args = ap.parse_args()
 
-    from edgeface.analyze import FaceAnalyzer
+    from edgeface.vision.analyzer import FaceAnalyzer
     from edgeface.config import EdgefaceConfig
     from edgeface.enroll import enroll_images
-    from edgeface.gallery import Gallery, default_max_distance
-    from edgeface.images import list_images, load_image
+    from edgeface.gallery.store import Gallery, default_max_distance
+    from edgeface.vision.images import list_images, load_image
 
     cfg = EdgefaceConfig()
     args.mode = args.mode or cfg.gallery.match_mode

@@ -1,6 +1,6 @@
 """Peak memory (RSS) of decoding hostile images: decompression bombs and the largest images edgeface accepts.
 
-Each image is decoded in a fresh process (`edgeface.images.decode_image`, the path every camera folder, enroll
+Each image is decoded in a fresh process (`edgeface.vision.images.decode_image`, the path every camera folder, enroll
 and identify image takes); the table gives that process's peak RSS (ru_maxrss, imports included) and what the
 decoder said. `--before` also runs the old path (OpenCV imported before edgeface, so its pixel cap is its
 default 2^30, then cv2.imdecode(IMREAD_UNCHANGED) and the size check after decoding) for comparison, under an
@@ -8,7 +8,7 @@ address-space cap of 6 GiB so a bomb cannot take the machine down.
 
     python bench/image_bombs.py [--before]     # prints a table, writes bench/results/image_bombs.json
 
-Target (issue 14): every hostile image (bomb) refused, under 300 MB peak RSS. The largest images edgeface
+Target (the image-decoding hardening): every hostile image (bomb) refused, under 300 MB peak RSS. The largest images edgeface
 accepts (49 MP) are reported too: edgeface decodes them at half size (a bare full-size cv2.imdecode peaks ~325 MB).
 """
 from __future__ import annotations
@@ -36,10 +36,10 @@ mode, path = sys.argv[1], sys.argv[2]
 if mode == "before":
     import cv2  # first: OpenCV's cap stays at its default
     import numpy as np
-    from edgeface.images import to_rgb
+    from edgeface.vision.images import to_rgb
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
 else:
-    from edgeface.images import decode_image
+    from edgeface.vision.images import decode_image
 from edgeface.errors import ImageError
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 data = open(path, "rb").read()

@@ -1,4 +1,4 @@
-"""Measure the liveness gate (edgeface.liveness) on what can be measured without a real camera.
+"""Measure the liveness gate (edgeface.vision.liveness) on what can be measured without a real camera.
 
 Photo attacks (REAL images, real detector + face mesh): a photo from data/faces is treated as a flat
 print held in front of the camera and moved: a smooth random 3-D pose trajectory of the plane (tilt up
@@ -24,10 +24,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgeface.detect import BlazeFaceDetector
-from edgeface.images import list_images, load_image
-from edgeface.landmarks import INPUT_SIZE, LandmarkRefiner, _roi_matrix
-from edgeface.liveness import LivenessGate, inter_ocular
+from edgeface.vision.detect import BlazeFaceDetector
+from edgeface.vision.images import list_images, load_image
+from edgeface.vision.landmarks import INPUT_SIZE, LandmarkRefiner, _roi_matrix
+from edgeface.vision.liveness import LivenessGate, inter_ocular
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edgeface.evaluate import _plt, far_name, md_table, num, pct, write_text_atomic  # noqa: E402
+from edgeface.evaluation.study import _plt, far_name, md_table, num, pct, write_text_atomic  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -158,7 +158,7 @@ def matching_section(match: dict) -> list[str]:
                      "yes" if r["same_answer"] else "no"])
     return ["## 1:N matching as the gallery grows", "",
             f"Random {match['dim']}-D unit embeddings, {match['per_person']} per person; one query = distances to every "
-            "embedding + per-person minimum + argmin. float32 is the gallery's own index (edgeface.gallery); float16 "
+            "embedding + per-person minimum + argmin. float32 is the gallery's own index (edgeface.gallery.store); float16 "
             "halves the memory but numpy must convert it back to float32 in chunks to multiply, so it is slower here. "
             f"Measured {match['when']}.", "",
             md_table(["embeddings", "people", "float32 ms (median / p95)", "float32 MiB", "float16 ms (median / p95)",
@@ -204,7 +204,7 @@ def open_set_section(acc: dict) -> list[str]:
                     [f"{num(d['threshold'])}: {pct(d['stranger_accept'], 2)} / {pct(d['correct_accept'])} / "
                      f"{pct(d['wrong_person_accept'], 2)}" if (d := rep["fixed"].get("default")) else "n/a"])
     rec = acc.get("recommendation")
-    out = ["## Open-set identification (issue 8 protocol, reporting half)", "",
+    out = ["## Open-set identification (open-set protocol, reporting half)", "",
            "Same seeded galleries for every model, photos without a face counted as rejections; levers, tuning half and "
            "plots in [accuracy.md](accuracy.md).", "",
            md_table(["model", "K", "E"] + [f"stranger {pct(f, 1)}: correct accept / wrong person" for f in acc["far_targets"]] +

@@ -3,7 +3,7 @@
 A real mosquitto on 127.0.0.1 and the real Daemon (audit log and outbox on this disk, synchronous=FULL): N
 commands with a bad signature are published, then one valid command; we measure the time from publishing
 the valid command until the relay pin goes high, and count the audit rows the flood left. "unlimited" is the
-recording before issue 14 (every refusal written one by one: an audit row and a door event, i.e. fsyncs),
+recording before refusals were rate-limited (every refusal written one by one: an audit row and a door event, i.e. fsyncs),
 obtained by giving the same code a limiter whose burst never ends.
 
     python bench/refused_flood.py [N]      # prints a table, writes bench/results/refused_flood.json
@@ -37,8 +37,8 @@ def run(n: int, limited: bool) -> dict:
     from gpiozero.pins.mock import MockFactory
 
     from edgeface.config import parse_config
-    from edgeface.daemon import Daemon
-    from edgeface.remote import RefusalLimiter, make_command
+    from edgeface.daemon.app import Daemon
+    from edgeface.events.remote import RefusalLimiter, make_command
     from edgeface.testing import Collector, MosquittoBroker, wait_until
 
     os.environ["EDGEFACE_UNLOCK_SECRET"] = SECRET

@@ -42,12 +42,12 @@ SI8F="$SFACE_INT8_FULL:arcface112:arcface"
 
 # 2. Accuracy on the same photos and pairs, ours (default sface_int8, its float32 reference, facenet_int8) next to
 #    face_recognition. The float32 SFace is not in the manifest: it gets the shipped model's threshold.
-THR="$("$PY" -c "from edgeface.config import EdgefaceConfig as C; from edgeface.gallery import default_max_distance as d; print(d('sface_int8', match_mode=C().gallery.match_mode))")"
+THR="$("$PY" -c "from edgeface.config import EdgefaceConfig as C; from edgeface.gallery.store import default_max_distance as d; print(d('sface_int8', match_mode=C().gallery.match_mode))")"
 "$PY" -m edgeface eval "$SHARED/data/faces" --model sface_int8 --model "$SF32" --model facenet_int8 \
     --model face_recognition --peer-python "$PEER_PY" --threshold "sface_float32=$THR" --report bench/results/eval_faces.md \
     --json bench/results/eval_faces.json --plots-dir docs/img --quiet
 
-# 3. The open-set study of issue 8 (tuning/reporting halves, levers; fusion = the first two models), same galleries
+# 3. The open-set study (tuning/reporting halves, levers; fusion = the first two models), same galleries
 #    for every model.
 "$PY" -m edgeface eval "$SHARED/data/openset/celeba_wild" --open-set --ablation --model sface_int8 --model facenet_int8 \
     --model face_recognition --peer-python "$PEER_PY" --k 100 --enroll 3 --enroll 1 --draws 20 --seed 0 \

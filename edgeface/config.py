@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from edgeface.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgeface/config.yaml")
 

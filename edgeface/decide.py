@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .config import PolicyConfig
-from .errors import ConfigError
-from .types import Match
+from edgeface.config import PolicyConfig
+from edgeface.errors import ConfigError
+from edgeface.types import Match
 
 Action = Literal["grant", "deny", "unknown", "none"]
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -11,10 +11,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .errors import ConfigError
+from edgeface.errors import ConfigError
 
 if TYPE_CHECKING:  # importing config (pydantic) here would make `edgeface door release` heavy
-    from .config import DoorConfig
+    from edgeface.config import DoorConfig
 
 log = logging.getLogger(__name__)
 

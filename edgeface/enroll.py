@@ -17,12 +17,12 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import cv2
 import numpy as np
 
-from .align import align_face
-from .analyze import FaceAnalyzer
-from .errors import GalleryError, ImageError
-from .gallery import Chip, EnrollItem, EnrollReport, image_sha256, validate_name
-from .images import decode_image, list_images
-from .types import Face, Frame
+from edgeface.vision.align import align_face
+from edgeface.vision.analyzer import FaceAnalyzer
+from edgeface.errors import GalleryError, ImageError
+from edgeface.gallery.store import Chip, EnrollItem, EnrollReport, image_sha256, validate_name
+from edgeface.vision.images import decode_image, list_images
+from edgeface.types import Face, Frame
 
 __all__ = ["QualityGate", "EnrollItem", "EnrollReport", "assess_image", "enroll_images", "scan_people_folder",
            "capture_from_frames", "make_chip", "sharpness", "frontality", "summary_line"]

@@ -18,11 +18,11 @@ from typing import Callable, Iterator, Optional, Protocol, Union
 
 import numpy as np
 
-from .config import CameraConfig
-from .errors import CameraError, ImageError
-from .images import list_images, load_image, to_rgb
-from .models import demo_faces_dir
-from .types import Frame
+from edgeface.config import CameraConfig
+from edgeface.errors import CameraError, ImageError
+from edgeface.vision.images import list_images, load_image, to_rgb
+from edgeface.models import demo_faces_dir
+from edgeface.types import Frame
 
 log = logging.getLogger(__name__)
 

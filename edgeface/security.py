@@ -7,7 +7,7 @@ be readable by the edgeface user only. So the state directory is 0700 and every 
 Secrets (MQTT password, remote-unlock HMAC key) must never reach a log line: `SecretRedactor` masks
 them in every record as a last line of defence.
 
-Remote-unlock command verification (HMAC-SHA256, freshness, single use) lives in edgeface.remote.
+Remote-unlock command verification (HMAC-SHA256, freshness, single use) lives in edgeface.events.remote.
 """
 from __future__ import annotations
 

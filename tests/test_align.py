@@ -5,11 +5,11 @@ import cv2
 import numpy as np
 import pytest
 
-from edgeface.align import TEMPLATES, align_face, similarity_transform
-from edgeface.detect import BlazeFaceDetector
+from edgeface.vision.align import TEMPLATES, align_face, similarity_transform
+from edgeface.vision.detect import BlazeFaceDetector
 from edgeface.errors import ImageError
-from edgeface.images import load_image
-from edgeface.landmarks import LandmarkRefiner
+from edgeface.vision.images import load_image
+from edgeface.vision.landmarks import LandmarkRefiner
 from edgeface.types import Face
 
 from conftest import FIXTURES

@@ -1,7 +1,7 @@
 """Audit log: rows kept, rotated by age (retention_days) and by count (max_rows, oldest first)."""
 from __future__ import annotations
 
-from edgeface.audit import AuditLog
+from edgeface.events.audit import AuditLog
 
 
 class Clock:

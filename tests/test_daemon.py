@@ -24,9 +24,9 @@ import yaml
 from gpiozero.pins.mock import MockFactory
 
 from edgeface.config import parse_config
-from edgeface.daemon import Daemon
+from edgeface.daemon.app import Daemon
 from edgeface.frames import FolderSource
-from edgeface.images import load_image
+from edgeface.vision.images import load_image
 from edgeface.testing import Collector, MosquittoBroker, pin_levels, wait_until, mosquitto_path
 from edgeface.types import Frame
 
@@ -51,7 +51,7 @@ STRANGER = FACES / "kit_harington" / "kit_harington_02.jpg"
 def enrolled_gallery(analyzer, tmp_path_factory):
     """A gallery file with the KNOWN people (enrolled once per module; each test copies it)."""
     from edgeface.enroll import enroll_images
-    from edgeface.gallery import Gallery, resolve_max_distance
+    from edgeface.gallery.store import Gallery, resolve_max_distance
 
     cfg = parse_config({})
     path = tmp_path_factory.mktemp("gallery") / "gallery.db"
@@ -220,7 +220,7 @@ def test_k_of_n_and_cooldown_with_real_frames(tmp_path, analyzer, enrolled_galle
 
 
 def test_disabled_person_is_denied_and_the_relay_stays(tmp_path, analyzer, enrolled_gallery, pins):
-    from edgeface.gallery import Gallery
+    from edgeface.gallery.store import Gallery
 
     cfg = make_config(tmp_path, enrolled_gallery, None)
     g = Gallery.open(Path(cfg.state_dir) / "gallery.db", model_id=analyzer.embedder.model_id,
@@ -376,7 +376,7 @@ def test_bad_config_value_stops_start_up_with_one_line(tmp_path, capsys):
 @pytest.mark.broker
 def test_remote_unlock_needs_a_valid_signed_fresh_command(tmp_path, analyzer, enrolled_gallery, broker, pins,
                                                           monkeypatch):
-    from edgeface.remote import make_command
+    from edgeface.events.remote import make_command
 
     monkeypatch.setenv("EDGEFACE_UNLOCK_SECRET", "test-secret")
     cfg = make_config(tmp_path, enrolled_gallery, broker, mqtt={"remote_unlock": True})
@@ -399,9 +399,9 @@ def test_remote_unlock_needs_a_valid_signed_fresh_command(tmp_path, analyzer, en
 def test_demo_prints_granted_and_unknown_events(tmp_path, caplog):
     import logging
 
-    from edgeface.cli_run import run_demo
+    from edgeface.cli.service import run_demo
     from edgeface.config import EdgefaceConfig
-    from edgeface.gallery import default_max_distance
+    from edgeface.gallery.store import default_max_distance
 
     out = StringIO()
     with caplog.at_level(logging.INFO):
@@ -473,11 +473,11 @@ def test_gallery_damaged_while_running_denies_every_frame_and_logs_one_traceback
         bad = np.full(analyzer.embedder.spec.embedding_dim, np.nan, "<f4")
         with sqlite3.connect(Path(cfg.state_dir) / "gallery.db") as other:
             other.execute("UPDATE embeddings SET vector = ? WHERE id = 1", (bad.tobytes(),))
-        with caplog.at_level(logging.INFO, logger="edgeface.daemon"):
+        with caplog.at_level(logging.INFO, logger="edgeface.daemon.app"):
             assert daemon.run() == 20
     assert pin_levels(pins.pin(17)) == [False]
     assert not [e for e in events if e.get("result") == "granted"]
-    errors = [r for r in caplog.records if r.name == "edgeface.daemon" and r.levelno >= logging.ERROR]
+    errors = [r for r in caplog.records if r.name == "edgeface.daemon.app" and r.levelno >= logging.ERROR]
     assert [bool(r.exc_info) for r in errors] == [True, False], [r.getMessage() for r in errors]
     assert "embedding 1 of 'barack_obama'" in str(errors[0].exc_info[1])
     assert errors[1].getMessage().startswith("19 more frame(s) failed the same way: GalleryError: ")
@@ -486,7 +486,7 @@ def test_gallery_damaged_while_running_denies_every_frame_and_logs_one_traceback
 def test_frame_failure_log_counts_repeats_and_says_when_frames_recover(caplog) -> None:
     import logging
 
-    from edgeface.daemon import FrameFailureLog
+    from edgeface.daemon.app import FrameFailureLog
 
     now = [0.0]
     logger = logging.getLogger("edgeface.test_frames")

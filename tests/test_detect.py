@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeface.analyze import main_face_index
-from edgeface.detect import BlazeFaceDetector, make_anchors
+from edgeface.vision.analyzer import main_face_index
+from edgeface.vision.detect import BlazeFaceDetector, make_anchors
 from edgeface.errors import ModelError
-from edgeface.images import list_images, load_image
-from edgeface.landmarks import LandmarkRefiner
+from edgeface.vision.images import list_images, load_image
+from edgeface.vision.landmarks import LandmarkRefiner
 
 from conftest import FIXTURES
 
@@ -158,7 +158,7 @@ def test_full_range_fallback_finds_a_distant_face_the_short_model_misses() -> No
     import cv2
 
     from edgeface.config import DetectorConfig
-    from edgeface.detect import CascadeDetector, build_detector
+    from edgeface.vision.detect import CascadeDetector, build_detector
 
     image = load_image(FIXTURES / "faces" / "barack_obama" / "barack_obama_01.jpg")
     small = cv2.resize(image, None, fx=0.5, fy=0.5)
@@ -181,7 +181,7 @@ def test_default_detector_sees_every_face_the_door_accepts_in_a_720p_frame() -> 
     import cv2
 
     from edgeface.config import DetectorConfig, EdgefaceConfig
-    from edgeface.detect import build_detector
+    from edgeface.vision.detect import build_detector
 
     cfg = EdgefaceConfig()
     assert (cfg.camera.width, cfg.camera.height) == (1280, 720)
@@ -240,7 +240,7 @@ def test_second_mesh_pass_recovers_the_points_when_the_detection_box_is_off(dete
 
 
 def test_config_landmark_passes_reach_the_analyzer(tmp_path) -> None:
-    from edgeface.analyze import FaceAnalyzer
+    from edgeface.vision.analyzer import FaceAnalyzer
     from edgeface.config import load_config
     from edgeface.errors import ConfigError
 

@@ -16,8 +16,8 @@ from edgeface.config import EdgefaceConfig
 from edgeface.errors import GalleryError, NoFaceError
 from edgeface.enroll import (QualityGate, assess_image, capture_from_frames, enroll_images, scan_people_folder,
                              sharpness)
-from edgeface.gallery import Gallery, image_sha256, resolve_max_distance
-from edgeface.images import list_images, load_image
+from edgeface.gallery.store import Gallery, image_sha256, resolve_max_distance
+from edgeface.vision.images import list_images, load_image
 from edgeface.types import Frame
 
 
@@ -240,10 +240,10 @@ def test_keep_crops_reembed_with_a_real_embedder(analyzer, cfg, fixture_faces, t
 
 def test_enrollment_stores_the_crop_and_its_mirror_averaged(analyzer) -> None:
     """The gallery side gets the mirror-averaged embedding (free at the door); the door's probe stays one pass."""
-    from edgeface.align import align_face
-    from edgeface.embed import l2_normalize
+    from edgeface.vision.align import align_face
+    from edgeface.vision.embed import l2_normalize
     from edgeface.enroll import assess_image
-    from edgeface.images import load_image
+    from edgeface.vision.images import load_image
 
     path = next(iter(sorted((FIXTURES / "faces" / "barack_obama").glob("*.jpg"))))
     rgb = load_image(path)
@@ -255,7 +255,7 @@ def test_enrollment_stores_the_crop_and_its_mirror_averaged(analyzer) -> None:
     expected = l2_normalize(probe.embedding + mirrored)
     assert float(item.embedding @ expected) > 0.9999
     # The evaluation passes the crop's embedding it already has and runs only the mirror: same vector.
-    from edgeface.embed import enrollment_embeddings
+    from edgeface.vision.embed import enrollment_embeddings
     assert float(enrollment_embeddings(analyzer.embedder, crop, plain=probe.embedding)[0] @ item.embedding) > 0.9999
     # Not the plain probe embedding, but the same person by a wide margin.
     assert 0.9 < float(item.embedding @ probe.embedding) < 0.9999

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from edgeface.config import MqttConfig
-from edgeface.mqtt import MqttPublisher
-from edgeface.outbox import Outbox
+from edgeface.events.mqtt import MqttPublisher
+from edgeface.events.outbox import Outbox
 from edgeface.testing import free_port, mosquitto_path, wait_listening
 
 pytestmark = [pytest.mark.broker,
@@ -268,7 +268,7 @@ def test_broker_crashes_with_outbox_on_disk(tmp_path):
 def test_outbox_bound_drops_oldest_non_critical_first_and_says_so(tmp_path, caplog):
     """Broker down, far more events than the bound: the newest always get in, criticals outlive the rest."""
     outbox = Outbox(tmp_path / "outbox.db", max_events=100)
-    caplog.set_level(logging.WARNING, logger="edgeface.outbox")
+    caplog.set_level(logging.WARNING, logger="edgeface.events.outbox")
     critical = [f"c{i}" for i in range(60)]
     normal = [f"u{i}" for i in range(90)]
     for i in range(90):  # interleaved: 2 non-critical per critical
@@ -297,7 +297,7 @@ def test_outbox_bound_drops_oldest_non_critical_first_and_says_so(tmp_path, capl
 
 def test_outbox_full_of_criticals_drops_the_oldest_critical_with_an_error(tmp_path, caplog):
     outbox = Outbox(tmp_path / "outbox.db", max_events=100)
-    caplog.set_level(logging.WARNING, logger="edgeface.outbox")
+    caplog.set_level(logging.WARNING, logger="edgeface.events.outbox")
     for i in range(105):
         outbox.add(f"c{i}", "t", "{}", critical=True)
     assert len(outbox) == 100 and outbox.dropped == 5
@@ -344,7 +344,7 @@ def test_daemon_with_full_outbox_keeps_every_event_in_the_audit_log(tmp_path, ca
     from gpiozero.pins.mock import MockFactory
 
     from edgeface.config import parse_config
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
     from edgeface.frames import FolderSource
 
     faces = Path(__file__).resolve().parent / "fixtures" / "faces"
@@ -352,7 +352,7 @@ def test_daemon_with_full_outbox_keeps_every_event_in_the_audit_log(tmp_path, ca
         "state_dir": str(tmp_path / "state"), "gallery": {"path": "gallery.db"}, "audit": {"path": "audit.db"},
         "door": {"pin_factory": "mock", "contact_pin": 27},
         "mqtt": {"host": "127.0.0.1", "port": free_port(), "outbox_path": "outbox.db", "outbox_max_events": 100}})
-    caplog.set_level(logging.WARNING, logger="edgeface.outbox")
+    caplog.set_level(logging.WARNING, logger="edgeface.events.outbox")
     pins = MockFactory()
     try:
         with Daemon(cfg, source=FolderSource(faces), pin_factory=pins) as daemon:

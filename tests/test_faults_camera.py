@@ -24,7 +24,7 @@ from gpiozero.pins.mock import MockFactory
 from edgeface.config import parse_config
 from edgeface.errors import CameraError
 from edgeface.frames import FolderSource, OpenCVSource, _LiveSource
-from edgeface.images import load_image, to_rgb
+from edgeface.vision.images import load_image, to_rgb
 from edgeface.testing import Collector, MosquittoBroker, wait_until, mosquitto_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ class FlakyCamera(_LiveSource):
 @pytest.mark.broker
 @pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")
 def test_daemon_survives_camera_faults_and_reports_health(tmp_path):
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
 
     broker = MosquittoBroker().start()
     collector = Collector(broker.host, broker.port, "edgeface/front/camera")

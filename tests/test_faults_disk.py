@@ -28,11 +28,11 @@ import yaml
 from gpiozero.pins.mock import MockFactory
 
 from edgeface.config import MqttConfig, parse_config
-from edgeface.daemon import Daemon
+from edgeface.daemon.app import Daemon
 from edgeface.frames import FolderSource
-from edgeface.images import load_image
-from edgeface.mqtt import MqttPublisher
-from edgeface.outbox import Outbox
+from edgeface.vision.images import load_image
+from edgeface.events.mqtt import MqttPublisher
+from edgeface.events.outbox import Outbox
 from edgeface.testing import Collector, MosquittoBroker, mosquitto_path, pin_levels, wait_until
 from edgeface.types import Frame
 
@@ -109,7 +109,7 @@ def test_full_state_disk_turns_a_known_face_away_then_grants_when_space_returns(
             daemon.start()
             assert daemon.mqtt.wait_connected(10)
             filler = fill(disk)
-            with caplog.at_level(logging.ERROR, logger="edgeface.daemon"):
+            with caplog.at_level(logging.ERROR, logger="edgeface.daemon.app"):
                 full = [daemon.process_frame(Frame(obama, t + 0.2 * i)).action for i in range(4)]
             assert "grant" not in full and "deny" in full, full  # before the fix: "grant" and the relay moved
             assert pin_levels(pins.pin(17)) == [False], "the door opened with no record of it"
@@ -143,7 +143,7 @@ def test_outbox_that_cannot_delete_a_delivered_event_backs_off_instead_of_resend
         filler = fill(disk)
         pub = MqttPublisher(MqttConfig(host=broker.host, port=broker.port, ha_discovery=False), door_id="front",
                             outbox=outbox)
-        with caplog.at_level(logging.WARNING, logger="edgeface.mqtt"):
+        with caplog.at_level(logging.WARNING, logger="edgeface.events.mqtt"):
             pub.start()
             assert sub.wait_for("edgeface/front/event", 1, 10)
             time.sleep(3.0)  # before the fix: thousands of copies of ev-0 in these 3 s
@@ -167,9 +167,9 @@ _KILLED_BY_THE_RELAY = textwrap.dedent("""
     import os, signal, sys
     from gpiozero.pins.mock import MockFactory, MockPin
     from edgeface.config import load_config
-    from edgeface.daemon import Daemon
-    import edgeface.cli  # noqa: F401  (registers the commands; cli_run needs it first)
-    from edgeface.cli_run import run_daemon
+    from edgeface.daemon.app import Daemon
+    import edgeface.cli  # noqa: F401  (registers the commands; cli.service needs it first)
+    from edgeface.cli.service import run_daemon
 
     class KillOnUnlock(MockPin):
         '''The relay coil: the moment the pin goes high the process dies (a crash right after the pulse).'''

@@ -18,7 +18,7 @@ from gpiozero.pins.mock import MockFactory
 
 from edgeface.config import load_config, parse_config
 from edgeface.errors import ConfigError, GalleryError, ImageError, ModelError
-from edgeface.images import MAX_FILE_BYTES, load_image
+from edgeface.vision.images import MAX_FILE_BYTES, load_image
 from edgeface.testing import Collector, MosquittoBroker, jpeg_header_bomb, mosquitto_path, pin_levels, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,8 +79,8 @@ def test_identify_cli_reports_bad_images_and_goes_on(tmp_path):
 
 @pytest.mark.parametrize("kind", ["truncated", "zero", "text", "wrong_model"])
 def test_wrong_model_files_raise_model_error(tmp_path, kind):
-    from edgeface.detect import BlazeFaceDetector
-    from edgeface.embed import TFLiteEmbedder
+    from edgeface.vision.detect import BlazeFaceDetector
+    from edgeface.vision.embed import TFLiteEmbedder
 
     real = REPO / "models" / "face_detection_short_range.tflite"
     p = tmp_path / "model.tflite"
@@ -147,7 +147,7 @@ def test_binary_config_file_is_a_config_error(tmp_path):
 # ------------------------------------------------------------------------------------------------ gallery
 
 def test_gallery_from_a_newer_schema_is_refused_untouched(tmp_path):
-    from edgeface.gallery import Gallery
+    from edgeface.gallery.store import Gallery
 
     path = tmp_path / "g.db"
     Gallery.open(path, model_id="m", max_distance=0.4).close()
@@ -161,7 +161,7 @@ def test_gallery_from_a_newer_schema_is_refused_untouched(tmp_path):
 
 @pytest.mark.parametrize("content", [b"SQLite format 3\0" + b"\x00" * 50, os.urandom(4096)])
 def test_corrupt_or_foreign_gallery_is_a_gallery_error(tmp_path, content):
-    from edgeface.gallery import Gallery
+    from edgeface.gallery.store import Gallery
 
     path = tmp_path / "g.db"
     path.write_bytes(content)
@@ -174,9 +174,9 @@ def test_corrupt_or_foreign_gallery_is_a_gallery_error(tmp_path, content):
 @pytest.mark.broker
 @pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")
 def test_hostile_mqtt_commands_are_refused_audited_and_never_unlock(tmp_path, analyzer, monkeypatch):
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
     from edgeface.frames import FolderSource
-    from edgeface.remote import make_command
+    from edgeface.events.remote import make_command
 
     monkeypatch.setenv("EDGEFACE_UNLOCK_SECRET", SECRET)
     broker = MosquittoBroker().start()
@@ -240,9 +240,9 @@ def test_hostile_mqtt_commands_are_refused_audited_and_never_unlock(tmp_path, an
 @pytest.mark.broker
 @pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")
 def test_remote_unlock_off_ignores_even_valid_commands(tmp_path, analyzer, monkeypatch):
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
     from edgeface.frames import FolderSource
-    from edgeface.remote import make_command
+    from edgeface.events.remote import make_command
 
     monkeypatch.setenv("EDGEFACE_UNLOCK_SECRET", SECRET)
     broker = MosquittoBroker().start()
@@ -279,7 +279,7 @@ _BOMB_CHILD = r"""
 import resource, sys
 import cv2  # imported first, on purpose: OpenCV's own env cap cannot help any more
 from edgeface.errors import ImageError
-from edgeface.images import decode_image
+from edgeface.vision.images import decode_image
 data = open(sys.argv[1], "rb").read()
 with open("/proc/self/status") as fh:
     vm = next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmSize:"))
@@ -326,7 +326,7 @@ def test_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path,
 
 
 def test_unknown_image_formats_are_refused_before_decoding():
-    from edgeface.images import decode_image
+    from edgeface.vision.images import decode_image
 
     for data in (b"P5\n30000 30000\n255\n" + b"\0" * 100, b"#?RADIANCE\n" + b"\0" * 100):
         with pytest.raises(ImageError, match="not a supported image"):

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from edgeface.config import MqttConfig
-from edgeface.mqtt import MqttPublisher
-from edgeface.outbox import Outbox
+from edgeface.events.mqtt import MqttPublisher
+from edgeface.events.outbox import Outbox
 from edgeface.testing import Collector, MosquittoBroker, mosquitto_path, wait_until
 
 pytestmark = [pytest.mark.broker,

@@ -17,7 +17,7 @@ import pytest
 
 from edgeface.decide import PersonRule
 from edgeface.errors import GalleryError
-from edgeface.gallery import EnrollItem, Gallery, SCHEMA_VERSION
+from edgeface.gallery.store import EnrollItem, Gallery, SCHEMA_VERSION
 
 DIM = 128
 
@@ -124,7 +124,7 @@ def test_old_gallery_with_a_nan_is_refused_by_the_migration(tmp_path):
 
 def test_one_malformed_schedule_denies_that_person_only_and_is_logged(tmp_path, caplog):
     from edgeface.config import parse_config
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
 
     path = tmp_path / "gallery.db"
     _enrolled(path)
@@ -146,7 +146,7 @@ def test_one_malformed_schedule_denies_that_person_only_and_is_logged(tmp_path, 
         def close(self) -> None:
             pass
 
-    with caplog.at_level(logging.ERROR, logger="edgeface.daemon"):
+    with caplog.at_level(logging.ERROR, logger="edgeface.daemon.app"):
         with Daemon(cfg, analyzer=_NoAnalyzer(), gallery=g, pin_factory=MockFactory()) as d:
             ids = {p.name: p.id for p in g.people()}
             alice, bob = d._rule(ids["alice"]), d._rule(ids["bob"])
@@ -195,7 +195,7 @@ def test_loose_state_dir_and_gallery_are_tightened_with_a_log_line(tmp_path, cap
     from gpiozero.pins.mock import MockFactory
 
     from edgeface.config import parse_config
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
 
     state = tmp_path / "state"
     state.mkdir()
@@ -233,7 +233,7 @@ def test_edgeface_run_refuses_to_start_on_a_damaged_gallery_with_one_line(tmp_pa
 
     from edgeface.enroll import enroll_images
     from edgeface.config import parse_config
-    from edgeface.gallery import resolve_max_distance
+    from edgeface.gallery.store import resolve_max_distance
 
     faces = Path(__file__).parent / "fixtures" / "faces"
     state = tmp_path / "state"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgeface.errors import GalleryError, NoFaceError
-from edgeface.gallery import (Chip, EnrollItem, Gallery, SCHEMA_VERSION, default_max_distance, schedule_allows,
+from edgeface.gallery.store import (Chip, EnrollItem, Gallery, SCHEMA_VERSION, default_max_distance, schedule_allows,
                               validate_name, validate_schedule)
 from edgeface.types import Face
 
@@ -307,8 +307,8 @@ def test_other_model_is_refused_naming_both(tmp_path, people):
 
 def test_keep_crops_and_reembed(tmp_path, people):
     """With keep_crops the gallery can follow a model change: reembed re-runs the new model on kept chips."""
-    from edgeface.align import align_face
-    from edgeface.embed import enrollment_embeddings
+    from edgeface.vision.align import align_face
+    from edgeface.vision.embed import enrollment_embeddings
 
     class PixelEmbedder:
         """A real (tiny) embedder: the aligned crop's mean colour per 4x4 cell, normalised. Deterministic."""
@@ -373,7 +373,7 @@ def test_schedule_validation_and_evaluation():
 
 
 def test_default_threshold_falls_back_without_manifest_entry(tmp_path):
-    from edgeface.gallery import FALLBACK_MAX_DISTANCE
+    from edgeface.gallery.store import FALLBACK_MAX_DISTANCE
 
     assert default_max_distance("no_such_model", tmp_path) == FALLBACK_MAX_DISTANCE
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "models": [

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from edgeface.config import parse_config
-from edgeface.hass import device_discovery, discovery_messages, discovery_topic, node_id, validate_discovery
+from edgeface.events.hass import device_discovery, discovery_messages, discovery_topic, node_id, validate_discovery
 from edgeface.testing import Collector, MosquittoBroker, mosquitto_path, pin_levels, wait_until
-from edgeface.totp import HA_CODE_FORMAT, HA_COMMAND_TEMPLATE, code_now
-from edgeface.remote import CommandVerifier, NonceStore, make_command, sign
+from edgeface.events.totp import HA_CODE_FORMAT, HA_COMMAND_TEMPLATE, code_now
+from edgeface.events.remote import CommandVerifier, NonceStore, make_command, sign
 
 
 def config(contact_pin=27, prefix="edgeface", **mqtt):
@@ -195,7 +195,7 @@ def daemon_config(tmp_path, broker, **mqtt):
 def test_ha_unlock_with_a_one_time_code_lock_and_refusals(tmp_path, analyzer, broker, monkeypatch):
     from gpiozero.pins.mock import MockFactory
 
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
     from edgeface.frames import FolderSource
 
     monkeypatch.setenv("EDGEFACE_UNLOCK_TOTP", TOTP_SECRET)
@@ -237,7 +237,7 @@ def test_retained_commands_are_ignored_after_a_restart(tmp_path, analyzer, broke
     """A retained UNLOCK (with a valid fresh code) or ON would re-fire on every reconnect: both are ignored."""
     from gpiozero.pins.mock import MockFactory
 
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
     from edgeface.frames import FolderSource
 
     monkeypatch.setenv("EDGEFACE_UNLOCK_TOTP", TOTP_SECRET)
@@ -274,9 +274,9 @@ def test_retained_commands_are_ignored_after_a_restart(tmp_path, analyzer, broke
 def test_last_person_says_stranger_with_result_and_time_as_attributes(tmp_path, analyzer, broker):
     from gpiozero.pins.mock import MockFactory
 
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
     from edgeface.frames import FolderSource
-    from edgeface.images import load_image
+    from edgeface.vision.images import load_image
     from edgeface.types import Frame
 
     cfg = daemon_config(tmp_path, broker, remote_unlock=False, remote_unlock_totp=False)

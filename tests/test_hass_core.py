@@ -201,9 +201,9 @@ def test_edgeface_in_a_real_home_assistant(hass, broker, obama_gallery_file, ana
     from gpiozero.pins.mock import MockFactory
 
     from edgeface.config import parse_config
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
     from edgeface.frames import FolderSource
-    from edgeface.totp import code_now
+    from edgeface.events.totp import code_now
 
     t_start = time.monotonic()
     monkeypatch.setenv("EDGEFACE_UNLOCK_TOTP", SECRET)

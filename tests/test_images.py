@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeface.errors import ImageError
-from edgeface.images import decode_image, load_image, save_image, to_rgb
+from edgeface.vision.images import decode_image, load_image, save_image, to_rgb
 
 from conftest import FIXTURES
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from edgeface.config import LivenessConfig, parse_config
-from edgeface.detect import BlazeFaceDetector
+from edgeface.vision.detect import BlazeFaceDetector
 from edgeface.errors import ConfigError
-from edgeface.images import load_image
-from edgeface.landmarks import LandmarkRefiner
-from edgeface.liveness import (LEFT_EYE, RIGHT_EYE, LivenessGate, MeshLiveness, eye_openness, inter_ocular,
+from edgeface.vision.images import load_image
+from edgeface.vision.landmarks import LandmarkRefiner
+from edgeface.vision.liveness import (LEFT_EYE, RIGHT_EYE, LivenessGate, MeshLiveness, eye_openness, inter_ocular,
                                planar_residual)
 
 
@@ -207,7 +207,7 @@ def _obama(distance: float = 0.2):
 
 
 def test_liveness_policy_refuses_a_moved_photo_once_and_grants_a_turning_head(real_mesh):
-    from edgeface.liveness import LivenessPolicy
+    from edgeface.vision.liveness import LivenessPolicy
 
     # a photo: the mesh only moves by homographies
     gate = LivenessGate(window_s=4.0)
@@ -243,7 +243,7 @@ def test_liveness_policy_refuses_a_moved_photo_once_and_grants_a_turning_head(re
 
 
 def test_liveness_policy_passes_strangers_and_resets_on_no_face(real_mesh):
-    from edgeface.liveness import LivenessPolicy
+    from edgeface.vision.liveness import LivenessPolicy
     from edgeface.types import Match
 
     gate = LivenessGate()
@@ -273,11 +273,11 @@ def test_daemon_with_liveness_refuses_a_moved_photo_of_an_enrolled_person(tmp_pa
     event says why."""
     from gpiozero.pins.mock import MockFactory
 
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
     from edgeface.enroll import enroll_images
     from edgeface.frames import FolderSource
-    from edgeface.gallery import Gallery, resolve_max_distance
-    from edgeface.images import save_image
+    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.vision.images import save_image
 
     obama = sorted((fixture_faces / "barack_obama").glob("*.jpg"))
     cfg = parse_config({

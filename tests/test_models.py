@@ -8,7 +8,7 @@ import pytest
 from edgeface.cli import main
 from edgeface.errors import ModelError
 from edgeface.models import load_manifest, resolve_model, sha256_file, verify_model_file
-from edgeface.runtime import INTERPRETER_BACKEND, load_interpreter
+from edgeface.vision.runtime import INTERPRETER_BACKEND, load_interpreter
 
 from conftest import REPO
 

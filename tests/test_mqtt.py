@@ -12,7 +12,7 @@ import time
 import pytest
 
 from edgeface.config import MqttConfig
-from edgeface.outbox import Outbox
+from edgeface.events.outbox import Outbox
 from edgeface.testing import Collector, MosquittoBroker, wait_until, mosquitto_path
 
 pytestmark = [pytest.mark.broker,
@@ -27,7 +27,7 @@ def broker():
 
 
 def publisher(broker, tmp_path, **kw):
-    from edgeface.mqtt import MqttPublisher
+    from edgeface.events.mqtt import MqttPublisher
 
     cfg = MqttConfig(host=broker.host, port=broker.port, keepalive_s=5, outbox_path=str(tmp_path / "o.db"),
                      **kw.pop("cfg", {}))
@@ -85,8 +85,8 @@ def test_last_will_says_offline_when_the_process_dies(broker, tmp_path):
     code = f"""
 import time
 from edgeface.config import MqttConfig
-from edgeface.mqtt import MqttPublisher
-from edgeface.outbox import Outbox
+from edgeface.events.mqtt import MqttPublisher
+from edgeface.events.outbox import Outbox
 cfg = MqttConfig(host="127.0.0.1", port={broker.port}, keepalive_s=5, outbox_path={str(tmp_path / 'c.db')!r})
 pub = MqttPublisher(cfg, door_id="front", outbox=Outbox(cfg.outbox_path))
 pub.start()
@@ -130,7 +130,7 @@ def test_discovery_resent_when_home_assistant_comes_online(broker, tmp_path):
 
 
 def test_unreachable_broker_never_blocks_the_caller(tmp_path):
-    from edgeface.mqtt import MqttPublisher
+    from edgeface.events.mqtt import MqttPublisher
     from edgeface.testing import free_port
 
     cfg = MqttConfig(host="127.0.0.1", port=free_port(), outbox_path=str(tmp_path / "o.db"))
@@ -175,8 +175,8 @@ def test_events_replayed_after_an_outage_are_marked_queued_with_their_original_t
 
 def test_ha_discovery_off_removes_the_retained_device_config(broker, tmp_path):
     from edgeface.config import parse_config
-    from edgeface.hass import discovery_messages
-    from edgeface.mqtt import MqttPublisher
+    from edgeface.events.hass import discovery_messages
+    from edgeface.events.mqtt import MqttPublisher
 
     def run(prefix: str, discovery: bool) -> None:
         cfg = parse_config({"mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": prefix,

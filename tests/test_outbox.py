@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from edgeface.outbox import Outbox
+from edgeface.events.outbox import Outbox
 
 
 def drain(box):

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from edgeface.config import EdgefaceConfig, parse_config
 from edgeface.errors import ConfigError, ImageError
-from edgeface.images import decode_image
-from edgeface.remote import CommandVerifier, NonceStore, sign
+from edgeface.vision.images import decode_image
+from edgeface.events.remote import CommandVerifier, NonceStore, sign
 
 REPO = Path(__file__).resolve().parents[1]
 JPEG = (REPO / "tests" / "fixtures" / "faces" / "elon_musk").glob("*.jpg").__next__().read_bytes()

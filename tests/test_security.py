@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from edgeface.config import MqttConfig, parse_config
-from edgeface.gallery import Chip, EnrollItem, Gallery
-from edgeface.outbox import Outbox
-from edgeface.remote import CommandVerifier, NonceStore, make_command, sign
+from edgeface.gallery.store import Chip, EnrollItem, Gallery
+from edgeface.events.outbox import Outbox
+from edgeface.events.remote import CommandVerifier, NonceStore, make_command, sign
 from edgeface.security import (SecretRedactor, create_private_file, ensure_private_dir, install_redaction,
                                make_private, permission_problems)
 from edgeface.testing import free_port, mosquitto_path, stop_process, wait_listening
@@ -172,7 +172,7 @@ def _tls_subscriber(port: int, certs: Path, topic: str):
 
 
 def _publisher(tmp_path: Path, port: int, **mqtt_kwargs):
-    from edgeface.mqtt import MqttPublisher
+    from edgeface.events.mqtt import MqttPublisher
 
     cfg = MqttConfig(host="127.0.0.1", port=port, ha_discovery=False, **mqtt_kwargs)
     outbox = Outbox(tmp_path / f"outbox-{port}-{len(list(tmp_path.iterdir()))}.db", max_events=1000)
@@ -254,7 +254,7 @@ def test_secrets_never_reach_the_logs(tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("EDGEFACE_UNLOCK_SECRET", SECRET)
     caplog.set_level(logging.DEBUG)
     from edgeface.config import read_secret
-    from edgeface.mqtt import MqttPublisher
+    from edgeface.events.mqtt import MqttPublisher
 
     try:
         for pw in (read_secret("EDGEFACE_MQTT_PASSWORD"), password + "-wrong"):
@@ -412,10 +412,10 @@ def test_daemon_run_keeps_secrets_out_of_logs_and_state_private(tmp_path, caplog
     too) contains either secret, and every file the daemon created is 0600 in a 0700 state directory."""
     from gpiozero.pins.mock import MockFactory
 
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
     from edgeface.enroll import enroll_images
     from edgeface.frames import FolderSource
-    from edgeface.gallery import Gallery, resolve_max_distance
+    from edgeface.gallery.store import Gallery, resolve_max_distance
 
     password = "mqtt-Pa55-daemon-run-x9"
     pwfile = tmp_path / "passwd"

@@ -31,8 +31,8 @@ def _pairs(emb: np.ndarray, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _embed_folder(folder: Path) -> tuple[np.ndarray, list[str]]:
-    from edgeface.convert import aligned_crops
-    from edgeface.embed import TFLiteEmbedder
+    from edgeface.convert.converter import aligned_crops
+    from edgeface.vision.embed import TFLiteEmbedder
 
     faces = aligned_crops(folder, template="arcface112")
     with TFLiteEmbedder(EdgefaceConfig().embedder.model, num_threads=2) as emb:
@@ -43,8 +43,8 @@ def _assert_same_model(path: Path) -> None:
     """A reconverted file is the shipped one: byte for byte on the machine that made it (measured: same sha256
     three times); on another CPU the int8 calibration may round a scale differently, so the check that holds
     everywhere is that both files give the same embeddings of the fixture faces."""
-    from edgeface.convert import aligned_crops
-    from edgeface.embed import EmbedderSpec, TFLiteEmbedder
+    from edgeface.convert.converter import aligned_crops
+    from edgeface.vision.embed import EmbedderSpec, TFLiteEmbedder
 
     shipped = load_manifest()["sface_int8"]
     if sha256_file(path) == shipped.sha256:
@@ -81,7 +81,7 @@ def test_default_embedder_is_the_shipped_sface_and_separates_fixture_people() ->
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     same, diff = _pairs(emb, labels)
     assert np.mean(same[:, None] < diff[None, :]) >= 0.99
-    from edgeface.gallery import resolve_max_distance
+    from edgeface.gallery.store import resolve_max_distance
     thr = resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir)
     assert thr == info.extra["default_max_distance_by_mode"]["blend"] == info.extra["default_max_distance"]
     assert np.mean(same <= thr) >= 0.85
@@ -99,7 +99,7 @@ def test_default_embedder_separates_the_shared_faces_at_its_threshold() -> None:
     assert len(same) >= 300 and len(diff) >= 6000
     assert np.mean(same[:, None] < diff[None, :]) >= 0.999
     cfg = EdgefaceConfig()
-    from edgeface.gallery import resolve_max_distance
+    from edgeface.gallery.store import resolve_max_distance
     thr = resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir)
     assert np.mean(same <= thr) >= 0.88
     assert np.mean(diff <= thr) == 0.0
@@ -109,11 +109,11 @@ def test_default_embedder_separates_the_shared_faces_at_its_threshold() -> None:
 def test_facenet_gallery_is_refused_by_the_sface_default_until_reembedded(tmp_path: Path) -> None:
     """Switching the default embedder must never compare FaceNet vectors with SFace ones: the gallery refuses to
     open (the daemon does not start, nothing is granted) and names the fix; `reembed` from kept chips converts it."""
-    from edgeface.analyze import FaceAnalyzer
+    from edgeface.vision.analyzer import FaceAnalyzer
     from edgeface.config import parse_config
     from edgeface.enroll import enroll_images
-    from edgeface.gallery import Gallery, resolve_max_distance
-    from edgeface.images import list_images, load_image
+    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.vision.images import list_images, load_image
 
     old = parse_config({"embedder": {"model": "facenet_int8"}})
     new = EdgefaceConfig()
@@ -145,7 +145,7 @@ def test_reading_an_onnx_file_that_is_not_sface_fails_clearly(tmp_path: Path) ->
     import onnx
     from onnx import TensorProto, helper
 
-    from edgeface.sface_arch import read_onnx
+    from edgeface.convert.sface_keras import read_onnx
 
     graph = helper.make_graph([helper.make_node("Relu", ["data"], ["out"])], "other",
                               [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 112, 112])],
@@ -161,7 +161,7 @@ def test_reading_an_onnx_file_that_is_not_sface_fails_clearly(tmp_path: Path) ->
 
 
 def test_block_dequantisation_repeats_each_scale_over_its_block() -> None:
-    from edgeface.sface_arch import _dequantize
+    from edgeface.convert.sface_keras import _dequantize
 
     q = np.array([[1, 2, 3, -4, 5]], np.int8)
     scale = np.array([[0.5, 2.0]], np.float32)  # block 3 along axis 1: columns 0-2 and 3-4
@@ -174,12 +174,12 @@ def test_block_dequantisation_repeats_each_scale_over_its_block() -> None:
 def test_keras_rebuild_matches_the_onnx_graph_and_equalisation_keeps_the_function() -> None:
     onnx_path = shared_path(*ONNX)
     _onnx_or_skip()
-    from edgeface.convert import aligned_crops, check_against_onnx, tensorflow_available
+    from edgeface.convert.converter import aligned_crops, check_against_onnx, tensorflow_available
 
     if not tensorflow_available():
         pytest.skip("needs TensorFlow (pip install 'edgeface[convert]')")
-    from edgeface import sface_arch
-    from edgeface.embed import arcface_norm
+    from edgeface.convert import sface_keras as sface_arch
+    from edgeface.vision.embed import arcface_norm
 
     weights = sface_arch.read_onnx(onnx_path)
     assert len(weights.convs) == 27 and weights.dense_kernel.shape == (7 * 7 * 1024, 128)
@@ -201,7 +201,7 @@ def test_convert_command_reproduces_the_shipped_sface_byte_for_byte(tmp_path: Pa
     int8 calibrated on the 26 MIT fixture faces, activation equalisation 0.5, PReLU in float32."""
     onnx_path = shared_path(*ONNX)
     _onnx_or_skip()
-    from edgeface.convert import tensorflow_available
+    from edgeface.convert.converter import tensorflow_available
 
     if not tensorflow_available():
         pytest.skip("needs TensorFlow (pip install 'edgeface[convert]')")
@@ -225,7 +225,7 @@ def test_missing_sface_model_is_converted_at_start_from_the_onnx(tmp_path: Path)
     onnx_path = shared_path(*ONNX)
     _onnx_or_skip()
     from edgeface.config import parse_config
-    from edgeface.convert import ensure_embedder_model, tensorflow_available
+    from edgeface.convert.converter import ensure_embedder_model, tensorflow_available
 
     if not tensorflow_available():
         pytest.skip("needs TensorFlow (pip install 'edgeface[convert]')")

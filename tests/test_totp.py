@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeface.access import AccessSwitch
-from edgeface.totp import (HA_CODE_FORMAT, HA_COMMAND_TEMPLATE, TotpSecretError, TotpStore, TotpVerifier, code_at,
+from edgeface.events.access import AccessSwitch
+from edgeface.events.totp import (HA_CODE_FORMAT, HA_COMMAND_TEMPLATE, TotpSecretError, TotpStore, TotpVerifier, code_at,
                            code_now, decode_secret, new_secret, otpauth_uri, parse_lock_command)
 
 RFC_KEY = b"12345678901234567890"
@@ -236,7 +236,7 @@ def test_random_unlock_topic_payloads_never_crash_the_parser_nor_open(tmp_path):
 
 def test_one_time_codes_need_remote_unlock_and_a_valid_secret(tmp_path, analyzer, monkeypatch):
     from edgeface.config import parse_config
-    from edgeface.daemon import Daemon
+    from edgeface.daemon.app import Daemon
     from edgeface.errors import ConfigError
     from edgeface.frames import FolderSource
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from edgeface.convert import aligned_crops, pair_metrics
-from edgeface.embed import EmbedderSpec, TFLiteEmbedder
+from edgeface.convert.converter import aligned_crops, pair_metrics
+from edgeface.vision.embed import EmbedderSpec, TFLiteEmbedder
 
 
 def _embedder(arg: str) -> TFLiteEmbedder:

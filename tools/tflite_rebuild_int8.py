@@ -119,8 +119,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--evaluate", type=Path)
     args = parser.parse_args(argv)
 
-    from edgeface.convert import aligned_crops, compare_embedders, require_tensorflow, write_atomic
-    from edgeface.embed import PREPROCESSING, EmbedderSpec, TFLiteEmbedder
+    from edgeface.convert.converter import aligned_crops, compare_embedders, require_tensorflow, write_atomic
+    from edgeface.vision.embed import PREPROCESSING, EmbedderSpec, TFLiteEmbedder
 
     tf = require_tensorflow()
     fn, size = build_graph(args.source)
