@@ -195,6 +195,23 @@ class LivenessConfig(Section):
     max_frames: int = Field(40, ge=2, le=500, description="At most this many recent frames are kept.")
 
 
+class WebConfig(Section):
+    host: str = Field("0.0.0.0", min_length=1, description="Address `edgeface web` listens on (0.0.0.0: every "
+                                                          "interface, so a phone on the same network can open it).")
+    port: int = Field(8080, ge=1, le=65535, description="Port of the web app.")
+    tls: bool = Field(False, description="Serve HTTPS with a self-signed certificate generated into "
+                                         "state_dir/web-tls/ on first start (the phone warns once; accept it).")
+    session_hours: float = Field(12.0, gt=0, le=720, description="A login lasts this long.")
+    max_upload_mb: float = Field(8.0, gt=0, le=64, description="Largest upload (all photos of one request together).")
+    max_photos: int = Field(20, ge=1, le=200, description="Most photos one enrollment upload may carry.")
+    thumbnails: bool = Field(True, description="The daemon keeps a small face thumbnail (and its embedding) for each "
+                                               "decision, for the access log's labels and corrections.")
+    thumbnail_retention_days: int = Field(30, ge=1, le=3650, description="Decision thumbnails older than this are "
+                                                                       "deleted (a person's go with them when removed).")
+    thumbnail_max: int = Field(5000, ge=10, le=1_000_000, description="At most this many decision thumbnails are "
+                                                                      "kept (oldest deleted first).")
+
+
 class EdgefaceConfig(Section):
     state_dir: str = Field("/var/lib/edgeface", description="Directory for the gallery, outbox and audit files (0700).")
     models_dir: Optional[str] = Field(None, description="Directory with models and manifest.json; default: shipped models/.")
@@ -208,6 +225,7 @@ class EdgefaceConfig(Section):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
 
 
 def _line_of(text: str, loc: tuple[Any, ...]) -> Optional[int]:

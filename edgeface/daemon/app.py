@@ -229,6 +229,15 @@ class Daemon:
             if self.contact is not None:
                 self.mqtt.set_state(self.mqtt.topics.contact, self.contact.state)
 
+        self.thumbnails: Any = None
+        if cfg.web.thumbnails:  # for the web app's access log (edgeface.daemon.thumbnails)
+            from edgeface.daemon.thumbnails import DecisionThumbnails, ThumbnailStore
+
+            self.thumbnails = DecisionThumbnails(ThumbnailStore(
+                state_path(cfg, "thumbnails.db"), retention_days=cfg.web.thumbnail_retention_days,
+                max_rows=cfg.web.thumbnail_max))
+            self._parts.append(self.thumbnails)
+
         self.source = source if source is not None else open_source(cfg.camera, on_health=self._on_camera_health)
         self._parts.append(self.source)
 
@@ -363,6 +372,8 @@ class Daemon:
             if self.liveness is not None:
                 self.liveness.observe(frame.timestamp, frame.image, result.face)
             match = self._match(result.embedding)
+            if self.thumbnails is not None:
+                self.thumbnails.saw(frame.image, result.face.box, result.embedding)
             decision = self.policy.observe(frame.timestamp, match, face_size=result.face.size,
                                            box=tuple(float(v) for v in result.face.box))
         if decision.action == "grant":
@@ -405,6 +416,8 @@ class Daemon:
                 {"result": ev.result, "person_name": ev.person_name, "timestamp": ev.timestamp,
                  "event_id": ev.event_id, "distance": ev.distance}, sort_keys=True))
             self.mqtt.set_state(self.mqtt.topics.last_person, ev.person_name or "stranger")
+        if self.thumbnails is not None:
+            self.thumbnails.decided(ev.event_id, ev.result, ev.person_id, ev.person_name, d.timestamp)
         log.info("%s %s (distance %s, %d frames%s)", ev.result, ev.person_name or "stranger", ev.distance,
                  ev.frames_used, f", {ev.reason}" if ev.result == "denied" else "")
         self._sink(payload)
