@@ -76,14 +76,17 @@ SYS_NUMPY="$(/usr/bin/python3 -c 'import numpy; print(numpy.__version__)')"
 } > "$PREFIX/constraints.txt"
 echo "   system numpy $SYS_NUMPY; pip constraints in $PREFIX/constraints.txt:"; sed 's/^/     /' "$PREFIX/constraints.txt"
 # gpiozero's backend: python3-lgpio from apt; where apt has none, the `pi` extra's wheel (CPython < 3.13 only).
+# The `web` extra: the owner's web app (edgeface-web.service; pure Python plus MarkupSafe/cryptography wheels).
 TARGET="${WHEEL:-$SRC}"
+EXTRAS="web"
 if ! /usr/bin/python3 -c 'import lgpio' 2>/dev/null; then
   if "$PY" -c 'import sys; sys.exit(sys.version_info >= (3, 13))'; then
-    TARGET="$TARGET[pi]"
+    EXTRAS="$EXTRAS,pi"
   else
     echo "   warning: no lgpio (apt install python3-lgpio): GPIO needs it on a Pi" >&2
   fi
 fi
+TARGET="$TARGET[$EXTRAS]"
 if [[ ${#PIP_SOURCE[@]} -eq 0 ]]; then "$PY" -m pip install --upgrade pip; fi
 # An older install may have put a numpy 2 into the venv: remove it, the system one takes its place.
 if "$PY" -c 'import numpy, sys; sys.exit(not numpy.__file__.startswith(sys.prefix))' 2>/dev/null; then
@@ -126,9 +129,10 @@ echo "== check"
 
 echo "== systemd unit"
 install -m 0644 "$SRC/systemd/edgeface.service" /etc/systemd/system/edgeface.service
+install -m 0644 "$SRC/systemd/edgeface-web.service" /etc/systemd/system/edgeface-web.service
 if [[ -d /run/systemd/system ]]; then
   systemctl daemon-reload
-  systemctl enable edgeface.service
+  systemctl enable edgeface.service edgeface-web.service
 else
   echo "   systemd is not running here: unit installed, run 'systemctl enable edgeface' on the device"
 fi
@@ -136,3 +140,4 @@ echo
 echo "Installed. Enroll people, then start:"
 echo "  sudo -u edgeface $PREFIX/venv/bin/edgeface --config $ETC/config.yaml enroll --folder people/"
 echo "  sudo systemctl start edgeface && journalctl -u edgeface -f"
+echo "  sudo systemctl start edgeface-web   # then open http://$(hostname).local:8080/ on a phone (docs/web.md)"

@@ -208,7 +208,7 @@ def demo_config(state_dir: Path, *, loop: bool, mqtt_host: str, mqtt_port: int) 
 
 
 def run_demo(*, loop: bool = False, mqtt_host: str = "127.0.0.1", mqtt_port: int = 1883,
-             out: Any = None, state_dir: Optional[Path] = None) -> int:
+             out: Any = None, state_dir: Optional[Path] = None, web: Optional[str] = None) -> int:
     """The daemon on the sample faces: a few people enrolled from 2 photos each, the rest are strangers;
     each remaining photo is shown for 4 frames; events are printed as JSON lines."""
     from edgeface.enroll import enroll_images
@@ -252,11 +252,19 @@ def run_demo(*, loop: bool = False, mqtt_host: str = "127.0.0.1", mqtt_port: int
         daemon = build_daemon(cfg, analyzer=analyzer, gallery=gallery, source=source, event_sink=sink)
         for line in daemon.summary():
             log.info("%s", line)
+        web_proc = None
+        if web:  # the web app as its own process on the demo's state (edgeface.web.demo)
+            from edgeface.web.demo import start_demo_web
+
+            web_proc = start_demo_web(cfg, tmp, web)
         try:
             run_daemon(daemon)
         finally:
             gallery.close()
             analyzer.close()
+            if web_proc is not None:
+                web_proc.terminate()
+                web_proc.wait(timeout=10)
         return 0
     finally:
         if state_dir is None:
@@ -304,13 +312,15 @@ def register(group: click.Group) -> None:
     @click.option("--loop", is_flag=True, help="Replay the sample faces until Ctrl-C (default: one pass).")
     @click.option("--broker", default="127.0.0.1:1883", show_default=True,
                   help="Also publish to this MQTT broker when one is running (never required).")
-    def demo_cmd(loop: bool, broker: str) -> None:
+    @click.option("--web", "web", metavar="HOST:PORT", default=None,
+                  help="Also serve the web app here (e.g. 0.0.0.0:8080; needs the [web] extra).")
+    def demo_cmd(loop: bool, broker: str, web: Optional[str]) -> None:
         """Run the daemon on the shipped sample faces: mock relay, events as JSON lines on stdout."""
         setup_logging("INFO")
         host, _, port = broker.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"--broker {broker!r}: expected HOST:PORT")
-        raise click.exceptions.Exit(run_demo(loop=loop, mqtt_host=host, mqtt_port=int(port)))
+        raise click.exceptions.Exit(run_demo(loop=loop, mqtt_host=host, mqtt_port=int(port), web=web))
 
     from edgeface.daemon.release import door_group  # `door release` lives there: it must work with a broken config
 

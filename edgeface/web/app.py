@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 COOKIE = "edgeface_session"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-#: Re-entering the password for the remote unlock counts for this long (one tap after, not a standing grant).
-REAUTH_S = 60.0
+#: The settings page re-checks the model files' sha256 at most this often.
+MODEL_CHECK_S = 300.0
 
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
@@ -423,7 +423,6 @@ def create_app(cfg: EdgefaceConfig, *, config_path: Optional[Path] = None, start
 
     def _settings_data() -> dict:
         from edgeface.config import load_config
-        from edgeface.models import default_models_dir, load_manifest, verify_model_file
 
         effective = cfg.model_dump(mode="json")  # secrets live in the environment; only their variable names here
         check = "config OK (built-in defaults)"
@@ -433,6 +432,22 @@ def create_app(cfg: EdgefaceConfig, *, config_path: Optional[Path] = None, start
                 check = f"config OK ({config_path})"
             except EdgefaceError as exc:
                 check = str(exc)
+        models = _model_checks()
+        secrets = {k: ("set" if read_secret(v) else "not set") for k, v in (
+            ("mqtt password", cfg.mqtt.password_env), ("remote unlock secret", cfg.mqtt.remote_unlock_secret_env),
+            ("TOTP secret", cfg.mqtt.totp_secret_env))}
+        return {"effective": json.dumps(effective, indent=2, sort_keys=True), "check": check, "models": models,
+                "secrets": secrets}
+
+    model_cache: dict[str, Any] = {}
+
+    def _model_checks() -> list[dict]:
+        """Size and sha256 of every shipped model, checked once per MODEL_CHECK_S (hashing them costs CPU the door
+        may need)."""
+        from edgeface.models import default_models_dir, load_manifest, verify_model_file
+
+        if model_cache and time.monotonic() - model_cache["at"] < MODEL_CHECK_S:
+            return model_cache["rows"]
         models = []
         models_dir = Path(cfg.models_dir) if cfg.models_dir else default_models_dir()
         try:
@@ -445,11 +460,8 @@ def create_app(cfg: EdgefaceConfig, *, config_path: Optional[Path] = None, start
                 models.append({"name": info.name, "kind": info.kind, "status": st})
         except EdgefaceError as exc:
             models.append({"name": "manifest", "kind": "", "status": str(exc)})
-        secrets = {k: ("set" if read_secret(v) else "not set") for k, v in (
-            ("mqtt password", cfg.mqtt.password_env), ("remote unlock secret", cfg.mqtt.remote_unlock_secret_env),
-            ("TOTP secret", cfg.mqtt.totp_secret_env))}
-        return {"effective": json.dumps(effective, indent=2, sort_keys=True), "check": check, "models": models,
-                "secrets": secrets}
+        model_cache.update(at=time.monotonic(), rows=models)
+        return models
 
     async def on_startup() -> None:
         if start_live:
@@ -512,4 +524,4 @@ def serve(cfg: EdgefaceConfig, *, config_path: Optional[Path] = None, host: Opti
                 timeout_graceful_shutdown=2, **kw)
 
 
-__all__ = ["create_app", "serve", "SECURITY_HEADERS", "COOKIE", "time"]
+__all__ = ["create_app", "serve", "SECURITY_HEADERS", "COOKIE"]

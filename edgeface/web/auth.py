@@ -81,7 +81,6 @@ class Session:
     user: str
     csrf: str
     expires: float
-    reauth_until: float = 0.0
 
 
 @dataclass
