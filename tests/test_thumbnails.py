@@ -61,3 +61,21 @@ def test_the_daemon_keeps_a_thumbnail_and_embedding_per_decision(analyzer, tmp_p
     assert thumb is not None and thumb.result == "unknown" and thumb.embedding.shape == (128,)
     assert decode_image(thumb.jpeg).shape[2] == 3
     store.close()
+
+
+def test_people_remove_erases_the_persons_thumbnails(tmp_path, capsys, obama_gallery_file):
+    from conftest import run_cli
+
+    state = tmp_path / "state"
+    state.mkdir()
+    shutil.copyfile(obama_gallery_file, state / "gallery.db")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"state_dir: {state}\nmqtt: {{enabled: false}}\n")
+    store = ThumbnailStore(state / "thumbnails.db")
+    jpeg = face_thumbnail(load_image(FACES / "barack_obama" / "barack_obama_01.jpg"), (100, 100, 200, 200))
+    store.save("e1", result="granted", person_id=1, person_name="barack_obama", jpeg=jpeg, embedding=None)
+    store.save("e2", result="unknown", person_id=None, person_name=None, jpeg=jpeg, embedding=None)
+    rc, _out, err = run_cli(capsys, config, "people", "remove", "barack_obama", "--yes")
+    assert rc == 0 and "1 decision thumbnails" in err
+    assert store.event_ids() == {"e2"}
+    store.close()

@@ -177,3 +177,40 @@ def test_remote_unlock_says_why_it_is_unavailable_and_records_the_try(served):
     assert status == 200 and b"MQTT is off" in body
     status, _h, body = c.post("/unlock", form={"csrf": c.csrf(), "password": PASSWORD})
     assert status == 409
+
+
+def test_tls_serves_with_a_generated_self_signed_certificate(tmp_path):
+    import ssl
+    import threading
+    import time
+
+    import uvicorn
+
+    from edgeface.testing import free_port
+    from edgeface.web.tls import ensure_certificate
+
+    cert, key = ensure_certificate(tmp_path / "web-tls")
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert ensure_certificate(tmp_path / "web-tls") == (cert, key)  # made once, then reused
+    cfg = parse_config({"state_dir": str(tmp_path / "state"), "mqtt": {"enabled": False}, "web": {"tls": True}})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg, start_live=False), host="127.0.0.1", port=port,
+                                           log_level="warning", ssl_certfile=str(cert), ssl_keyfile=str(key)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        ctx = ssl.create_default_context(cafile=str(cert))
+        import http.client
+
+        conn = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=10)
+        conn.request("POST", "/setup", body="username=owner&password=correct+horse+battery&password2=correct+horse+battery",
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        r = conn.getresponse()
+        assert r.status == 303 and "secure" in r.getheader("set-cookie").lower()
+        assert "max-age" in r.getheader("strict-transport-security")
+        conn.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -389,11 +389,14 @@ def people_rename(obj: CliContext, name: str, new_name: str) -> None:
 def people_remove(obj: CliContext, name: str, yes: bool) -> None:
     """Remove NAME and erase their embeddings (and kept face chips)."""
     with open_gallery(obj.config) as g:
-        g.person(name)
+        pid = g.person(name).id
         if not yes:
             click.confirm(f"remove {name!r} and erase their face data?", abort=True, err=True)
         n = g.remove(name)
-    _warn(f"removed {name!r} ({n} embeddings erased)")
+    from edgeface.daemon.thumbnails import erase_person_thumbnails
+
+    t = erase_person_thumbnails(obj.config, pid)
+    _warn(f"removed {name!r} ({n} embeddings erased" + (f", {t} decision thumbnails" if t else "") + ")")
 
 
 @people_group.command("schedule")

@@ -169,3 +169,17 @@ class DecisionThumbnails:
 
     def close(self) -> None:
         self.store.close()
+
+
+def erase_person_thumbnails(cfg: Any, person_id: int) -> int:
+    """`edgeface people remove`: the person's decision thumbnails go with them (0 when there is no file yet)."""
+    from edgeface.daemon.app import state_path
+
+    path = state_path(cfg, "thumbnails.db")
+    if not path.exists():
+        return 0
+    store = ThumbnailStore(path, retention_days=cfg.web.thumbnail_retention_days, max_rows=cfg.web.thumbnail_max)
+    try:
+        return store.delete_person(person_id)
+    finally:
+        store.close()
