@@ -204,6 +204,9 @@ class WebConfig(Section):
     session_hours: float = Field(12.0, gt=0, le=720, description="A login lasts this long.")
     max_upload_mb: float = Field(8.0, gt=0, le=64, description="Largest upload (all photos of one request together).")
     max_photos: int = Field(20, ge=1, le=200, description="Most photos one enrollment upload may carry.")
+    live_interval_s: float = Field(2.0, ge=0, le=60, description="The live view: the daemon writes a small JPEG "
+                                   "with the face box and name at most this often, only while the web app's live "
+                                   "page is open (0 = no live view).")
     thumbnails: bool = Field(True, description="The daemon keeps a small face thumbnail (and its embedding) for each "
                                                "decision, for the access log's labels and corrections.")
     thumbnail_retention_days: int = Field(30, ge=1, le=3650, description="Decision thumbnails older than this are "

@@ -182,6 +182,7 @@ def test_the_owners_day_in_a_phone_browser(door, analyzer, tmp_path):
         screenshot(driver, "phone-people", "3 photos")
 
         # the daemon grants alice; the dashboard shows it without a reload
+        driver.get(url + "/live")  # someone watches: the daemon writes the live picture from its next frame
         driver.get(url + "/")
         wait.until(lambda d: d.find_element(By.ID, "st-broker").text == "connected"
                    or "(live)" in d.find_element(By.ID, "live-status").text)
@@ -190,9 +191,14 @@ def test_the_owners_day_in_a_phone_browser(door, analyzer, tmp_path):
         wait.until(lambda d: "granted alice" in d.find_element(By.ID, "decisions").text)
         assert driver.execute_script("return window.__not_reloaded === true;")
         screenshot(driver, "phone-dashboard-live", "granted alice")
+        driver.get(url + "/live")
+        wait.until(lambda d: d.execute_script("var i = document.getElementById('live'); "
+                                              "return i.complete && i.naturalWidth > 0;"))
+        screenshot(driver, "phone-live", "Live view")
 
         # an unknown visitor, labelled from the log as a new person, is let in next time
         stranger = camera_folder(tmp_path, FACES / "kit_harington" / "kit_harington_02.jpg")
+        driver.get(url + "/")
         run_daemon(cfg, analyzer, stranger)
         wait.until(lambda d: "unknown unknown visitor" in d.find_element(By.ID, "decisions").text)
         driver.get(url + "/log?result=unknown")
@@ -236,6 +242,7 @@ def test_the_owners_day_in_a_phone_browser(door, analyzer, tmp_path):
         # the same pages on a desktop
         set_viewport(driver, DESKTOP)
         for path, name, text in (("/", "dashboard", "granted kit"), ("/people", "people", "alice"),
+                                 ("/live", "live", "Live view"),
                                  ("/log", "log", "unknown visitor"), ("/unlock", "unlock", "Unlock the door"),
                                  ("/settings", "settings", "Effective config"),
                                  (f"/people/{_person_id(driver, url, 'alice')}", "person", "Delete alice")):

@@ -238,6 +238,11 @@ class Daemon:
                 max_rows=cfg.web.thumbnail_max))
             self._parts.append(self.thumbnails)
 
+        self.snapshot: Any = None
+        if cfg.web.live_interval_s > 0:  # the web app's live view, only while watched (edgeface.daemon.snapshot)
+            from edgeface.daemon.snapshot import LiveSnapshot
+
+            self.snapshot = LiveSnapshot(state, cfg.web.live_interval_s)
         self.source = source if source is not None else open_source(cfg.camera, on_health=self._on_camera_health)
         self._parts.append(self.source)
 
@@ -376,6 +381,9 @@ class Daemon:
                 self.thumbnails.saw(frame.image, result.face.box, result.embedding)
             decision = self.policy.observe(frame.timestamp, match, face_size=result.face.size,
                                            box=tuple(float(v) for v in result.face.box))
+        if self.snapshot is not None:
+            self.snapshot.frame(frame.image, None if result is None else result.face.box,
+                                "" if result is None else (match.name or "unknown"))
         if decision.action == "grant":
             decision = self._grant(decision)
         elif decision.action != "none":

@@ -7,6 +7,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
@@ -374,6 +375,37 @@ def create_app(cfg: EdgefaceConfig, *, config_path: Optional[Path] = None, start
             return PlainTextResponse("not found", status_code=404)
         return Response(t.jpeg, media_type="image/jpeg")
 
+    # ------------------------------------------------------------------ live view
+    @page(web)
+    async def live_page(request: Request, s: Session) -> Response:
+        await run_in_threadpool(_want_live)
+        return web.render(request, "live.html", interval=cfg.web.live_interval_s)
+
+    def _want_live() -> None:
+        """Tell the daemon someone is watching (it writes live.jpg only then: edgeface.daemon.snapshot)."""
+        from edgeface.daemon.snapshot import REQUEST_NAME
+
+        path = state_path(cfg, REQUEST_NAME)
+        path.touch(mode=0o600, exist_ok=True)
+        os.utime(path)
+
+    @page(web)
+    async def live_jpeg(request: Request, s: Session) -> Response:
+        from edgeface.daemon.snapshot import LIVE_NAME, WATCH_S
+
+        await run_in_threadpool(_want_live)
+        path = state_path(cfg, LIVE_NAME)
+        try:
+            data = await run_in_threadpool(path.read_bytes)
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return PlainTextResponse("no live picture yet (is the daemon running? web.live_interval_s > 0?)",
+                                     status_code=404)
+        if age > WATCH_S:
+            return PlainTextResponse(f"the last live picture is {age:.0f} s old: is the daemon running?",
+                                     status_code=404)
+        return Response(data, media_type="image/jpeg", headers={"x-snapshot-age-s": f"{age:.1f}"})
+
     # ------------------------------------------------------------------ remote unlock
     @page(web)
     async def unlock_page(request: Request, s: Session) -> Response:
@@ -487,6 +519,8 @@ def create_app(cfg: EdgefaceConfig, *, config_path: Optional[Path] = None, start
         Route("/log", access_log),
         Route("/log/{event_id}", log_label, methods=["POST"]),
         Route("/thumb/{event_id}.jpg", thumbnail),
+        Route("/live", live_page),
+        Route("/live.jpg", live_jpeg),
         Route("/unlock", unlock_page),
         Route("/unlock", unlock, methods=["POST"]),
         Route("/settings", settings),

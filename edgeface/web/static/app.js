@@ -37,3 +37,14 @@
     }
   };
 })();
+// The live view: reload the snapshot at the daemon's rate; say so when there is none.
+(function () {
+  "use strict";
+  var img = document.getElementById("live");
+  if (!img) { return; }
+  var status = document.getElementById("live-status");
+  var every = Math.max(1, parseFloat(img.getAttribute("data-refresh-s")) || 2) * 1000;
+  img.onerror = function () { if (status) { status.textContent = "No recent picture: is the daemon running?"; } };
+  img.onload = function () { if (status) { status.textContent = "updated " + new Date().toLocaleTimeString(); } };
+  setInterval(function () { img.src = "/live.jpg?t=" + Date.now(); }, every);
+})();
