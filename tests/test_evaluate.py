@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from edgeface.cli import main
-from edgeface.evaluation.study import identity_split, threshold_at_far
+from edgeface.evaluation.dataset import identity_split
+from edgeface.evaluation.metrics import threshold_at_far
 from edgeface.models import load_manifest
 
 from conftest import FIXTURES, shared_path
@@ -194,7 +195,7 @@ def test_face_recognition_peer_runs_on_the_same_photos_and_counts_its_misses(dat
 
 def test_model_choice_detector_flags() -> None:
     from edgeface.errors import ConfigError
-    from edgeface.evaluation.study import ModelChoice
+    from edgeface.evaluation.embedding import ModelChoice
 
     short = ModelChoice.parse("facenet_int8+short+flip")
     assert (short.detector, short.flip, short.label) == ("short", True, "facenet_int8+short+flip")
@@ -213,7 +214,9 @@ def test_model_choice_detector_flags() -> None:
 def test_open_set_scores_are_what_the_gallery_answers(tmp_path, template, mode) -> None:
     """The study's per-probe score for each template equals the real Gallery's match distance in the matching mode,
     with the same people enrolled from the same photos: the benchmark measures the matcher the door runs."""
-    from edgeface.evaluation.study import Dataset, EmbeddedSet, OpenSetSettings, _draw_gallery, open_set
+    from edgeface.evaluation.dataset import Dataset
+    from edgeface.evaluation.embedding import EmbeddedSet
+    from edgeface.evaluation.openset import OpenSetSettings, _draw_gallery, open_set
     from edgeface.gallery.store import EnrollItem, Gallery
 
     rng = np.random.default_rng(3)
@@ -242,7 +245,7 @@ def test_open_set_scores_are_what_the_gallery_answers(tmp_path, template, mode) 
 def test_recommendation_names_the_best_setting_at_no_extra_cost_per_face() -> None:
     """Flip TTA wins on accuracy but doubles the embedding work: the report must also name the best setting that a
     Pi's latency budget allows without re-measuring (no more detect+align+embed time than the configured one)."""
-    from edgeface.evaluation.study import SAME_COST, recommend
+    from edgeface.evaluation.openset import SAME_COST, recommend
 
     def row(name: str, ms: float, correct: float, deployable: bool = True) -> dict:
         at = {"far_target": 1e-3, "threshold": 0.5, "correct_accept": correct, "wrong_person_accept": 0.0,
