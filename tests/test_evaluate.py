@@ -262,3 +262,72 @@ def test_recommendation_names_the_best_setting_at_no_extra_cost_per_face() -> No
     same = recommend(study, k=100, enroll=3, baseline="sface_int8", max_cost=SAME_COST)
     assert same["variant"] == "sface_int8" and same["cost_vs_baseline"] == 1.0
     assert recommend(study, k=100, enroll=3, baseline="sface_int8", max_cost=1.3)["variant"] == "sface_int8+mesh2"
+
+
+# ------------------------------------------------------------------------------------- the LFW protocol (--pairs)
+@pytest.fixture(scope="module")
+def lfw_style_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The committed photos renamed the LFW way (<name>/<name>_0001.jpg) and a generated pairs file in LFW's layout:
+    header '10 2', then per fold 2 same-person pairs followed by 2 different-person pairs (seeded). Fold 0's first
+    pair compares paul_allen with a mountain photo filed as his sixth: no face, so that genuine pair is rejected."""
+    root = tmp_path_factory.mktemp("lfw") / "faces"
+    photos: dict[str, int] = {}
+    for person in sorted(p for p in (FIXTURES / "faces").iterdir() if p.is_dir()):
+        (root / person.name).mkdir(parents=True)
+        for i, src in enumerate(sorted(person.glob("*.jpg")), 1):
+            shutil.copy(src, root / person.name / f"{person.name}_{i:04d}.jpg")
+        photos[person.name] = i
+    shutil.copy(FIXTURES / "nonfaces" / "pilatus_mountain.jpg", root / "paul_allen" / "paul_allen_0006.jpg")
+    rng = np.random.default_rng(3)
+    names = sorted(photos)
+    same = [(n, i, j) for n in names for i in range(1, photos[n] + 1) for j in range(i + 1, photos[n] + 1)]
+    lines = ["10\t2"]
+    for fold in range(10):
+        for k in rng.choice(len(same), 2, replace=False):
+            n, i, j = same[k]
+            lines.append(f"{n}\t{i}\t{j}")
+        if fold == 0:
+            lines[1] = "paul_allen\t1\t6"
+        for _ in range(2):
+            a, b = rng.choice(names, 2, replace=False)
+            lines.append(f"{a}\t{rng.integers(1, photos[a] + 1)}\t{b}\t{rng.integers(1, photos[b] + 1)}")
+    pairs = root.parent / "pairs.txt"
+    pairs.write_text("\n".join(lines) + "\n")
+    return root, pairs
+
+
+def test_pairs_file_gives_ten_fold_accuracy_with_its_std_printed_and_written(lfw_style_set, tmp_path, capsys):
+    root, pairs = lfw_style_set
+    out = tmp_path / "lfw.json"
+    status = main(["eval", str(root), "--pairs", str(pairs), "--model", _embedder_arg(), "--draws", "2",
+                   "--accuracy-at", "0.4", "--report", str(tmp_path / "lfw.md"), "--json", str(out),
+                   "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    v = report["models"][0]["verification"]
+    kf = v["k_fold"]
+    assert kf["folds"] == 10 and [f["pairs"] for f in kf["per_fold"]] == [4] * 10
+    accs = np.array([f["accuracy"] for f in kf["per_fold"]])
+    assert kf["accuracy_mean"] == pytest.approx(accs.mean(), abs=1e-6)
+    assert kf["accuracy_std"] == pytest.approx(accs.std(), abs=1e-6)
+    assert kf["per_fold"][0]["accuracy"] <= 0.75 and kf["accuracy_std"] > 0  # the faceless pair counts as wrong
+    assert f"10-fold accuracy {100 * kf['accuracy_mean']:.2f}% ± {100 * kf['accuracy_std']:.2f}%" in printed
+    md = (tmp_path / "lfw.md").read_text()
+    assert "## 10-fold accuracy (LFW protocol)" in md
+    assert f"{100 * kf['accuracy_mean']:.2f}% ± {100 * kf['accuracy_std']:.2f}%" in md
+    # Every pair's distance, in the order of the pairs listing; accuracy at any threshold follows from them.
+    dist = np.array([np.inf if d is None else d for d in v["pair_distances"]])
+    same = np.array([p["same"] for p in report["pairs"]])
+    folds = np.array([p["fold"] for p in report["pairs"]])
+    assert len(dist) == len(same) == 40 and same.sum() == 20
+    assert v["accuracy_at"][0]["threshold"] == 0.4
+    assert v["accuracy_at"][0]["accuracy"] == pytest.approx(np.mean((dist <= 0.4) == same), abs=1e-6)
+    # Each fold's threshold is a best-accuracy threshold of the OTHER nine folds (no threshold does better there).
+    candidates = np.unique(dist[np.isfinite(dist)])
+    for f in kf["per_fold"]:
+        train = folds != f["fold"]
+        best = max(np.mean((dist[train] <= c) == same[train]) for c in candidates)
+        assert np.mean((dist[train] <= f["threshold"]) == same[train]) == pytest.approx(best)
+    # Real, clean photos and a good embedder: most pairs are decided right (not fitted: 38 of 40 and up).
+    assert kf["accuracy_mean"] >= 0.9

@@ -59,9 +59,14 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
                    "face_recognition: 0.6).")
 @click.option("--target-far", type=float, default=1e-3, show_default=True,
               help="False-accept rate for the recommended threshold.")
+@click.option("--accuracy-at", "accuracy_thresholds", type=float, multiple=True, metavar="DIST",
+              help="With --pairs: also the accuracy at this distance threshold (repeatable).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("eval-report.md"),
-              show_default=True, help="Markdown report; the JSON goes next to it (.json) unless --json is given.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+              show_default=True, help="Markdown report, written to eval-report.md in the current folder unless given; "
+                                      "the JSON goes next to it (.json) unless --json is given.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Where the JSON report (every figure, curves; with --pairs every pair's distance) is written "
+                   "(default: the --report path with .json).")
 @click.option("--plots-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the PNG plots go (default: img/ next to the report).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE, show_default=True,
@@ -77,7 +82,8 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @pass_ctx
 def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file: Optional[Path], open_set_mode: bool,
              k: int, enrolls: tuple[int, ...], draws: int, seed: int, template: Optional[str], split: Optional[str], ablation: bool,
-             thresholds: tuple[str, ...], target_far: float, report_path: Path, json_path: Optional[Path],
+             thresholds: tuple[str, ...], target_far: float, accuracy_thresholds: tuple[float, ...],
+             report_path: Path, json_path: Optional[Path],
              plots_dir: Optional[Path], cache_dir: Path, no_cache: bool, peer_python: Optional[str],
              exclude_file: Optional[Path], threads: Optional[int], quiet: bool) -> None:
     """Measure accuracy on DATASET (one folder of photos per person) and write a report.
@@ -95,6 +101,8 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
 
     if ablation and not open_set_mode:
         raise ConfigError("--ablation needs --open-set")
+    if accuracy_thresholds and not pairs_file:
+        raise ConfigError("--accuracy-at needs --pairs (the pairs file's accuracy)")
     if not 0 < target_far < 1:
         raise ConfigError(f"--target-far {target_far}: expected a rate between 0 and 1")
     cfg = obj.config
@@ -133,7 +141,8 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
         sets = [(c, embed(c)) for c in choices]
         pairs = lfw_pairs(ds, pairs_file) if pairs_file else folder_pairs(ds)
         settings = OpenSetSettings(k=k, enroll=(enrolls or (1,))[0], draws=draws, seed=seed, template=template)
-        report = evaluate_models(ds, sets, pairs=pairs, thresholds=thr, id_settings=settings, target_far=target_far)
+        report = evaluate_models(ds, sets, pairs=pairs, thresholds=thr, id_settings=settings, target_far=target_far,
+                                 accuracy_thresholds=accuracy_thresholds)
         report["excluded"] = sorted(exclusions)
         plots = eval_plots(report, plots_dir, prefix, report_path.parent)
         md = render_eval_markdown(report, plots, command)
@@ -237,6 +246,12 @@ def _summary_eval(report: dict) -> None:
                    f"TAR@default({num(v['default_threshold'])}) {pct(v['tar_at_default'])} "
                    f"FAR {pct(v['far_at_default'], 2)}; " +
                    ", ".join(f"TAR@FAR{a['far_target']:g} {pct(a['tar'])}" for a in v["at_far"]))
+        if "k_fold" in v:
+            kf = v["k_fold"]
+            click.echo(f"{m['label']}: {kf['folds']}-fold accuracy {pct(kf['accuracy_mean'], 2)} ± "
+                       f"{pct(kf['accuracy_std'], 2)} (std over folds); accuracy at default "
+                       f"{pct(v['accuracy_at_default'], 2)}" +
+                       "".join(f", at {a['threshold']:g} {pct(a['accuracy'], 2)}" for a in v["accuracy_at"]))
 
 
 def _summary_open_set(study: dict, rec: Optional[dict]) -> None:

@@ -82,6 +82,10 @@ class Pairs:
     b: np.ndarray
     genuine: np.ndarray
     source: str
+    #: The cross-validation fold of each pair (a pairs file only): the LFW protocol's 10-fold accuracy.
+    folds: Optional[np.ndarray] = None
+    #: How the folds were formed, for the report.
+    fold_rule: str = ""
 
 
 def folder_pairs(ds: Dataset) -> Pairs:
@@ -94,6 +98,7 @@ def lfw_pairs(ds: Dataset, pairs_file: str | os.PathLike[str]) -> Pairs:
     """LFW `pairs.txt`: `name i j` (same person) or `name1 i name2 j`; photo k is `<name>/<name>_<k:04d>.<ext>`."""
     index = {(p.parent.name, p.stem): k for k, p in enumerate(ds.paths)}
     a, b, gen = [], [], []
+    header: Optional[tuple[int, int]] = None
     pairs_file = Path(pairs_file)
     try:
         lines = pairs_file.read_text(encoding="utf-8").splitlines()
@@ -113,12 +118,22 @@ def lfw_pairs(ds: Dataset, pairs_file: str | os.PathLike[str]) -> Pairs:
         elif len(parts) == 4:
             a.append(find(parts[0], parts[1], lineno)); b.append(find(parts[2], parts[3], lineno)); gen.append(False)
         elif len(parts) in (1, 2) and all(p.isdigit() for p in parts) and lineno == 1:
+            if len(parts) == 2:
+                header = (int(parts[0]), int(parts[1]))
             continue
         elif parts:
             raise ConfigError(f"{pairs_file}:{lineno}: expected 'name i j' or 'name1 i name2 j', got {line.strip()!r}")
     if not a:
         raise ConfigError(f"pairs file {pairs_file} holds no pairs")
-    return Pairs(np.array(a), np.array(b), np.array(gen, bool), f"pairs file {pairs_file.name}")
+    n = len(a)
+    if header is not None and header[0] >= 2 and header[0] * 2 * header[1] == n:
+        # LFW's layout: the header says "folds pairs-per-class"; each fold lists its genuine pairs, then its impostors.
+        folds = np.arange(n) // (2 * header[1])
+        rule = f"the file's {header[0]} folds ({header[1]} genuine + {header[1]} impostor pairs each, in file order)"
+    else:
+        folds = np.arange(n) % 10  # no usable header: every tenth pair, so each fold holds both kinds
+        rule = "10 folds, pair i in fold i mod 10 (the file has no 'folds pairs-per-fold' header matching its length)"
+    return Pairs(np.array(a), np.array(b), np.array(gen, bool), f"pairs file {pairs_file.name}", folds, rule)
 
 
 def pair_scores(es: EmbeddedSet, pairs: Pairs) -> np.ndarray:
@@ -133,9 +148,50 @@ def pair_scores(es: EmbeddedSet, pairs: Pairs) -> np.ndarray:
     return d
 
 
+def accuracy_at(scores: np.ndarray, genuine: np.ndarray, threshold: Optional[float]) -> Optional[float]:
+    """Share of pairs decided right when a pair is accepted at score <= threshold (no-face pairs: rejected)."""
+    if threshold is None or len(scores) == 0:
+        return None
+    return float(np.mean((np.asarray(scores) <= threshold) == np.asarray(genuine, bool)))
+
+
+def best_accuracy_threshold(scores: np.ndarray, genuine: np.ndarray) -> float:
+    """The threshold with the best accuracy on these pairs: midway between the accepted score and the next one."""
+    finite = np.unique(scores[np.isfinite(scores)])
+    if len(finite) == 0:
+        return 0.0
+    gen_sorted = np.sort(scores[genuine])
+    imp_sorted = np.sort(scores[~genuine])
+    # Accept everything at or under each candidate: right = genuine accepted + impostors rejected.
+    right = np.searchsorted(gen_sorted, finite, side="right") + (len(imp_sorted) - np.searchsorted(imp_sorted, finite,
+                                                                                                    side="right"))
+    none_accepted = len(imp_sorted)
+    i = int(np.argmax(right))
+    if right[i] < none_accepted:
+        return float(finite[0] - 1e-6)
+    return float((finite[i] + finite[i + 1]) / 2.0) if i + 1 < len(finite) else float(finite[i])
+
+
+def k_fold_accuracy(scores: np.ndarray, genuine: np.ndarray, folds: np.ndarray) -> dict[str, Any]:
+    """The LFW protocol's figure: per fold, the best-accuracy threshold chosen on the other folds and applied to it;
+    the mean and standard deviation (numpy's, over folds) of the fold accuracies."""
+    per_fold = []
+    for f in np.unique(folds):
+        test = folds == f
+        t = best_accuracy_threshold(scores[~test], genuine[~test])
+        per_fold.append({"fold": int(f), "threshold": t, "pairs": int(test.sum()),
+                         "accuracy": accuracy_at(scores[test], genuine[test], t)})
+    accs = np.array([p["accuracy"] for p in per_fold], np.float64)
+    return {"folds": len(per_fold), "accuracy_mean": float(accs.mean()), "accuracy_std": float(accs.std()),
+            "per_fold": per_fold}
+
+
 def verification(es: EmbeddedSet, pairs: Pairs, *, default_threshold: Optional[float],
-                 far_targets: Sequence[float] = DEFAULT_FAR_TARGETS) -> dict[str, Any]:
-    """1:1 verification metrics; failed detections count as rejections (genuine) and correct rejections."""
+                 far_targets: Sequence[float] = DEFAULT_FAR_TARGETS,
+                 accuracy_thresholds: Sequence[float] = ()) -> dict[str, Any]:
+    """1:1 verification metrics; failed detections count as rejections (genuine) and correct rejections.
+    With a pairs file: the k-fold accuracy, accuracy at the default and at `accuracy_thresholds`, and every pair's
+    distance (None where a photo has no face)."""
     scores = pair_scores(es, pairs)
     gen, imp = scores[pairs.genuine], scores[~pairs.genuine]
     eer, eer_t = equal_error_rate(gen, imp)
@@ -143,7 +199,7 @@ def verification(es: EmbeddedSet, pairs: Pairs, *, default_threshold: Optional[f
     for target in far_targets:
         t = threshold_at_far(imp, target)
         at_far.append({"far_target": target, "threshold": t, "tar": rate(gen, t), "far": rate(imp, t)})
-    return {
+    out: dict[str, Any] = {
         "pairs_source": pairs.source,
         "n_genuine": int(len(gen)), "n_impostor": int(len(imp)),
         "n_genuine_no_face": int(np.isinf(gen).sum()), "n_impostor_no_face": int(np.isinf(imp).sum()),
@@ -154,6 +210,13 @@ def verification(es: EmbeddedSet, pairs: Pairs, *, default_threshold: Optional[f
         "roc": roc_points(gen, imp),
         "_genuine": gen, "_impostor": imp,
     }
+    if pairs.folds is not None:
+        out["k_fold"] = dict(k_fold_accuracy(scores, pairs.genuine, pairs.folds), fold_rule=pairs.fold_rule)
+        out["accuracy_at_default"] = accuracy_at(scores, pairs.genuine, default_threshold)
+        out["accuracy_at"] = [{"threshold": float(t), "accuracy": accuracy_at(scores, pairs.genuine, t)}
+                              for t in accuracy_thresholds]
+        out["pair_distances"] = [float(d) if np.isfinite(d) else None for d in scores]
+    return out
 
 
 def far_name(f: float) -> str:

@@ -54,12 +54,12 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def evaluate_models(ds: Dataset, sets: Sequence[tuple[ModelChoice, EmbeddedSet]], *, pairs: Pairs,
                     thresholds: dict[str, Optional[float]], id_settings: OpenSetSettings,
-                    target_far: float = 1e-3) -> dict[str, Any]:
+                    target_far: float = 1e-3, accuracy_thresholds: Sequence[float] = ()) -> dict[str, Any]:
     """Verification and open-set identification for each model on the same photos, pairs and galleries."""
     models = []
     for choice, es in sets:
         thr = thresholds.get(es.label)
-        ver = verification(es, pairs, default_threshold=thr)
+        ver = verification(es, pairs, default_threshold=thr, accuracy_thresholds=accuracy_thresholds)
         recommended = threshold_at_far(ver["_impostor"], target_far)
         fixed = {"default": thr, f"recommended (1:1 FAR {far_name(target_far)})": recommended}
         ident = open_set(es, ds, ds.persons, id_settings, fixed_thresholds={k: v for k, v in fixed.items() if v is not None})
@@ -69,8 +69,13 @@ def evaluate_models(ds: Dataset, sets: Sequence[tuple[ModelChoice, EmbeddedSet]]
                        "verification": ver, "identification": ident,
                        "recommended_threshold": {"far_target": target_far, "threshold": recommended},
                        "ms": es.ms_per_face(), "from_cache": es.from_cache})
-    return {"kind": "eval", "dataset": str(ds.root), "n_persons": len(ds.persons), "n_photos": len(ds),
-            "pairs_source": pairs.source, "machine": machine_description(), "models": models}
+    report = {"kind": "eval", "dataset": str(ds.root), "n_persons": len(ds.persons), "n_photos": len(ds),
+              "pairs_source": pairs.source, "machine": machine_description(), "models": models}
+    if pairs.folds is not None:  # a pairs file: which photos each entry of a model's pair_distances compares
+        name = [f"{p.parent.name}/{p.name}" for p in ds.paths]
+        report["pairs"] = [{"a": name[i], "b": name[j], "same": bool(g), "fold": int(f)}
+                           for i, j, g, f in zip(pairs.a, pairs.b, pairs.genuine, pairs.folds)]
+    return report
 
 
 def _excluded_lines(report: dict[str, Any]) -> list[str]:
@@ -78,6 +83,29 @@ def _excluded_lines(report: dict[str, Any]) -> list[str]:
     if not excl:
         return []
     return [f"Left out (--exclude, label errors checked by eye): {', '.join(f'`{e}`' for e in excl)}.", ""]
+
+
+def _k_fold_lines(report: dict[str, Any]) -> list[str]:
+    """The LFW protocol's accuracy (thresholds chosen on the other folds) and accuracy at fixed thresholds."""
+    m0 = report["models"][0]["verification"]
+    kf = m0["k_fold"]
+    fixed = [a["threshold"] for a in m0["accuracy_at"]]
+    lines = ["", f"## {kf['folds']}-fold accuracy (LFW protocol)", "",
+             f"Folds: {kf['fold_rule']}. Each fold's threshold is the best-accuracy threshold on the other "
+             f"{kf['folds'] - 1} folds; accuracy = pairs decided right (a pair with a photo without a face is "
+             "rejected). Standard deviation over the folds (numpy, ddof 0). Every pair's distance is in the JSON "
+             "(`pair_distances`, in the order of `pairs`).", ""]
+    rows = []
+    for m in report["models"]:
+        v = m["verification"]
+        rows.append([m["label"], f"{pct(v['k_fold']['accuracy_mean'], 2)} ± {pct(v['k_fold']['accuracy_std'], 2)}",
+                     f"{num(min(f['threshold'] for f in v['k_fold']['per_fold']))} - "
+                     f"{num(max(f['threshold'] for f in v['k_fold']['per_fold']))}",
+                     f"{pct(v['accuracy_at_default'], 2)} ({num(v['default_threshold'])})"]
+                    + [pct(a["accuracy"], 2) for a in v["accuracy_at"]])
+    lines.append(md_table(["model", "accuracy (mean ± std)", "fold thresholds", "accuracy at the default threshold"]
+                          + [f"accuracy at {t:g}" for t in fixed], rows))
+    return lines
 
 
 def render_eval_markdown(report: dict[str, Any], plots: dict[str, str], command: str) -> str:
@@ -103,6 +131,8 @@ def render_eval_markdown(report: dict[str, Any], plots: dict[str, str], command:
     lines.append(md_table(["model", "photos without a face", "genuine pairs lost to it", "EER"] +
                           [f"TAR @ FAR {far_name(f)}" for f in fars] +
                           ["default threshold", "TAR @ default", "FAR @ default", f"threshold for FAR {rec}"], rows))
+    if "k_fold" in m0["verification"]:
+        lines += _k_fold_lines(report)
     s = m0["identification"]["settings"]
     lines += ["", "## Open-set identification (1:N)", "",
               f"{s['draws']} random galleries (seed {s['seed']}) of K={s['k']} people enrolled with E={s['enroll']} "
