@@ -331,3 +331,15 @@ def test_pairs_file_gives_ten_fold_accuracy_with_its_std_printed_and_written(lfw
         assert np.mean((dist[train] <= f["threshold"]) == same[train]) == pytest.approx(best)
     # Real, clean photos and a good embedder: most pairs are decided right (not fitted: 38 of 40 and up).
     assert kf["accuracy_mean"] >= 0.9
+
+
+def test_progress_in_a_log_is_a_few_plain_lines(tmp_path, capsys):
+    # capsys's stderr is not a terminal, like a log file or journald: no bar redrawn with carriage returns.
+    status = main(["eval", str(FIXTURES / "faces"), "--model", _embedder_arg(), "--draws", "2", "--no-cache",
+                   "--report", str(tmp_path / "r.md")])
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("embed ")]
+    assert 2 <= len(lines) <= 11 + 4  # a line per 10% of the 26 photos (plus one per 10 s on a slow machine)
+    assert lines[-1].startswith(f"embed {_embedder_arg()}: 26/26 photos (100%")

@@ -78,7 +78,8 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--exclude", "exclude_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File of persons or person/photo entries to leave out (label errors), one per line, # comments.")
 @click.option("--threads", type=click.IntRange(1, 16), default=None, help="Interpreter threads.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress (default: a bar on a terminal, a line per 10%% of the photos "
+                                            "or per 10 s in a log).")
 @pass_ctx
 def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file: Optional[Path], open_set_mode: bool,
              k: int, enrolls: tuple[int, ...], draws: int, seed: int, template: Optional[str], split: Optional[str], ablation: bool,

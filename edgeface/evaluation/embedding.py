@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -206,6 +207,26 @@ def _load_cached(path: Path, label: str, metric: str, n: int) -> Optional[Embedd
                        face_px=arrays.get("face_px"), enroll_emb=None if enroll is None else enroll.astype(np.float32))
 
 
+def progress_steps(n: int, desc: str, *, stream: Optional[TextIO] = None, every_s: float = 10.0,
+                   every_share: float = 0.1) -> Iterator[int]:
+    """range(n) that reports its progress: a tqdm bar on a terminal; in a log (not a terminal) one plain line per
+    `every_share` of the work or per `every_s` seconds, whichever comes first, and one at the end."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        from tqdm import tqdm
+        yield from tqdm(range(n), desc=desc, unit="img", file=stream)
+        return
+    step = max(1, math.ceil(n * every_share))
+    started = last = time.monotonic()
+    for i in range(n):
+        yield i
+        now = time.monotonic()
+        if i + 1 == n or (i + 1) % step == 0 or now - last >= every_s:
+            print(f"{desc}: {i + 1}/{n} photos ({100 * (i + 1) // max(n, 1)}%, {now - started:.0f} s)", file=stream,
+                  flush=True)
+            last = now
+
+
 def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path] = None,
                   detector_config: Any = None, num_threads: Optional[int] = None,
                   peer_python: Optional[str] = None, progress: bool = False) -> EmbeddedSet:
@@ -262,10 +283,7 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     n_faces = np.zeros(n, np.int32)
     face_px = np.full(n, np.nan, np.float32)
     timings = {k: np.full(n, np.nan) for k in ("ms_decode", "ms_detect", "ms_mesh", "ms_align", "ms_embed")}
-    iterator: Iterable[int] = range(n)
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(iterator, desc=f"embed {choice.label}", unit="img", file=sys.stderr)
+    iterator: Iterable[int] = progress_steps(n, f"embed {choice.label}") if progress else range(n)
     with analyzer:
         for i in iterator:
             stage_ms.clear()
