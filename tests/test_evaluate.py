@@ -343,3 +343,30 @@ def test_progress_in_a_log_is_a_few_plain_lines(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("embed ")]
     assert 2 <= len(lines) <= 11 + 4  # a line per 10% of the 26 photos (plus one per 10 s on a slow machine)
     assert lines[-1].startswith(f"embed {_embedder_arg()}: 26/26 photos (100%")
+
+
+def test_embedding_cache_is_keyed_by_the_face_path_code(tmp_path, monkeypatch):
+    from edgeface.evaluation import embedding
+    from edgeface.evaluation.dataset import load_folder_dataset
+
+    root = tmp_path / "faces"
+    for person in ("barack_obama", "kit_harington"):
+        shutil.copytree(FIXTURES / "faces" / person, root / person)
+    ds = load_folder_dataset(root)
+    choice = embedding.ModelChoice.parse(_embedder_arg())
+    cache = tmp_path / "cache"
+    first = embedding.embed_dataset(ds, choice, cache_dir=cache)
+    assert not first.from_cache and embedding.embed_dataset(ds, choice, cache_dir=cache).from_cache
+    # The same code in another place hashes the same; one changed byte of the face path is another pipeline.
+    sources = []
+    for src in embedding.FACE_PATH_SOURCES:
+        sources.append(tmp_path / "src" / src.name)
+        sources[-1].parent.mkdir(exist_ok=True)
+        shutil.copy(src, sources[-1])
+    monkeypatch.setattr(embedding, "FACE_PATH_SOURCES", tuple(sources))
+    assert embedding.embed_dataset(ds, choice, cache_dir=cache).from_cache
+    align = tmp_path / "src" / "align.py"
+    align.write_text(align.read_text() + "\n# changed\n")
+    again = embedding.embed_dataset(ds, choice, cache_dir=cache)
+    assert not again.from_cache
+    np.testing.assert_array_equal(again.emb, first.emb)  # the comment changed no number, but it was not trusted

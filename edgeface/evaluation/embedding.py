@@ -32,7 +32,32 @@ PEER_NAME = "face_recognition"
 #: face_recognition's documented default: "0.6 is typical best performance".
 PEER_DEFAULT_TOLERANCE = 0.6
 
-CACHE_VERSION = 2  # 2: enrollment (crop + mirror) embeddings stored beside the probe ones
+CACHE_VERSION = 3  # 2: enrollment (crop + mirror) embeddings stored beside the probe ones; 3: keyed by code + models
+
+#: The code an embedding depends on (decode, detect, face mesh, main face, align, embed, and this module's loop): the
+#: cache key holds a hash of these files, so a change to the face path re-embeds instead of reusing stale vectors.
+_VISION = Path(__file__).resolve().parents[1] / "vision"
+FACE_PATH_SOURCES: tuple[Path, ...] = tuple(_VISION / f"{name}.py" for name in (
+    "images", "runtime", "detect", "landmarks", "align", "embed", "analyzer")) + (Path(__file__).resolve(),)
+
+
+def face_path_fingerprint() -> str:
+    """sha256 over the face path's source files (FACE_PATH_SOURCES), in order."""
+    h = hashlib.sha256()
+    for path in FACE_PATH_SOURCES:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def face_models_key(det_cfg: Any) -> dict[str, str]:
+    """sha256 of the detector and face-mesh model files the analyzer loads (manifest entries, or the config's file)."""
+    from edgeface.models import default_models_dir, load_manifest, sha256_file
+
+    out = {name: info.sha256 for name, info in load_manifest(default_models_dir()).items()
+           if info.kind in ("detector", "landmarks")}
+    if getattr(det_cfg, "model", None) and Path(det_cfg.model).is_file():
+        out["detector.model"] = sha256_file(det_cfg.model)
+    return out
 
 
 @dataclass(frozen=True)
@@ -255,8 +280,10 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     elif info is None:
         raise ConfigError(f"--model {choice.model}: not in models/manifest.json; give PATH:TEMPLATE:PREPROCESSING "
                           "(e.g. :arcface112:arcface)")
-    key_src = json.dumps({"v": CACHE_VERSION, "model": info.sha256 if info is not None else sha256_file(path), "spec": [choice.template, choice.preprocessing],
-                          "flip": choice.flip, "lm": use_mesh, "det": det_cfg.model_dump(exclude={"num_threads", "refine_landmarks"}),
+    key_src = json.dumps({"v": CACHE_VERSION, "model": info.sha256 if info is not None else sha256_file(path),
+                          "spec": [choice.template, choice.preprocessing], "flip": choice.flip, "lm": use_mesh,
+                          "det": det_cfg.model_dump(exclude={"num_threads", "refine_landmarks"}),
+                          "face_models": face_models_key(det_cfg), "code": face_path_fingerprint(),
                           "images": _images_key(ds.paths)}, sort_keys=True)
     cache = cache_dir / f"{choice.label}-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}.npz" if cache_dir else None
     if cache is not None:
