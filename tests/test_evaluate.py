@@ -370,3 +370,28 @@ def test_embedding_cache_is_keyed_by_the_face_path_code(tmp_path, monkeypatch):
     again = embedding.embed_dataset(ds, choice, cache_dir=cache)
     assert not again.from_cache
     np.testing.assert_array_equal(again.emb, first.emb)  # the comment changed no number, but it was not trusted
+
+
+def test_the_pairs_mode_open_set_protocol_is_named(eval_report):
+    report, out = eval_report
+    md = (out / "report.md").read_text()
+    assert "## Open-set identification (1:N), all-identities protocol" in md
+    assert "cannot be compared with that study's" in md
+    assert all(m["identification"]["protocol"] == "all identities" for m in report["models"])
+
+
+def test_open_set_study_can_run_on_all_identities(tmp_path):
+    names = sorted(p.name for p in (FIXTURES / "faces").iterdir())
+    status = main(["eval", str(FIXTURES / "faces"), "--open-set", "--split", "all", "--model", _embedder_arg(),
+                   "--k", "3", "--enroll", "1", "--draws", "3", "--report", str(tmp_path / "all.md"),
+                   "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert status == 0
+    study = json.loads((tmp_path / "all.json").read_text())
+    assert study["halves"]["report"]["persons"] == study["halves"]["tune"]["persons"] == len(names)
+    assert study["results"][0]["report"]["n_persons"] == len(names)
+    assert "## All identities (--split all" in (tmp_path / "all.md").read_text()
+    # Cohort normalisation needs people outside the scored ones: refused in one line, not measured on itself.
+    status = main(["eval", str(FIXTURES / "faces"), "--open-set", "--split", "all", "--ablation", "--model",
+                   _embedder_arg(), "--k", "3", "--enroll", "1", "--draws", "2", "--report", str(tmp_path / "x.md"),
+                   "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert status != 0 and not (tmp_path / "x.md").exists()

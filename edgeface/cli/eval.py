@@ -51,7 +51,8 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--split", type=click.Choice(["tune", "report", "all"]), default=None,
               help="Identities to use (fixed by a hash of the name). Without --open-set: default all. With --open-set: "
                    "default report (tables of the reporting half, thresholds also calibrated on the tuning half); "
-                   "'tune' shows the tuning half only.")
+                   "'tune' shows the tuning half only; 'all' every identity, thresholds chosen on the same people "
+                   "(no cohort normalisation, so not with --ablation).")
 @click.option("--ablation", is_flag=True, help="With --open-set: also measure each lever (template, flip, face mesh, "
                                                 "fusion of the first two models, cohort normalisation, per-K thresholds).")
 @click.option("--threshold", "thresholds", multiple=True, metavar="LABEL=DIST",
@@ -102,6 +103,9 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
 
     if ablation and not open_set_mode:
         raise ConfigError("--ablation needs --open-set")
+    if ablation and split == "all":
+        raise ConfigError("--split all --ablation: cohort normalisation needs identities outside the scored ones "
+                          "(use --split report)")
     if accuracy_thresholds and not pairs_file:
         raise ConfigError("--accuracy-at needs --pairs (the pairs file's accuracy)")
     if not 0 < target_far < 1:
@@ -222,7 +226,7 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
             calibrate = [variants[0].name] if not choices[0].is_peer else []
         study = open_set_study(ds, sets, variants, ks=(k,), enrolls=enrolls, draws=draws, seed=seed, thresholds=thr,
                                   calibration_ks=sorted({10, 25, 50, k}) if ablation else (), calibrate=calibrate,
-                                  only_tune=(split == "tune"))
+                                  only_tune=(split == "tune"), all_identities=(split == "all"))
         study["excluded"] = sorted(exclusions)
         rec = recommend(study, k=k, enroll=enrolls[0], far_target=target_far, baseline=baseline)
         rec_same_cost = recommend(study, k=k, enroll=enrolls[0], far_target=target_far, baseline=baseline,

@@ -230,7 +230,7 @@ def open_set_study(ds: Dataset, sets: dict[str, EmbeddedSet], variants: Sequence
                    ks: Sequence[int], enrolls: Sequence[int], draws: int, seed: int,
                    thresholds: dict[str, Optional[float]], far_targets: Sequence[float] = OPEN_SET_FAR_TARGETS,
                    calibration_ks: Sequence[int] = (), calibrate: Sequence[str] = (),
-                   only_tune: bool = False) -> dict[str, Any]:
+                   only_tune: bool = False, all_identities: bool = False) -> dict[str, Any]:
     """Every variant on the tuning half and on the reporting half, same seeded galleries for all.
 
     Thresholds are picked where the stranger false-accept rate meets each target on the reporting half itself
@@ -239,7 +239,12 @@ def open_set_study(ds: Dataset, sets: dict[str, EmbeddedSet], variants: Sequence
     tuning-half photos (and vice versa when tuning), so no reported identity shapes its own scores.
     """
     halves = {h: split_persons(ds.persons, h) for h in ("tune", "report")}
-    if only_tune:  # tuning without looking at the reporting half: its tables show the tuning half instead
+    if all_identities:  # --split all: every identity in both roles; thresholds are chosen and reported on them
+        if any(v.cohort_top for v in variants):
+            raise ConfigError("--split all: cohort normalisation needs identities outside the scored ones "
+                              "(use --split report, or leave out --ablation)")
+        halves = {"tune": list(ds.persons), "report": list(ds.persons)}
+    elif only_tune:  # tuning without looking at the reporting half: its tables show the tuning half instead
         halves["report"] = halves["tune"]
     label_of = np.array(ds.persons)[ds.labels]
     half_mask = {h: np.isin(label_of, halves[h]) for h in halves}
@@ -286,10 +291,13 @@ def open_set_study(ds: Dataset, sets: dict[str, EmbeddedSet], variants: Sequence
             rep = open_set(es, ds, halves["report"], st, far_targets=far_targets, fixed_thresholds=fixed)
             rows.append({"k": k, "tune_thresholds": thr, "report_fixed": rep["fixed"]})
         calibration.append({"variant": v.name, "enroll": enrolls[0], "rows": rows})
-    return {"kind": "open_set", "dataset": str(ds.root), "n_persons": len(ds.persons), "n_photos": len(ds),
-            "halves": {h: {"persons": len(p), "photos": int(half_mask[h].sum())} for h, p in halves.items()},
-            "draws": draws, "seed": seed, "far_targets": list(far_targets), "only_tune": only_tune, "machine": machine_description(),
-            "results": results, "calibration": calibration}
+    out = {"kind": "open_set", "dataset": str(ds.root), "n_persons": len(ds.persons), "n_photos": len(ds),
+           "halves": {h: {"persons": len(p), "photos": int(half_mask[h].sum())} for h, p in halves.items()},
+           "draws": draws, "seed": seed, "far_targets": list(far_targets), "only_tune": only_tune,
+           "machine": machine_description(), "results": results, "calibration": calibration}
+    if all_identities:
+        out["all_identities"] = True
+    return out
 
 
 #: A variant costs "no more per face" than the baseline within this factor of its measured detect+align+embed time

@@ -63,6 +63,7 @@ def evaluate_models(ds: Dataset, sets: Sequence[tuple[ModelChoice, EmbeddedSet]]
         recommended = threshold_at_far(ver["_impostor"], target_far)
         fixed = {"default": thr, f"recommended (1:1 FAR {far_name(target_far)})": recommended}
         ident = open_set(es, ds, ds.persons, id_settings, fixed_thresholds={k: v for k, v in fixed.items() if v is not None})
+        ident["protocol"] = "all identities"  # not the --open-set study's tuning/reporting halves
         models.append({"label": es.label, "model": choice.model, "metric": es.metric,
                        "photos": len(ds), "photos_no_face": int((~es.found).sum()),
                        "photos_several_faces": int((es.n_faces > 1).sum()),
@@ -134,7 +135,11 @@ def render_eval_markdown(report: dict[str, Any], plots: dict[str, str], command:
     if "k_fold" in m0["verification"]:
         lines += _k_fold_lines(report)
     s = m0["identification"]["settings"]
-    lines += ["", "## Open-set identification (1:N)", "",
+    lines += ["", "## Open-set identification (1:N), all-identities protocol", "",
+              "Not the protocol of `edgeface eval --open-set` (docs/accuracy.md: identities split into a tuning and a "
+              "reporting half, thresholds chosen on one and stated on the other): here galleries are drawn from every "
+              "identity of the set and thresholds are measured on the same people, so these figures cannot be "
+              "compared with that study's.", "",
               f"{s['draws']} random galleries (seed {s['seed']}) of K={s['k']} people enrolled with E={s['enroll']} "
               f"photo(s) each ({s['template']} template); probes: all their other photos; strangers: every photo of "
               "everyone not enrolled. Correct accept = the right person, at or under the threshold; wrong person = "
@@ -186,7 +191,10 @@ def render_open_set_markdown(study: dict[str, Any], plots: dict[str, str], comma
              "reporting half.", ""]
     combos = sorted({(r["k"], r["enroll"]) for r in study["results"]}, key=lambda x: (-x[0], -x[1]))
     for k, e in combos:
-        lines += [f"## {'Tuning half (--split tune)' if study.get('only_tune') else 'Reporting half'}, K={k}, E={e}", ""]
+        half = ("All identities (--split all; thresholds chosen and reported on the same people)"
+                if study.get("all_identities") else
+                "Tuning half (--split tune)" if study.get("only_tune") else "Reporting half")
+        lines += [f"## {half}, K={k}, E={e}", ""]
         first = next(r for r in study["results"] if r["k"] == k and r["enroll"] == e)
         n_str = {h: first[h]["counts"]["stranger"] for h in ("tune", "report")}
         lines += [f"Stranger trials pooled over the draws: tuning half {n_str['tune']}, reporting half {n_str['report']}. "
@@ -291,7 +299,7 @@ def _per_visit_lines(study: dict[str, Any], baseline: Optional[str]) -> list[str
     k, n = policy.min_frames, policy.window_frames
     rows = []
     for r in study["results"]:
-        if r["variant"] != baseline or study.get("only_tune"):
+        if r["variant"] != baseline or study.get("only_tune") or study.get("all_identities"):
             continue
         for name, fixed in sorted(r["report"]["fixed"].items()):
             if not name.startswith("tune-calibrated"):
@@ -320,7 +328,7 @@ def _targets_lines(study: dict[str, Any]) -> list[str]:
     t = TARGETS
     rows = []
     for r in study["results"]:
-        if r["k"] != t["k"] or r["enroll"] != t["enroll"] or study.get("only_tune"):
+        if r["k"] != t["k"] or r["enroll"] != t["enroll"] or study.get("only_tune") or study.get("all_identities"):
             continue
         cells, ok_all = [r["variant"], "yes" if r["deployable"] else "no"], True
         for a in r["report"]["at_far"]:
