@@ -71,7 +71,7 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--plots-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the PNG plots go (default: img/ next to the report).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE, show_default=True,
-              help="Embeddings cache (one npz per model and photo set).")
+              help="Embeddings cache (one npz per model, settings, photo set and face-path code version).")
 @click.option("--no-cache", is_flag=True, help="Embed everything again.")
 @click.option("--peer-python", type=click.Path(dir_okay=False), default=None,
               help="Python of the peer venv (bench/setup_peer_env.sh) for --model face_recognition; "
@@ -79,7 +79,7 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--exclude", "exclude_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File of persons or person/photo entries to leave out (label errors), one per line, # comments.")
 @click.option("--threads", type=click.IntRange(1, 16), default=None, help="Interpreter threads.")
-@click.option("--quiet", is_flag=True, help="No progress (default: a bar on a terminal, a line per 10%% of the photos "
+@click.option("--quiet", is_flag=True, help="No progress (default: a bar on a terminal, a line per 10% of the photos "
                                             "or per 10 s in a log).")
 @pass_ctx
 def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file: Optional[Path], open_set_mode: bool,
