@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
 from edgeface.errors import ConfigError, ModelError
 from edgeface.evaluation.dataset import Dataset
+from edgeface.evaluation.progress import progress_steps
 from edgeface.vision.images import load_image
 
 PEER_NAME = "face_recognition"
@@ -230,26 +229,6 @@ def _load_cached(path: Path, label: str, metric: str, n: int) -> Optional[Embedd
     enroll = arrays.get("enroll_emb")
     return EmbeddedSet(label, metric, arrays["emb"].astype(np.float32), arrays["n_faces"], timings, from_cache=True,
                        face_px=arrays.get("face_px"), enroll_emb=None if enroll is None else enroll.astype(np.float32))
-
-
-def progress_steps(n: int, desc: str, *, stream: Optional[TextIO] = None, every_s: float = 10.0,
-                   every_share: float = 0.1) -> Iterator[int]:
-    """range(n) that reports its progress: a tqdm bar on a terminal; in a log (not a terminal) one plain line per
-    `every_share` of the work or per `every_s` seconds, whichever comes first, and one at the end."""
-    stream = stream or sys.stderr
-    if stream.isatty():
-        from tqdm import tqdm
-        yield from tqdm(range(n), desc=desc, unit="img", file=stream)
-        return
-    step = max(1, math.ceil(n * every_share))
-    started = last = time.monotonic()
-    for i in range(n):
-        yield i
-        now = time.monotonic()
-        if i + 1 == n or (i + 1) % step == 0 or now - last >= every_s:
-            print(f"{desc}: {i + 1}/{n} photos ({100 * (i + 1) // max(n, 1)}%, {now - started:.0f} s)", file=stream,
-                  flush=True)
-            last = now
 
 
 def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path] = None,
