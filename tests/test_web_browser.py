@@ -3,7 +3,7 @@
 One owner's day, in order: first-run setup, a wrong password refused, enrolling a person from fixture photos (a
 photo without a face says why it was rejected), the daemon on a folder camera granting that person while the
 dashboard shows it live, an unknown visitor labelled from the access log and then let in, "not <person>" on a grant
-removing the matched photo, a remote unlock. Screenshots of every page go to test-artifacts/screenshots/ (README)
+removing the matched photo, a request without the CSRF token refused, a remote unlock. Screenshots of every page go to test-artifacts/screenshots/ (README)
 and are checked for real content (pixel variance and the page's text in the DOM).
 """
 from __future__ import annotations
@@ -234,6 +234,15 @@ def test_the_owners_day_in_a_phone_browser(door, analyzer, tmp_path):
         web_rows = [r for r in daemon.audit.rows("web")]
         assert {"admin_created", "login_failed", "login", "enroll", "label", "not_person", "remote_unlock"} <= \
             {r["result"] for r in web_rows}
+
+        # a state change from this logged-in browser without the CSRF token is refused
+        status = driver.execute_async_script(
+            "var done = arguments[arguments.length - 1];"
+            "fetch('/people', {method: 'POST', credentials: 'same-origin', body: new URLSearchParams({name: 'mallory'})})"
+            ".then(function (r) { done(r.status); }, function (e) { done(String(e)); });")
+        assert status == 403
+        driver.get(url + "/people")
+        assert "mallory" not in driver.find_element(By.ID, "people").text
 
         driver.get(url + "/settings")
         screenshot(driver, "phone-settings", "config OK")

@@ -214,3 +214,13 @@ def test_tls_serves_with_a_generated_self_signed_certificate(tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_person_that_does_not_exist_is_a_clear_answer_not_a_crash(served):
+    _app, server, _cfg = served
+    c = admin_client(server)
+    token = c.csrf("/unlock")
+    status, _h, body = c.post("/people/999", form={"csrf": token, "action": "disable"})
+    assert status == 400 and b"no person with id 999" in body
+    status, _h, body = c.post("/log/abc123", form={"csrf": token, "name": "alice"})
+    assert status == 303 and "not%20done" in _h["location"]

@@ -154,6 +154,8 @@ def page(web: WebApp, *, post: bool = False) -> Callable[[Handler], Callable[[Re
                 return await fn(request, s, form) if post else await fn(request, s)
             except _Refused as exc:
                 return PlainTextResponse(exc.text, status_code=exc.status)
+            except EdgefaceError as exc:  # a bad id or name, a gallery that refuses: one line, not a traceback
+                return PlainTextResponse(str(exc), status_code=400)
 
         return handler
 

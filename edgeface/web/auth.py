@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import threading
 import time
@@ -57,16 +58,27 @@ class AdminStore:
         return None if rec is None else rec.get("username")
 
     def create(self, username: str, password: str) -> None:
-        if self.exists():
-            raise ValueError("the admin account already exists")
-        self.set(username, password)
+        """The first-run admin, only if there is none: two setups racing cannot both win (link() never replaces)."""
+        data = self._encode(username, password)
+        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.new")
+        write_private_atomic(tmp, data)
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise ValueError("the admin account already exists") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def set(self, username: str, password: str) -> None:
+        write_private_atomic(self.path, self._encode(username, password))
+
+    @staticmethod
+    def _encode(username: str, password: str) -> bytes:
         if len(password) < MIN_PASSWORD:
             raise ValueError(f"the password needs at least {MIN_PASSWORD} characters")
         if not username or len(username) > 64:
             raise ValueError("the user name needs 1-64 characters")
-        write_private_atomic(self.path, json.dumps({"username": username, **hash_password(password)}).encode())
+        return json.dumps({"username": username, **hash_password(password)}).encode()
 
     def verify(self, username: str, password: str) -> bool:
         rec = self._record()
