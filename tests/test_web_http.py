@@ -224,3 +224,41 @@ def test_a_person_that_does_not_exist_is_a_clear_answer_not_a_crash(served):
     assert status == 400 and b"no person with id 999" in body
     status, _h, body = c.post("/log/abc123", form={"csrf": token, "name": "alice"})
     assert status == 303 and "not%20done" in _h["location"]
+
+
+def test_enroll_by_upload_then_schedule_disable_and_delete_with_confirmation(served):
+    from pathlib import Path
+
+    from edgeface.testing import jpeg_header_bomb
+
+    _app, server, cfg = served
+    faces = Path(__file__).resolve().parent / "fixtures" / "faces" / "barack_obama"
+    c = admin_client(server)
+    token = c.csrf()
+    files = [("photos", p.name, p.read_bytes()) for p in sorted(faces.glob("*.jpg"))[:2]]
+    files.append(("photos", "bomb.jpg", jpeg_header_bomb(60000, 60000)))
+    status, _h, body = c.post("/people", form={"csrf": token, "name": "alice"}, files=files)
+    assert status == 200 and b"2 photos added." in body
+    assert b"bomb.jpg</b>: rejected: " in body and b"pixels" in body  # refused from its header, never decoded
+    people = c.get("/people")[2].decode()
+    pid = int(people.split('href="/people/')[1].split('"')[0])
+    assert c.get(f"/people/{pid}/chip.jpg")[1]["content-type"] == "image/jpeg"
+    form = {"csrf": token, "action": "schedule", "day_mon": "on", "day_tue": "on", "start": "08:00", "end": "18:00"}
+    assert c.post(f"/people/{pid}", form=form)[0] == 303
+    assert c.post(f"/people/{pid}", form={"csrf": token, "action": "disable"})[0] == 303
+    page = c.get(f"/people/{pid}")[2]
+    assert b"disabled" in page and b'name="day_mon" checked' in page and b'value="08:00"' in page
+    status, _h, body = c.post(f"/people/{pid}", form={"csrf": token, "action": "delete", "confirm_name": "alicia"})
+    assert status == 400 and b"to confirm the deletion" in body
+    status, headers, _b = c.post(f"/people/{pid}", form={"csrf": token, "action": "delete", "confirm_name": "alice"})
+    assert status == 303 and headers["location"] == "/people"
+    assert b"Nobody is enrolled yet" in c.get("/people")[2]
+    assert c.get(f"/people/{pid}/chip.jpg")[0] == 404  # the face chip went with the person
+    from edgeface.events.audit import AuditLog
+
+    audit = AuditLog(f"{cfg.state_dir}/audit.db")
+    try:
+        actions = [r["result"] for r in audit.rows("web")]
+    finally:
+        audit.close()
+    assert actions[-4:] == ["enroll", "schedule", "disable", "delete"]
