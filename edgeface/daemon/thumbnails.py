@@ -112,6 +112,13 @@ class ThumbnailStore:
         emb = None if r[6] is None else np.frombuffer(r[6], "<f4").copy()
         return Thumbnail(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), emb)
 
+    def latest_of(self, person_id: int) -> Optional[Thumbnail]:
+        """The person's most recent decision thumbnail (for a face chip), or None."""
+        with self._lock:
+            r = self._db.execute("SELECT event_id FROM thumbnails WHERE person_id = ? AND result != 'enrolled' "
+                                 "ORDER BY ts DESC LIMIT 1", (person_id,)).fetchone()
+        return None if r is None else self.get(r[0])
+
     def event_ids(self) -> set[str]:
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT event_id FROM thumbnails")}

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 COOKIE = "edgeface_session"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+PLACEHOLDER_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64"><rect width="64" height="64" '
+                   'fill="#dde3ea"/><circle cx="32" cy="25" r="12" fill="#aab4c0"/><path d="M10 60c2-14 12-20 22-20s20 '
+                   '6 22 20z" fill="#aab4c0"/></svg>')
 #: The settings page re-checks the model files' sha256 at most this often.
 MODEL_CHECK_S = 300.0
 
@@ -372,9 +375,14 @@ def create_app(cfg: EdgefaceConfig, *, config_path: Optional[Path] = None, start
 
     @page(web)
     async def chip(request: Request, s: Session) -> Response:
-        t = await run_in_threadpool(b.thumbs.get, f"enroll-{_pid(request)}")
+        """The face from the web enrollment, else the person's latest decision, else a grey placeholder (people
+        enrolled with the CLI have no stored picture: the gallery keeps embeddings only)."""
+        pid = _pid(request)
+        t = await run_in_threadpool(b.thumbs.get, f"enroll-{pid}")
         if t is None:
-            return PlainTextResponse("not found", status_code=404)
+            t = await run_in_threadpool(b.thumbs.latest_of, pid)
+        if t is None:
+            return Response(PLACEHOLDER_SVG, media_type="image/svg+xml", headers={"x-placeholder": "1"})
         return Response(t.jpeg, media_type="image/jpeg")
 
     # ------------------------------------------------------------------ live view
