@@ -183,9 +183,7 @@ def test_the_owners_day_in_a_phone_browser(door, analyzer, tmp_path):
 
         # the daemon grants alice; the dashboard shows it without a reload
         driver.get(url + "/live")  # someone watches: the daemon writes the live picture from its next frame
-        driver.get(url + "/")
-        wait.until(lambda d: d.find_element(By.ID, "st-broker").text == "connected"
-                   or "(live)" in d.find_element(By.ID, "live-status").text)
+        dashboard(driver, url, wait)
         driver.execute_script("window.__not_reloaded = true;")
         run_daemon(cfg, analyzer, camera_folder(tmp_path, FACES / "barack_obama" / "barack_obama_04.jpg"))
         wait.until(lambda d: "granted alice" in d.find_element(By.ID, "decisions").text)
@@ -198,7 +196,7 @@ def test_the_owners_day_in_a_phone_browser(door, analyzer, tmp_path):
 
         # an unknown visitor, labelled from the log as a new person, is let in next time
         stranger = camera_folder(tmp_path, FACES / "kit_harington" / "kit_harington_02.jpg")
-        driver.get(url + "/")
+        dashboard(driver, url, wait)
         run_daemon(cfg, analyzer, stranger)
         wait.until(lambda d: "unknown unknown visitor" in d.find_element(By.ID, "decisions").text)
         driver.get(url + "/log?result=unknown")
@@ -209,7 +207,7 @@ def test_the_owners_day_in_a_phone_browser(door, analyzer, tmp_path):
         entry.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         wait.until(lambda d: d.find_elements(By.ID, "message"))
         assert "enrolled for kit" in driver.find_element(By.ID, "message").text
-        driver.get(url + "/")
+        dashboard(driver, url, wait)
         daemon = run_daemon(cfg, analyzer, stranger, keep_open=True)
         wait.until(lambda d: "granted kit" in d.find_element(By.ID, "decisions").text)
 
@@ -262,6 +260,12 @@ def test_the_owners_day_in_a_phone_browser(door, analyzer, tmp_path):
             daemon.close()
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def dashboard(driver: webdriver.Chrome, url: str, wait: WebDriverWait) -> None:
+    """Open the dashboard and wait until its event stream is connected (news from then on is shown)."""
+    driver.get(url + "/")
+    wait.until(lambda d: d.find_element(By.ID, "live-status").text == "(live)")
 
 
 def _person_id(driver: webdriver.Chrome, url: str, name: str) -> str:
