@@ -217,6 +217,10 @@ def test_the_owners_day_in_a_phone_browser(door, analyzer, tmp_path):
         wait.until(lambda d: d.find_elements(By.ID, "message"))
         assert "removed the kit photo" in driver.find_element(By.ID, "message").text
         screenshot(driver, "phone-log-corrected", "removed the kit photo")
+        assert "corrected: not kit" in driver.find_element(By.ID, "log").text
+        assert "Not kit" not in [b.text for b in driver.find_elements(By.CSS_SELECTOR, "ul.log button.not")]
+        driver.get(url + "/log?result=unknown")
+        assert "labelled: kit" in driver.find_element(By.ID, "log").text
         driver.get(url + "/people")
         assert "kit\n0 photos" in driver.find_element(By.ID, "people").text
 

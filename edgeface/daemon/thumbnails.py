@@ -130,10 +130,16 @@ class ThumbnailStore:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return int(n)
 
-    def relabel(self, event_id: str, person_id: Optional[int], person_name: Optional[str]) -> None:
+    def relabel(self, event_id: str, person_id: Optional[int], person_name: Optional[str], result: str) -> None:
+        """After the owner's label or correction: whose face it is now, and `labelled` / `corrected`."""
         with self._lock:
-            self._db.execute("UPDATE thumbnails SET person_id = ?, person_name = ? WHERE event_id = ?",
-                             (person_id, person_name, event_id))
+            self._db.execute("UPDATE thumbnails SET person_id = ?, person_name = ?, result = ? WHERE event_id = ?",
+                             (person_id, person_name, result, event_id))
+
+    def states(self) -> dict[str, tuple[str, Optional[str]]]:
+        """event id -> (result, person name) of every stored decision thumbnail."""
+        with self._lock:
+            return {r[0]: (r[1], r[2]) for r in self._db.execute("SELECT event_id, result, person_name FROM thumbnails")}
 
     def rotate(self) -> int:
         with self._lock:

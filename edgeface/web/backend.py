@@ -192,7 +192,7 @@ class Backend:
                               f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         finally:
             db.close()
-        have = self.thumbs.event_ids()
+        have = self.thumbs.states()
         out = []
         for r in rows:
             try:
@@ -201,7 +201,9 @@ class Backend:
                 detail = {}
             out.append({"id": r[0], "ts": r[1], "result": r[2], "person_id": r[3], "person_name": r[4],
                         "distance": r[5], "event_id": r[6], "reason": detail.get("reason", ""),
-                        "thumbnail": r[6] in have})
+                        "thumbnail": r[6] in have, "labelled": have.get(r[6], ("", None))[0] == "labelled",
+                        "corrected": have.get(r[6], ("", None))[0] == "corrected",
+                        "label": have.get(r[6], ("", None))[1]})
         return out
 
     def label(self, event_id: str, name: str, user: str) -> str:
@@ -215,7 +217,7 @@ class Backend:
         item = EnrollItem(f"decision {event_id}", hashlib.sha256(thumb.jpeg).hexdigest(), thumb.embedding, 0.5)
         with self._lock:
             report = self.gallery.enroll(name, [item])
-        self.thumbs.relabel(event_id, report.person_id, report.name)
+        self.thumbs.relabel(event_id, report.person_id, report.name, "labelled")
         if report.created:
             self.thumbs.save(f"enroll-{report.person_id}", result="enrolled", person_id=report.person_id,
                              person_name=report.name, jpeg=thumb.jpeg, embedding=None)
@@ -234,7 +236,7 @@ class Backend:
         with self._lock:
             p = self.person(int(thumb.person_id))
             eid, dist = remove_nearest_embedding(self.gallery, p.id, thumb.embedding)
-        self.thumbs.relabel(event_id, None, None)
+        self.thumbs.relabel(event_id, None, None, "corrected")
         self.record("not_person", user, event_id=event_id, person_id=p.id, person_name=p.name, embedding_id=eid,
                     distance=round(dist, 4))
         return p.name
