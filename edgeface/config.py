@@ -123,11 +123,14 @@ class PolicyConfig(Section):
 
 class DoorConfig(Section):
     door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="Name of this door in events and topics.")
-    relay_pin: int = Field(17, ge=0, le=53, description="BCM pin driving the door relay.")
-    active_high: bool = Field(True, description="True if the relay closes when the pin is high.")
+    # Strict types for the relay line (a YAML integer, a YAML boolean): `edgeface door release` must read the
+    # same line from the file without pydantic, and lax parsing would take '27', 'false', 0, even `true` (pin 1).
+    relay_pin: int = Field(17, ge=0, le=53, strict=True, description="BCM pin driving the door relay (a number).")
+    active_high: bool = Field(True, strict=True, description="true if the relay closes when the pin is high "
+                                                             "(true or false).")
     pulse_s: float = Field(3.0, gt=0, le=60, description="How long the relay is held for one grant.")
-    contact_pin: Optional[int] = Field(None, ge=0, le=53, description="BCM pin of the door contact (optional).")
-    contact_closed_is_low: bool = Field(True, description="Door contact wiring: closed door pulls the pin low.")
+    contact_pin: Optional[int] = Field(None, ge=0, le=53, strict=True, description="BCM pin of the door contact (optional).")
+    contact_closed_is_low: bool = Field(True, strict=True, description="Door contact wiring: closed door pulls the pin low.")
     held_open_s: float = Field(30.0, gt=0, le=3600, description="Alarm when the door stays open longer than this.")
     pin_factory: Optional[Literal["mock", "lgpio", "rpigpio", "pigpio", "native"]] = Field(
         None, description="gpiozero pin factory; default: gpiozero's choice (lgpio on a Pi), 'mock' for demos/tests.")
@@ -246,6 +249,8 @@ def format_validation_error(exc: ValidationError, source: str, text: str = "") -
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see config.yaml for every key)"
         value = err.get("input")
+        if err["type"] in ("int_type", "bool_type"):  # the strict door fields: say which spellings work
+            msg += " (a number, unquoted: 27)" if err["type"] == "int_type" else " (true or false, unquoted)"
         shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" = {value!r}"
         lines.append(f"{where}: {key}{shown}: {msg}")
     return "\n".join(lines)

@@ -145,7 +145,7 @@ class Daemon:
 
         # the door first and released: nothing may leave the relay in an unknown state
         factory = pin_factory if pin_factory is not None else make_pin_factory(cfg.door.pin_factory)
-        self.door = Door.from_config(cfg.door, pin_factory=factory, on_change=self._on_relay)
+        self.door = Door.from_config(cfg.door, pin_factory=factory, on_change=self._on_relay, state_dir=state)
         self._parts.append(self.door)
         self.contact: Optional[DoorContact] = None
         if cfg.door.contact_pin is not None:
