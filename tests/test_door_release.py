@@ -31,7 +31,9 @@ JOURNAL_SITE = REPO / "tests" / "pin_journal"
 
 #: Every spelling of the relay line the daemon's config accepts: YAML integers and YAML booleans (strict).
 PIN_SPELLINGS = ["27", "0x1b", "+27"]
-POLARITY_SPELLINGS = ["true", "false", "yes", "no", "on", "off", "True", "FALSE"]
+POLARITY_SPELLINGS = ["true", "false", "yes", "no", "on", "off"]
+#: The same words in other letter cases (YAML 1.1 booleans too): checked by the reader agreement test only.
+POLARITY_CASES = ["True", "FALSE", "Yes", "OFF", "On", "NO"]
 #: Spellings the daemon's config refuses: `door release` must refuse them too (no record = no line).
 REFUSED = {"relay_pin": ["'27'", '"27"', "27.0", "true", "-1", "54", "null", "[27]"],
            "active_high": ["'false'", "0", "1", "'yes'", "y", "null", "2"]}
@@ -166,7 +168,7 @@ def test_every_relay_spelling_the_config_accepts_release_reads_the_same(tmp_path
     from edgeface.errors import ConfigError
 
     config = tmp_path / "config.yaml"
-    spellings = [(p, a) for p in PIN_SPELLINGS for a in POLARITY_SPELLINGS]
+    spellings = [(p, a) for p in PIN_SPELLINGS for a in POLARITY_SPELLINGS + POLARITY_CASES]
     spellings += [(p, "true") for p in REFUSED["relay_pin"]] + [("27", a) for a in REFUSED["active_high"]]
     for pin_text, polarity_text in spellings:
         config.write_text(_door_text(pin_text, polarity_text))
