@@ -141,8 +141,8 @@ def choose_line(path: Optional[Path], *, state_dir: Optional[str] = None) -> tup
             notes.append(f"{cfg.problem}; releasing the line the daemon recorded in {record_path}")
         elif cfg.line is not None and (cfg.line.relay_pin, cfg.line.active_high) != (recorded.relay_pin,
                                                                                       recorded.active_high):
-            notes.append(f"{path or 'the config defaults'} say door.relay_pin {cfg.line.describe()}, but the daemon "
-                         f"last drove {recorded.describe()} ({record_path}): releasing {recorded.describe()}")
+            notes.append(f"the config ({path or 'defaults'}) gives {cfg.line.describe()}, but the daemon last drove "
+                         f"{recorded.describe()} ({record_path}): releasing {recorded.describe()}")
         return recorded, notes
     if cfg.line is not None:
         looked = ", ".join(str(d) for d in dirs)
