@@ -166,8 +166,9 @@ class ModelChoice:
 
     @property
     def shipped(self) -> bool:
-        """An embedder listed in models/manifest.json (what the daemon can be configured to run as it is)."""
-        if self.is_peer:
+        """An embedder listed in models/manifest.json (what the daemon can be configured to run as it is); a choice
+        with a head is not (no head ships: the heads measured are trained on non-commercial data, docs/training.md)."""
+        if self.is_peer or self.head:
             return False
         from edgeface.models import resolve_model
         try:
