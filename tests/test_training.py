@@ -16,7 +16,7 @@ pytestmark = pytest.mark.convert
 
 
 def _needs_tensorflow() -> None:
-    from edgeface.convert.converter import tensorflow_available
+    from edgeface.convert.tflite import tensorflow_available
 
     if not tensorflow_available():
         pytest.skip("needs TensorFlow (pip install 'edgeface[convert]')")
@@ -135,7 +135,7 @@ def test_triplet_loss_mining_on_a_known_batch():
     """Batch-hard and semi-hard losses are 0 for well-separated clusters and positive when a negative is closer than
     a positive."""
     _needs_tensorflow()
-    from edgeface.convert.converter import require_tensorflow
+    from edgeface.convert.tflite import require_tensorflow
     from edgeface.training.triplet import triplet_loss
 
     tf = require_tensorflow()

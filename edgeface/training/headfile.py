@@ -31,8 +31,8 @@ def embed_folders(folders: Sequence[str | Path], backbone: str, *, split: str = 
 
     Person names are prefixed by their folder when several folders are given, so two `alice` folders stay apart.
     `split` keeps one half of the identities by the evaluation's fixed hash (`tune` for the open-set tuning half)."""
-    from edgeface.evaluation.study import ModelChoice, embed_dataset, load_folder_dataset, read_exclusions, \
-        split_persons
+    from edgeface.evaluation.dataset import load_folder_dataset, read_exclusions, split_persons
+    from edgeface.evaluation.embedding import ModelChoice, embed_dataset
 
     choice = ModelChoice.parse(backbone)
     xs, ys, photos, persons = [], [], [], []
@@ -80,7 +80,7 @@ def run_training(folders: Sequence[str | Path], out: Path, *, backbone: str = "s
                  settings: TrainSettings = TrainSettings(), split: str = "all", exclude: Optional[str] = None,
                  cache_dir: Optional[Path] = None, progress: bool = False, log: Any = None) -> HeadTraining:
     """Embed, split by identity, train, export `out` (.tflite) with its `.json` entry and `.md` report."""
-    from edgeface.convert.converter import to_tflite, write_atomic
+    from edgeface.convert.tflite import to_tflite, write_atomic
     from edgeface.models import sha256_file
 
     if out.suffix != ".tflite":

@@ -220,7 +220,7 @@ def _batches(y: np.ndarray, p: int, k: int, rng: np.random.Generator) -> list[np
 def train_head(train: Samples, val: Samples, settings: TrainSettings, *,
                on_epoch: Optional[Callable[[dict[str, float]], None]] = None) -> TrainResult:
     """Train with early stopping on the validation open-set figure; returns the best epoch's head."""
-    from edgeface.convert.converter import require_tensorflow
+    from edgeface.convert.tflite import require_tensorflow
 
     settings.check()
     tf = require_tensorflow()
