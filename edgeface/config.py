@@ -22,7 +22,7 @@ class Section(BaseModel):
 
 
 class CameraConfig(Section):
-    source: str = Field("picamera", description="'picamera', a device index ('0'), an RTSP/HTTP URL, a video file, "
+    source: str = Field("picamera", description="'picamera', a device index (0), an RTSP/HTTP URL, a video file, "
                                                "or a folder of images ('demo' = the shipped sample faces).")
     width: int = Field(1280, ge=64, le=7680, description="Requested capture width (pixels).")
     height: int = Field(720, ge=64, le=4320, description="Requested capture height (pixels).")
@@ -32,6 +32,16 @@ class CameraConfig(Section):
     loop: bool = Field(False, description="Replay a video file or image folder forever (demo).")
     frozen_after_s: float = Field(10.0, gt=0, le=3600,
                                   description="Report the camera unhealthy when frames stop changing for this long.")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _index_as_text(cls, value: Any) -> Any:
+        """`source: 0` unquoted (as the README writes it) is YAML's integer 0: read it as the device index '0'."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError(f"a camera device index is 0 or more, got {value}")
+            return str(value)
+        return value
 
 
 class DetectorConfig(Section):
