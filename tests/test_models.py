@@ -66,3 +66,24 @@ def _config(tmp_path, models):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"models_dir: {models}\n")
     return cfg
+
+
+def test_loading_a_model_prints_no_delegate_notice_but_keeps_other_stderr() -> None:
+    """The TFLite runtime's 'Created TensorFlow Lite XNNPACK delegate' INFO line came before every command's
+    output; it is dropped where interpreters are made, and anything else written to stderr meanwhile still shows."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os\n"
+        "from edgeface.vision.runtime import load_interpreter, without_delegate_notice, DELEGATE_NOTICE\n"
+        f"load_interpreter({str(REPO / 'models' / 'face_detection_short_range.tflite')!r}, 1)\n"
+        "with without_delegate_notice():\n"
+        "    os.write(2, b'ERROR: a real problem\\n' + DELEGATE_NOTICE + b'\\nWARNING: another\\n')\n"
+        "print('done')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "done\n"
+    assert run.stderr == "ERROR: a real problem\nWARNING: another\n"
