@@ -57,6 +57,23 @@ def gallery_path(cfg: EdgefaceConfig) -> Path:
     return p if p.is_absolute() else Path(cfg.state_dir).expanduser() / p
 
 
+def make_gallery_dirs(cfg: EdgefaceConfig) -> None:
+    """Create the missing folders leading to the gallery file (state_dir among them, usually) as 0700 each, as the
+    daemon wants them: mkdir(parents=True) made every level but the last 0755, so an enroll before the first
+    `edgeface run` left a state folder others could list (the daemon tightened it later, with a warning)."""
+    path = gallery_path(cfg)
+    missing = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise GalleryError(f"cannot create the gallery folder {folder}: {exc.strerror or exc}") from None
+
+
 def open_gallery(cfg: EdgefaceConfig, *, create: bool = False, model: Optional[tuple[str, int]] = None,
                  allow_model_change: bool = False):
     from edgeface.gallery.store import Gallery, resolve_max_distance
@@ -211,6 +228,7 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
                 batches = [(n, enroll_images(analyzer, paths, gate=gate, keep_chips=keep,
                                              progress=lambda: bar.update(1)))
                            for n, paths in batches_paths]
+    make_gallery_dirs(cfg)
     with open_gallery(cfg, create=True, model=model) as gallery:
         reports = gallery.enroll_many(batches, external_id=external_id)
     _report_enrollment(reports, as_json)
@@ -449,6 +467,7 @@ def gallery_export(obj: CliContext, file: Path, force: bool) -> None:
 @pass_ctx
 def gallery_import(obj: CliContext, file: Path, merge: bool) -> None:
     """Load an export FILE into the gallery (one transaction: all or nothing)."""
+    make_gallery_dirs(obj.config)
     with open_gallery(obj.config, create=True) as g:
         n = g.import_(file, merge=merge)
     _warn(f"imported {n} people from {file}")
