@@ -342,3 +342,18 @@ def test_enroll_names_an_undecodable_photo_with_the_reason_after_a_colon(capsys,
     rc, out, err = run(capsys, cfg, "enroll", "Paul", photo, bad)
     assert rc == 0
     assert f"rejected {bad}: cannot decode image: not a supported image" in err
+
+
+def test_identify_json_gives_an_unreadable_image_its_entry_with_the_error(capsys, enrolled, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    missing = tmp_path / "missing.jpg"
+    good = sorted((FACES / "barack_obama").glob("*.jpg"))[2]
+    rc, out, err = run(capsys, enrolled, "identify", bad, good, missing, NONFACE, "--json")
+    assert rc == 1
+    doc = json.loads("\n".join(out))
+    assert [d["image"] for d in doc] == [str(bad), str(good), str(missing), str(NONFACE)]
+    assert doc[0]["faces"] == [] and doc[0]["error"].startswith(f"cannot decode image {bad}")
+    assert doc[1]["error"] is None and doc[1]["faces"][0]["name"] == "barack_obama"
+    assert doc[2]["faces"] == [] and str(missing) in doc[2]["error"]
+    assert doc[3] == {"image": str(NONFACE), "faces": [], "error": None}

@@ -262,7 +262,9 @@ def _annotate(rgb: Any, answers: list[tuple[Any, str, Optional[float]]], out: Pa
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--annotate", "annotate_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write each image with boxes and names into this folder.")
-@click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of CSV lines.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON on stdout instead of CSV lines: one entry per image, in order, with its faces and its error "
+                   "(null when it was read).")
 @pass_ctx
 def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Optional[Path], as_json: bool) -> int:
     """Who is in IMAGE...? One line per face: image,name,distance (name 'unknown' or 'no_face').
@@ -287,6 +289,7 @@ def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Option
             except ImageError as exc:
                 _warn(f"error: {exc}")
                 failed += 1
+                rows.append({"image": str(path), "faces": [], "error": str(exc)})  # every input gets its entry
                 continue
             results = analyzer.analyze(rgb)
             answers = []
@@ -302,7 +305,7 @@ def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Option
                                   "candidate": m.candidate_name, "box": res.face.as_dict()["box"]})
                 if not as_json:
                     click.echo(_csv_line(path, label, f"{m.distance:.3f}"))
-            rows.append({"image": str(path), "faces": faces_out})
+            rows.append({"image": str(path), "faces": faces_out, "error": None})
             if annotate_dir is not None:
                 _annotate(rgb, answers, annotate_dir / (path.stem + ".jpg"))
     if as_json:
