@@ -172,6 +172,17 @@ class MqttConfig(Section):
                                  description="Environment variable (or credential) with the base32 TOTP secret.")
     access_switch: bool = Field(True, description="Let MQTT (Home Assistant's Access switch) turn access off and on "
                                                   "again; the state is kept in state_dir (unreadable = off).")
+    ha_doorbell: bool = Field(True, description="A Home Assistant Doorbell event (device class doorbell) that rings "
+                                                "for every unknown face, so HA and HomeKit treat strangers as a ring.")
+    ha_presence: bool = Field(False, description="One Home Assistant sensor per enrolled person: when they were last "
+                                                 "let in (off by default: it is a record of who comes and goes).")
+    ha_face_image: bool = Field(False, description="A Home Assistant image entity with the face crop of the last "
+                                                   "decision (off by default: it sends a face photo to the broker; "
+                                                   "kept in memory only, never on disk, not retained on the broker).")
+    ha_face_image_px: int = Field(160, ge=32, le=1024, description="Longest side of the face crop image (pixels).")
+    configuration_url: Optional[str] = Field(
+        None, pattern=r"^https?://\S+$",
+        description="Link shown on the Home Assistant device page (e.g. the web app, http://door.local:8080).")
 
     @model_validator(mode="after")
     def _tls_files(self) -> "MqttConfig":

@@ -96,13 +96,21 @@ class Topics:
         self.relay = f"{base}/relay"
         self.contact = f"{base}/contact"
         self.last_person = f"{base}/last_person"
-        self.last_person_attributes = f"{base}/last_person/attributes"
+        self.last_decision = f"{base}/last_decision"
+        self.unlock_refusal = f"{base}/unlock/refused"
+        self.gallery = f"{base}/gallery"
+        self.doorbell = f"{base}/doorbell"
+        self.face_image = f"{base}/face_image"
         self.camera = f"{base}/camera"
         self.outbox = f"{base}/outbox"
         self.unlock_command = f"{base}/unlock/set"
         self.access = f"{base}/access"
         self.access_command = f"{base}/access/set"
         self.ha_status = f"{ha_prefix}/status"
+
+    def presence(self, person_id: int) -> str:
+        """When person `person_id` was last let in (retained ISO timestamp; mqtt.ha_presence)."""
+        return f"{self.base}/presence/{person_id}"
 
 
 class MqttPublisher:
@@ -330,6 +338,11 @@ class MqttPublisher:
                 self._on_command(msg.topic, bytes(msg.payload), bool(msg.retain))
         except Exception:  # noqa: BLE001
             log.exception("MQTT message handler failed for %s", msg.topic)
+
+    def resend_discovery(self) -> None:
+        """Publish the discovery config again now (its components changed, e.g. a person was enrolled)."""
+        if self.connected:
+            self._send_discovery()
 
     def _send_discovery(self) -> None:
         # also with ha_discovery off: then it is the empty config that removes the device from HA
