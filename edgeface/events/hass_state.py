@@ -7,7 +7,8 @@ decision, each refused unlock, and when the gallery changes (docs/mqtt.md lists 
 - `unlock/refused`: the last refused remote unlock (reason, method, time, `locked_out_until`): HA's lock only
   stays locked, this diagnostic sensor says why.
 - `gallery`: how many people are enrolled and enabled.
-- `doorbell`: an event (`ring`) per unknown face (mqtt.ha_doorbell), for HA's doorbell device class.
+- `doorbell`: an event (`ring`) per unknown face (mqtt.ha_doorbell), for HA's doorbell device class; sent live
+  only (a ring replayed after a broker outage would ring for nobody).
 - `presence/<person id>`: when that person was last let in (mqtt.ha_presence, off by default).
 - `face_image`: the JPEG face crop of the last decision (mqtt.ha_face_image, off by default; not retained, held
   nowhere but in the message).
@@ -20,7 +21,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from edgeface.config import MqttConfig
-from edgeface.events.records import AccessEvent, iso_time, new_event_id
+from edgeface.events.records import AccessEvent, iso_time
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,10 @@ class HassStates:
              "event_id": ev.event_id, "distance": ev.distance}, sort_keys=True))
         self.mqtt.set_state(self.topics.last_person, name)
         if self.cfg.ha_doorbell and ev.result == "unknown":
-            self.mqtt.send_event(new_event_id(), self.topics.doorbell,
-                                 {"event_type": "ring", "timestamp": ev.timestamp, "door_id": self.door_id,
-                                  "access_event_id": ev.event_id})
+            # live only, not through the outbox: a ring replayed after an outage would ring for nobody
+            self.mqtt.publish_now(self.topics.doorbell, json.dumps(
+                {"event_type": "ring", "timestamp": ev.timestamp, "door_id": self.door_id,
+                 "access_event_id": ev.event_id}, sort_keys=True))
         if self.cfg.ha_presence and ev.result == "granted" and ev.person_id is not None:
             self.mqtt.set_state(self.topics.presence(ev.person_id), ev.timestamp)
         if self.cfg.ha_face_image and frame is not None and box is not None:
