@@ -75,7 +75,8 @@ def make_gallery_dirs(cfg: EdgefaceConfig) -> None:
 
 
 def open_gallery(cfg: EdgefaceConfig, *, create: bool = False, model: Optional[tuple[str, int]] = None,
-                 allow_model_change: bool = False):
+                 allow_model_change: bool = False, read_only: bool = False):
+    """The configured gallery; `read_only` for the commands that only read (a read-only state folder is fine)."""
     from edgeface.gallery.store import Gallery, resolve_max_distance
 
     model_id, dim = model or embedder_identity(cfg)
@@ -83,7 +84,7 @@ def open_gallery(cfg: EdgefaceConfig, *, create: bool = False, model: Optional[t
     return Gallery.open(gallery_path(cfg), model_id=model_id, embedding_dim=dim,
                         max_distance=resolve_max_distance(g, cfg.embedder, cfg.models_dir), create=create,
                         keep_crops=g.keep_crops, match_mode=g.match_mode, top_k=g.top_k,
-                        allow_model_change=allow_model_change)
+                        allow_model_change=allow_model_change, read_only=read_only)
 
 
 def make_analyzer(cfg: EdgefaceConfig):
@@ -278,7 +279,7 @@ def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Option
         annotate_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     rows: list[dict] = []
-    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer)) as gallery:
+    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer), read_only=True) as gallery:
         people = gallery.people()
         if not any(p.enabled and p.n_embeddings for p in people):
             _warn(f"warning: gallery {gallery.path} has nobody enabled with {gallery.model_id} embeddings "
@@ -324,7 +325,7 @@ def verify_cmd(obj: CliContext, image: Path, person: str, as_json: bool) -> int:
 
     cfg = obj.config
     rgb = load_image(image)
-    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer)) as gallery:
+    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer), read_only=True) as gallery:
         gallery.person(person)  # unknown name: one-line error before any work
         res, _n = analyzer.analyze_main(rgb)
         if res is None:
@@ -351,7 +352,7 @@ def people_group() -> None:
 @pass_ctx
 def people_list(obj: CliContext, as_json: bool) -> None:
     """Every enrolled person: name, enabled/disabled, number of embeddings, external id."""
-    with open_gallery(obj.config) as g:
+    with open_gallery(obj.config, read_only=True) as g:
         people = g.people()
     if as_json:
         click.echo(json.dumps([p.as_dict() for p in people], indent=2))
@@ -366,7 +367,7 @@ def people_list(obj: CliContext, as_json: bool) -> None:
 @pass_ctx
 def people_show(obj: CliContext, name: str, as_json: bool) -> None:
     """Details of one person."""
-    with open_gallery(obj.config) as g:
+    with open_gallery(obj.config, read_only=True) as g:
         d = g.person(name).as_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -459,7 +460,7 @@ def gallery_export(obj: CliContext, file: Path, force: bool) -> None:
     """Write every person and embedding to FILE (portable JSON, mode 0600; it is biometric data)."""
     if file.exists() and not force:  # an older export may be the only backup: never replace it silently
         raise GalleryError(f"export file {file} exists; give --force to replace it")
-    with open_gallery(obj.config) as g:
+    with open_gallery(obj.config, read_only=True) as g:
         n = g.export(file)
     _warn(f"exported {n} people to {file}")
 
@@ -481,7 +482,7 @@ def gallery_import(obj: CliContext, file: Path, merge: bool) -> None:
 @pass_ctx
 def gallery_stats(obj: CliContext, as_json: bool) -> None:
     """Counts, model, threshold and file size of the gallery."""
-    with open_gallery(obj.config) as g:
+    with open_gallery(obj.config, read_only=True) as g:
         s = g.stats()
     if as_json:
         click.echo(json.dumps(s, indent=2))
