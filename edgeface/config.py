@@ -22,7 +22,7 @@ class Section(BaseModel):
 
 
 class CameraConfig(Section):
-    source: str = Field("picamera", description="'picamera', a device index ('0'), an RTSP/HTTP URL, a video file, "
+    source: str = Field("picamera", description="'picamera', a device index (0), an RTSP/HTTP URL, a video file, "
                                                "or a folder of images ('demo' = the shipped sample faces).")
     width: int = Field(1280, ge=64, le=7680, description="Requested capture width (pixels).")
     height: int = Field(720, ge=64, le=4320, description="Requested capture height (pixels).")
@@ -32,6 +32,16 @@ class CameraConfig(Section):
     loop: bool = Field(False, description="Replay a video file or image folder forever (demo).")
     frozen_after_s: float = Field(10.0, gt=0, le=3600,
                                   description="Report the camera unhealthy when frames stop changing for this long.")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _index_as_text(cls, value: Any) -> Any:
+        """`source: 0` unquoted (as the README writes it) is YAML's integer 0: read it as the device index '0'."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError(f"a camera device index is 0 or more, got {value}")
+            return str(value)
+        return value
 
 
 class DetectorConfig(Section):
@@ -170,6 +180,17 @@ class MqttConfig(Section):
                                  description="Environment variable (or credential) with the base32 TOTP secret.")
     access_switch: bool = Field(True, description="Let MQTT (Home Assistant's Access switch) turn access off and on "
                                                   "again; the state is kept in state_dir (unreadable = off).")
+    ha_doorbell: bool = Field(True, description="A Home Assistant Doorbell event (device class doorbell) that rings "
+                                                "for every unknown face, so HA and HomeKit treat strangers as a ring.")
+    ha_presence: bool = Field(False, description="One Home Assistant sensor per enrolled person: when they were last "
+                                                 "let in (off by default: it is a record of who comes and goes).")
+    ha_face_image: bool = Field(False, description="A Home Assistant image entity with the face crop of the last "
+                                                   "decision (off by default: it sends a face photo to the broker; "
+                                                   "kept in memory only, never on disk, not retained on the broker).")
+    ha_face_image_px: int = Field(160, ge=32, le=1024, description="Longest side of the face crop image (pixels).")
+    configuration_url: Optional[str] = Field(
+        None, pattern=r"^https?://\S+$",
+        description="Link shown on the Home Assistant device page (e.g. the web app, http://door.local:8080).")
 
     @model_validator(mode="after")
     def _tls_files(self) -> "MqttConfig":
