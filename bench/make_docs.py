@@ -158,7 +158,7 @@ def matching_section(match: dict) -> list[str]:
                      "yes" if r["same_answer"] else "no"])
     return ["## 1:N matching as the gallery grows", "",
             f"Random {match['dim']}-D unit embeddings, {match['per_person']} per person; one query = distances to every "
-            "embedding + per-person minimum + argmin. float32 is the gallery's own index (edgeface.gallery.store); float16 "
+            "embedding + per-person minimum + argmin. float32 is the gallery's own index (edgeface.gallery.index); float16 "
             "halves the memory but numpy must convert it back to float32 in chunks to multiply, so it is slower here. "
             f"Measured {match['when']}.", "",
             md_table(["embeddings", "people", "float32 ms (median / p95)", "float32 MiB", "float16 ms (median / p95)",

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 
 #: Keypoint order of BlazeFace (the subject's right eye appears on the image's left).
 KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_center", "right_ear", "left_ear")
+
+#: What the policy decided for one frame (see edgeface.decide).
+Action = Literal["grant", "deny", "unknown", "none"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +68,23 @@ class Match:
     @property
     def known(self) -> bool:
         return self.person_id is not None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The policy's answer for one frame: the action, for whom, why, and the evidence (distance, frames, box)."""
+
+    action: Action
+    person_id: Optional[int] = None
+    person_name: Optional[str] = None
+    reason: str = ""
+    distance: Optional[float] = None
+    threshold: Optional[float] = None
+    frames_used: int = 0
+    box: Optional[tuple[float, float, float, float]] = None
+    timestamp: float = 0.0
+
+    @property
+    def result(self) -> Optional[str]:
+        """The event word: granted / denied / unknown (None for action 'none')."""
+        return {"grant": "granted", "deny": "denied", "unknown": "unknown"}.get(self.action)

@@ -214,7 +214,7 @@ def test_open_set_scores_are_what_the_gallery_answers(tmp_path, template, mode) 
     """The study's per-probe score for each template equals the real Gallery's match distance in the matching mode,
     with the same people enrolled from the same photos: the benchmark measures the matcher the door runs."""
     from edgeface.evaluation.study import Dataset, EmbeddedSet, OpenSetSettings, _draw_gallery, open_set
-    from edgeface.gallery.store import EnrollItem, Gallery
+    from edgeface.gallery import EnrollItem, Gallery
 
     rng = np.random.default_rng(3)
     persons = [f"p{i}" for i in range(8)]

@@ -17,7 +17,7 @@ import pytest
 
 from edgeface.decide import PersonRule
 from edgeface.errors import GalleryError
-from edgeface.gallery.store import EnrollItem, Gallery, SCHEMA_VERSION
+from edgeface.gallery import EnrollItem, Gallery, SCHEMA_VERSION
 
 DIM = 128
 
@@ -233,7 +233,7 @@ def test_edgeface_run_refuses_to_start_on_a_damaged_gallery_with_one_line(tmp_pa
 
     from edgeface.enroll import enroll_images
     from edgeface.config import parse_config
-    from edgeface.gallery.store import resolve_max_distance
+    from edgeface.gallery import resolve_max_distance
 
     faces = Path(__file__).parent / "fixtures" / "faces"
     state = tmp_path / "state"

@@ -23,7 +23,8 @@ import click
 from edgeface.cli import CliContext, pass_ctx
 from edgeface.config import EdgefaceConfig
 from edgeface.enroll import QualityGate
-from edgeface.errors import CameraError, ConfigError, ExitStatus, GalleryError, ImageError, NoFaceError
+from edgeface.errors import CameraError, ExitStatus, GalleryError, ImageError, NoFaceError
+from edgeface.gallery import analyzer_model, gallery_path, open_gallery
 
 UNKNOWN = "unknown"
 NO_FACE = "no_face"
@@ -33,51 +34,10 @@ _GATE = QualityGate()
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def embedder_identity(cfg: EdgefaceConfig) -> tuple[str, int]:
-    """(model_id, embedding_dim) of the configured embedder without loading it (people commands need no model)."""
-    from edgeface.vision.embed import EmbedderSpec
-    from edgeface.models import MANIFEST_NAME, default_models_dir, load_manifest
-
-    model = str(cfg.embedder.model)
-    if cfg.embedder.preprocessing and cfg.embedder.template:  # same rule as FaceAnalyzer.from_config
-        return model.rsplit("/", 1)[-1].removesuffix(".tflite"), 128
-    mdir = Path(cfg.models_dir) if cfg.models_dir else default_models_dir()
-    manifest = load_manifest(mdir) if (mdir / MANIFEST_NAME).is_file() else {}
-    info = manifest.get(model) or next((m for m in manifest.values() if m.file == Path(model).name), None)
-    if info is None:
-        raise ConfigError(f"embedder.model {model!r} is not in {mdir / MANIFEST_NAME}: set embedder.preprocessing "
-                          "and embedder.template for your own model")
-    spec = EmbedderSpec.from_manifest(info)
-    return spec.model_id, spec.embedding_dim
-
-
-def gallery_path(cfg: EdgefaceConfig) -> Path:
-    """gallery.path; a relative one is relative to state_dir (the daemon's rule, so both open the same file)."""
-    p = Path(cfg.gallery.path).expanduser()
-    return p if p.is_absolute() else Path(cfg.state_dir).expanduser() / p
-
-
-def open_gallery(cfg: EdgefaceConfig, *, create: bool = False, model: Optional[tuple[str, int]] = None,
-                 allow_model_change: bool = False):
-    from edgeface.gallery.store import Gallery, resolve_max_distance
-
-    model_id, dim = model or embedder_identity(cfg)
-    g = cfg.gallery
-    return Gallery.open(gallery_path(cfg), model_id=model_id, embedding_dim=dim,
-                        max_distance=resolve_max_distance(g, cfg.embedder, cfg.models_dir), create=create,
-                        keep_crops=g.keep_crops, match_mode=g.match_mode, top_k=g.top_k,
-                        allow_model_change=allow_model_change)
-
-
 def make_analyzer(cfg: EdgefaceConfig):
     from edgeface.vision.analyzer import FaceAnalyzer
 
     return FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
-
-
-def _analyzer_model(analyzer: Any) -> tuple[str, int]:
-    spec = getattr(analyzer.embedder, "spec", None)
-    return analyzer.embedder.model_id, int(spec.embedding_dim) if spec is not None else 128
 
 
 def _progress(total: int, desc: str):
@@ -151,7 +111,7 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
     Every photo passes a quality gate (one face, large enough, sharp, roughly frontal); rejected photos are
     listed with the reason. Nothing is written unless the whole enrollment succeeds."""
     from edgeface.enroll import capture_from_frames, enroll_images, scan_people_folder
-    from edgeface.gallery.store import validate_name
+    from edgeface.gallery import validate_name
 
     cfg = obj.config
     gate = QualityGate(min_face_size=min_face_size, min_sharpness=min_sharpness, max_nose_offset=max_nose_offset,
@@ -173,7 +133,7 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
             raise NoFaceError(f"no image files found in {', '.join(map(str, images))}")
     keep = cfg.gallery.keep_crops
     with make_analyzer(cfg) as analyzer:
-        model = _analyzer_model(analyzer)
+        model = analyzer_model(analyzer)
         if gallery_path(cfg).exists():  # a foreign/other-model gallery fails now, not after all the photos
             open_gallery(cfg, model=model).close()
         if camera:
@@ -258,7 +218,7 @@ def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Option
         annotate_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     rows: list[dict] = []
-    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer)) as gallery:
+    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=analyzer_model(analyzer)) as gallery:
         people = gallery.people()
         if not any(p.enabled and p.n_embeddings for p in people):
             _warn(f"warning: gallery {gallery.path} has nobody enabled with {gallery.model_id} embeddings "
@@ -303,7 +263,7 @@ def verify_cmd(obj: CliContext, image: Path, person: str, as_json: bool) -> int:
 
     cfg = obj.config
     rgb = load_image(image)
-    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer)) as gallery:
+    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=analyzer_model(analyzer)) as gallery:
         gallery.person(person)  # unknown name: one-line error before any work
         res, _n = analyzer.analyze_main(rgb)
         if res is None:
@@ -474,7 +434,7 @@ def gallery_reembed(obj: CliContext) -> None:
     """After a model change: re-embed the kept face chips with the configured embedder (needs keep_crops)."""
     cfg = obj.config
     with make_analyzer(cfg) as analyzer:
-        with open_gallery(cfg, model=_analyzer_model(analyzer), allow_model_change=True) as g:
+        with open_gallery(cfg, model=analyzer_model(analyzer), allow_model_change=True) as g:
             n = g.reembed(analyzer.embedder)
     _warn(f"re-embedded {n} face chips with {analyzer.embedder.model_id}")
 
@@ -484,4 +444,4 @@ def register(group: click.Group) -> None:
         group.add_command(cmd)
 
 
-__all__ = ["register", "embedder_identity", "gallery_path", "open_gallery", "UNKNOWN", "NO_FACE"]
+__all__ = ["register", "UNKNOWN", "NO_FACE"]

@@ -19,14 +19,14 @@ from zoneinfo import ZoneInfo
 from edgeface.events.access import AccessSwitch
 from edgeface.events.audit import AuditError, AuditLog
 from edgeface.config import EdgefaceConfig, read_secret
-from edgeface.decide import Decision, PersonRule, Policy, Schedule
+from edgeface.decide import PersonRule, Policy, person_rule
 from edgeface.door import Door, DoorContact, make_pin_factory
 from edgeface.errors import ConfigError
 from edgeface.events.records import CRITICAL_KINDS, AccessEvent, DoorEvent
 from edgeface.frames import FrameSource, open_source
 from edgeface.events.remote import Verdict
 from edgeface.security import ensure_private_dir
-from edgeface.types import Frame, Match
+from edgeface.types import Decision, Frame, Match
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,9 @@ class Daemon:
         self.model_id = str(analyzer.embedder.model_id)
 
         if gallery is None:
-            from edgeface.gallery.store import Gallery, resolve_max_distance
+            from edgeface.gallery import analyzer_model, open_gallery
 
-            dim = int(getattr(getattr(analyzer.embedder, "spec", None), "embedding_dim", 128))
-            gallery = Gallery.open(state_path(cfg, cfg.gallery.path), model_id=self.model_id, embedding_dim=dim,
-                                   max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir),
-                                   keep_crops=cfg.gallery.keep_crops, match_mode=cfg.gallery.match_mode,
-                                   top_k=cfg.gallery.top_k)
+            gallery = open_gallery(cfg, model=analyzer_model(analyzer), create=True)
             self._parts.append(gallery)
         self.gallery = gallery
         # the runtime switch (HA's Access enabled): an unreadable state means OFF
@@ -304,18 +300,10 @@ class Daemon:
             people = []
             errors["*"] = f"the gallery's people cannot be read ({exc}); everyone is denied"
         for p in people:
-            error = getattr(p, "schedule_error", None)
-            sched = None
-            if error is None:
-                try:
-                    sched = Schedule.parse(p.schedule)
-                except Exception as exc:  # noqa: BLE001  (ConfigError, or a shape the parser never expected)
-                    error = str(exc)
-            if error is not None:
-                errors[p.name] = f"person {p.name!r}: schedule unreadable ({error}); access denied"
-                rules[p.id] = PersonRule(enabled=False, error=f"schedule unreadable ({error})")
+            rules[p.id] = rule = person_rule(p)
+            if rule.error is not None:
+                errors[p.name] = f"person {p.name!r}: {rule.error}; access denied"
                 continue
-            rules[p.id] = PersonRule(enabled=bool(p.enabled), schedule=sched)
             if not p.enabled:
                 disabled.append((p.id, p.name))
         for key, line in errors.items():  # once per problem, not every refresh

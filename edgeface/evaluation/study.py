@@ -28,7 +28,7 @@ import numpy as np
 
 from edgeface.errors import ConfigError, ModelError
 from edgeface.vision.images import list_images, load_image
-from edgeface.gallery.store import blend_distances
+from edgeface.gallery import blend_distances
 
 PEER_NAME = "face_recognition"
 #: face_recognition's documented default: "0.6 is typical best performance".
@@ -772,7 +772,7 @@ def default_threshold(choice: ModelChoice, gallery_max_distance: Optional[float]
         return PEER_DEFAULT_TOLERANCE
     if gallery_max_distance is not None:
         return float(gallery_max_distance)
-    from edgeface.gallery.store import default_max_distance
+    from edgeface.gallery import default_max_distance
     return default_max_distance(choice.model, match_mode=match_mode)
 
 
