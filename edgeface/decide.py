@@ -39,16 +39,17 @@ RuleLookup = Callable[[int], PersonRule]
 
 
 def person_rule(person: Any) -> PersonRule:
-    """The rule of one gallery Person. Fails secure: a schedule that cannot be read gives a rule that denies."""
-    error = getattr(person, "schedule_error", None)
+    """The rule of one gallery Person. Fails secure: a rule the gallery cannot vouch for (rule_error: a schedule
+    that cannot be read, a damaged row) or cannot parse gives a rule that denies."""
+    error = getattr(person, "rule_error", None)
     schedule = None
     if error is None:
         try:
             schedule = Schedule.parse(person.schedule)
         except Exception as exc:  # noqa: BLE001  (GalleryError, or a shape the parser never expected)
-            error = str(exc)
+            error = f"schedule unreadable ({exc})"
     if error is not None:
-        return PersonRule(enabled=False, error=f"schedule unreadable ({error})")
+        return PersonRule(enabled=False, error=error)
     return PersonRule(enabled=bool(person.enabled), schedule=schedule)
 
 

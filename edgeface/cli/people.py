@@ -297,6 +297,8 @@ def people_list(obj: CliContext, as_json: bool) -> None:
         return
     for p in people:
         click.echo(_csv_line(p.name, "enabled" if p.enabled else "disabled", p.n_embeddings, p.external_id or ""))
+        if p.rule_error is not None:
+            _warn(f"{p.name!r} is denied by the daemon: {p.rule_error}")
 
 
 @people_group.command("show")
@@ -310,7 +312,9 @@ def people_show(obj: CliContext, name: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
-    for key in ("name", "id", "external_id", "enabled", "embeddings", "schedule", "created", "updated"):
+    for key in ("name", "id", "external_id", "enabled", "embeddings", "schedule", "created", "updated", "rule_error"):
+        if key not in d:
+            continue
         value = d[key]
         click.echo(f"{key}: {json.dumps(value) if isinstance(value, (dict, bool)) or value is None else value}")
 

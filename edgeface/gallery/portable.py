@@ -29,6 +29,8 @@ def export_gallery(gallery: Gallery, path: str | os.PathLike[str]) -> int:
     path = Path(path)
     people = []
     for p in gallery.people():
+        if p.rule_error is not None:  # a damaged rule must not travel to another door as a valid one
+            raise GalleryError(f"cannot export gallery {gallery.path}: person {p.name!r}: {p.rule_error}")
         embs = []
         rows = gallery._query("SELECT e.vector, e.image_sha256, e.quality, e.created, c.image, c.face, e.id, "
                               "e.checksum FROM embeddings e LEFT JOIN crops c ON c.embedding_id = e.id "
@@ -81,13 +83,10 @@ def import_gallery(gallery: Gallery, path: str | os.PathLike[str], *, merge: boo
                 if row:
                     pid = int(row[0])
                 else:
-                    schedule = validate_schedule(p.get("schedule"))
-                    cur = c.execute("INSERT INTO people(name, external_id, enabled, schedule, created, updated) "
-                                    "VALUES (?, ?, ?, ?, ?, ?)",
-                                    (name, p.get("external_id"), 1 if p.get("enabled", True) else 0,
-                                     json.dumps(schedule) if schedule else None,
-                                     float(p.get("created", time.time())), float(p.get("updated", time.time()))))
-                    pid = int(cur.lastrowid)
+                    pid = gallery._insert_person(c, name, p.get("external_id"), validate_schedule(p.get("schedule")),
+                                                 enabled=bool(p.get("enabled", True)),
+                                                 created=float(p.get("created", time.time())),
+                                                 updated=float(p.get("updated", time.time())))
                 embs = p.get("embeddings", [])
                 vecs = [np.frombuffer(base64.b64decode(e["vector"], validate=True), dtype="<f4") for e in embs]
                 chips = []

@@ -32,15 +32,16 @@ class Person:
     created: float
     updated: float
     n_embeddings: int
-    #: Why the stored schedule cannot be read (damaged or hand-edited row), else None. Such a person is denied.
-    schedule_error: Optional[str] = None
+    #: Why this person's stored rule cannot be trusted (a schedule that cannot be read, a row that does not match its
+    #: checksum: damaged, or edited outside edgeface), else None. Such a person is denied.
+    rule_error: Optional[str] = None
 
     def as_dict(self) -> dict:
         d = {"id": self.id, "name": self.name, "external_id": self.external_id, "enabled": self.enabled,
              "schedule": self.schedule, "embeddings": self.n_embeddings,
              "created": _iso(self.created), "updated": _iso(self.updated)}
-        if self.schedule_error is not None:
-            d["schedule_error"] = self.schedule_error
+        if self.rule_error is not None:
+            d["rule_error"] = self.rule_error
         return d
 
 
@@ -90,6 +91,17 @@ class EnrollReport:
 
 def _iso(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def person_checksum(person_id: Any, name: Any, external_id: Any, enabled: Any, schedule: Any) -> Optional[str]:
+    """sha256 over the fields of a people row that decide a grant, exactly as stored (id, name, external id, enabled,
+    schedule text); None when a value has a type edgeface never stores (a damaged row). Like embedding_checksum it
+    detects corruption and edits made outside edgeface, not someone who can rewrite the whole file."""
+    if not (isinstance(person_id, int) and isinstance(name, str) and isinstance(enabled, int)
+            and isinstance(external_id, (str, type(None))) and isinstance(schedule, (str, type(None)))):
+        return None
+    fields = json.dumps([person_id, name, external_id, enabled, schedule], ensure_ascii=False)
+    return hashlib.sha256(b"people|" + fields.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def validate_name(name: Any) -> str:

@@ -11,11 +11,12 @@ from typing import Callable, Optional
 
 from edgeface.errors import GalleryError
 from edgeface.gallery.index import embedding_checksum, vector_problem
+from edgeface.gallery.records import person_checksum
 
 #: PRAGMA application_id of an edgeface gallery ("EDGF"): tells our file from any other SQLite database.
 APPLICATION_ID = 0x45444746
 #: Current schema; a file with a higher user_version was written by a newer edgeface.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry migrates user_version i -> i + 1. Never edit a released entry; append a new one.
 MIGRATIONS: list[str] = [
@@ -53,6 +54,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE embeddings ADD COLUMN checksum TEXT;
     """,
+    # 2 -> 3: a sha256 per people row over the fields that decide a grant (see records.person_checksum);
+    # fill_people_checksums fills it for existing rows once. A row that no longer matches denies that person.
+    """
+    ALTER TABLE people ADD COLUMN checksum TEXT;
+    """,
 ]
 
 
@@ -89,6 +95,8 @@ def migrate(c: sqlite3.Connection, *, model_id: str, embedding_dim: int, damaged
                     c.execute(stmt)
             if i == 1:
                 fill_embedding_checksums(c, damaged)
+            if i == 2:
+                fill_people_checksums(c)
         if current == 0:
             c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             created = _dt.datetime.fromtimestamp(time.time(), _dt.timezone.utc).isoformat(timespec="seconds")
@@ -112,3 +120,10 @@ def fill_embedding_checksums(c: sqlite3.Connection, damaged: DamagedMessage) -> 
         if why is not None:
             raise GalleryError(damaged(eid, name, why))
         c.execute("UPDATE embeddings SET checksum = ? WHERE id = ?", (embedding_checksum(pid, model, bytes(blob)), eid))
+
+
+def fill_people_checksums(c: sqlite3.Connection) -> None:
+    """Migration 2 -> 3: record each people row's checksum as it is now (the rows had no protection before; from
+    here on a changed bit denies that person)."""
+    for row in c.execute("SELECT id, name, external_id, enabled, schedule FROM people").fetchall():
+        c.execute("UPDATE people SET checksum = ? WHERE id = ?", (person_checksum(*row), row[0]))

@@ -25,7 +25,7 @@ from edgeface.errors import ConfigError, GalleryError, NoFaceError
 from edgeface.gallery.index import (MATCH_MODES, MAX_COSINE_DISTANCE, _Index, _unit, embedding_checksum,
                                     resolve_max_distance, stored_vector_problem)
 from edgeface.gallery.records import (Chip, EnrollItem, EnrollReport, Person, _encode_png, _face_json,
-                                      validate_name, validate_schedule)
+                                      person_checksum, validate_name, validate_schedule)
 from edgeface.gallery.schema import APPLICATION_ID, SCHEMA_VERSION, check_header, migrate
 from edgeface.security import SQLITE_SUFFIXES
 from edgeface.types import Match
@@ -296,7 +296,7 @@ class Gallery:
 
     def _person_row(self, name: str) -> tuple:
         name = unicodedata.normalize("NFC", name) if isinstance(name, str) else name
-        rows = self._query("SELECT id, name, external_id, enabled, schedule, created, updated FROM people "
+        rows = self._query("SELECT id, name, external_id, enabled, schedule, created, updated, checksum FROM people "
                            "WHERE name = ?", (name,))
         if not rows:
             raise GalleryError(f"no person named {name!r} in gallery {self.path} (see: edgeface people list)")
@@ -356,7 +356,9 @@ class Gallery:
     def verify(self, embedding: np.ndarray, person: str) -> Match:
         """1:1: is this face `person`? A disabled person never verifies (distance still reported)."""
         q = _unit(embedding, self.embedding_dim)
-        pid, name, _ext, enabled, *_ = self._person_row(person)
+        row = self._person_row(person)
+        pid, name = row[0], row[1]
+        enabled = row[3] == 1 and row[7] == person_checksum(*row[:5])  # a damaged row never verifies
         rows = self._query("SELECT id, model_id, vector, checksum FROM embeddings WHERE person_id = ? AND model_id = ? "
                            "ORDER BY id", (pid, self.model_id))
         if not rows:
@@ -381,17 +383,28 @@ class Gallery:
             return self._insert_person(c, name, external_id, schedule)
 
     def _insert_person(self, c: sqlite3.Connection, name: str, external_id: Optional[str],
-                       schedule: Optional[dict]) -> int:
+                       schedule: Optional[dict], *, enabled: bool = True, created: Optional[float] = None,
+                       updated: Optional[float] = None) -> int:
         now = time.time()
         try:
             cur = c.execute("INSERT INTO people(name, external_id, enabled, schedule, created, updated) "
-                            "VALUES (?, ?, 1, ?, ?, ?)",
-                            (name, external_id, json.dumps(schedule) if schedule else None, now, now))
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (name, external_id, 1 if enabled else 0, json.dumps(schedule) if schedule else None,
+                             now if created is None else created, now if updated is None else updated))
         except sqlite3.IntegrityError:
             which = "name" if c.execute("SELECT 1 FROM people WHERE name = ?", (name,)).fetchone() else "external id"
             value = name if which == "name" else external_id
             raise GalleryError(f"a person with {which} {value!r} already exists in gallery {self.path}") from None
+        self._seal(c, int(cur.lastrowid))
         return int(cur.lastrowid)
+
+    @staticmethod
+    def _seal(c: sqlite3.Connection, person_id: int) -> None:
+        """Record the checksum of the row as written (inside the writing transaction): every write of a rule field
+        goes through here, so only a change made outside edgeface leaves a row that does not match."""
+        row = c.execute("SELECT id, name, external_id, enabled, schedule FROM people WHERE id = ?",
+                        (person_id,)).fetchone()
+        c.execute("UPDATE people SET checksum = ? WHERE id = ?", (person_checksum(*row), person_id))
 
     def add_embeddings(self, person_id: int, embeddings: Any, *, image_hashes: Sequence[str],
                        qualities: Sequence[float], crops: Optional[Sequence[Optional[Chip]]] = None) -> int:
@@ -501,8 +514,8 @@ class Gallery:
 
     def people(self) -> list[Person]:
         rows = self._query("SELECT p.id, p.name, p.external_id, p.enabled, p.schedule, p.created, p.updated, "
-                           "(SELECT count(*) FROM embeddings e WHERE e.person_id = p.id AND e.model_id = ?) "
-                           "FROM people p ORDER BY p.name", (self.model_id,))
+                           "(SELECT count(*) FROM embeddings e WHERE e.person_id = p.id AND e.model_id = ?), "
+                           "p.checksum FROM people p ORDER BY p.name", (self.model_id,))
         return [self._person(r) for r in rows]
 
     def person(self, name: str) -> Person:
@@ -511,20 +524,29 @@ class Gallery:
 
     @staticmethod
     def _person(r: tuple) -> Person:
-        """One row; a schedule that cannot be read is reported in schedule_error, so one bad row does not make
-        people() fail (the daemon then denies that person only)."""
+        """One row; a rule that cannot be trusted (a schedule that cannot be read, a row that does not match its
+        checksum) is reported in rule_error, so one bad row does not make people() fail: the daemon denies that
+        person only."""
         schedule, error = None, None
         if r[4]:
             try:
                 schedule = validate_schedule(r[4] if isinstance(r[4], str) else str(r[4]))
             except GalleryError as exc:
-                error = str(exc)
-        return Person(int(r[0]), r[1], r[2], bool(r[3]), schedule, float(r[5]), float(r[6]), int(r[7]), error)
+                error = f"schedule unreadable ({exc})"
+        if error is None and r[8] != person_checksum(*r[:5]):
+            error = (f"people row {r[0]} does not match its checksum ({'damaged' if r[8] else 'no checksum'}, or "
+                     "changed outside edgeface); restore a backup, or set the rule again (edgeface people ...)")
+        try:
+            created, updated = float(r[5]), float(r[6])
+        except (TypeError, ValueError):
+            created, updated, error = 0.0, 0.0, error or f"people row {r[0]} is damaged (unreadable timestamps)"
+        return Person(int(r[0]), r[1], r[2], bool(r[3]), schedule, created, updated, int(r[7]), error)
 
     def _update(self, name: str, sql: str, args: Sequence[Any]) -> None:
         pid = self._person_row(name)[0]
         with self._write() as c:
             c.execute(sql, (*args, time.time(), pid))
+            self._seal(c, pid)
 
     def rename(self, name: str, new_name: str) -> None:
         new_name = validate_name(new_name)
