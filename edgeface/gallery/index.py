@@ -1,7 +1,8 @@
 """The in-memory 1:N index and the match modes (best, top-k mean, centroid, blend): pure numpy over unit vectors.
 
 Also the checks a stored vector must pass before it may take part in a match (size, finite, unit length, checksum):
-a damaged vector must never match (a NaN became distance 0.0, i.e. everyone matched)."""
+a damaged vector must never match (a NaN became distance 0.0, i.e. everyone matched); and the match threshold a
+model's manifest entry calibrates per match mode (read lazily, so importing the index loads only numpy)."""
 from __future__ import annotations
 
 import hashlib

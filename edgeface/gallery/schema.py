@@ -4,6 +4,7 @@ A schema change appends a migration; `Gallery` applies the missing ones in one t
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Callable, Optional
 from edgeface.errors import GalleryError
 from edgeface.gallery.index import embedding_checksum, vector_problem
 from edgeface.gallery.records import person_checksum
+from edgeface.security import SQLITE_SUFFIXES
 
 #: PRAGMA application_id of an edgeface gallery ("EDGF"): tells our file from any other SQLite database.
 APPLICATION_ID = 0x45444746
@@ -127,3 +129,37 @@ def fill_people_checksums(c: sqlite3.Connection) -> None:
     here on a changed bit denies that person)."""
     for row in c.execute("SELECT id, name, external_id, enabled, schedule FROM people").fetchall():
         c.execute("UPDATE people SET checksum = ? WHERE id = ?", (person_checksum(*row), row[0]))
+
+
+def create_file(path: Path, write_schema: Callable[[sqlite3.Connection, Path], None]) -> None:
+    """A new gallery appears complete or not at all: the schema is written to a temporary file that is then
+    linked into place. (A file created empty first and killed before its schema was written would be a
+    0-byte gallery, which open() refuses as damaged.) Losing the race to another process is fine."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+
+    def remove_tmp() -> None:
+        for suffix in SQLITE_SUFFIXES:
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+
+    remove_tmp()
+    try:
+        # 0600 before SQLite opens it (its -wal/-shm files get the same mode); no umask games: the umask is
+        # process-wide and the daemon has other threads writing files.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        conn = sqlite3.connect(str(tmp), timeout=10.0, isolation_level=None, check_same_thread=False)
+        try:
+            write_schema(conn, tmp)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it a moment ago: it is checked like any existing file
+        except OSError:  # a file system without hard links: rename, unless someone was faster
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        remove_tmp()

@@ -26,8 +26,7 @@ from edgeface.gallery.index import (MATCH_MODES, MAX_COSINE_DISTANCE, _Index, _u
                                     resolve_max_distance, stored_vector_problem)
 from edgeface.gallery.records import (Chip, EnrollItem, EnrollReport, Person, _encode_png, _face_json,
                                       person_checksum, validate_name, validate_schedule)
-from edgeface.gallery.schema import APPLICATION_ID, SCHEMA_VERSION, check_header, migrate
-from edgeface.security import SQLITE_SUFFIXES
+from edgeface.gallery.schema import APPLICATION_ID, SCHEMA_VERSION, check_header, create_file, migrate
 from edgeface.types import Match
 
 def embedder_identity(cfg: Any) -> tuple[str, int]:
@@ -141,37 +140,12 @@ class Gallery:
 
     @classmethod
     def _create(cls, path: Path, **kw: Any) -> None:
-        """A new gallery appears complete or not at all: the schema is written to a temporary file that is then
-        linked into place. (A file created empty first and killed before its schema was written would be a
-        0-byte gallery, which open() refuses as damaged.) Losing the race to another process is fine."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+        """A new gallery appears complete or not at all (see schema.create_file)."""
 
-        def remove_tmp() -> None:
-            for suffix in SQLITE_SUFFIXES:
-                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        def write_schema(conn: sqlite3.Connection, tmp: Path) -> None:
+            cls(conn, tmp, **kw)._prepare(False)
 
-        remove_tmp()
-        try:
-            # 0600 before SQLite opens it (its -wal/-shm files get the same mode); no umask games: the umask is
-            # process-wide and the daemon has other threads writing files.
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            conn = sqlite3.connect(str(tmp), timeout=10.0, isolation_level=None, check_same_thread=False)
-            try:
-                cls(conn, tmp, **kw)._prepare(False)
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                conn.close()
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process created it a moment ago: it is checked like any existing file
-            except OSError:  # a file system without hard links: rename, unless someone was faster
-                if not path.exists():
-                    os.replace(tmp, path)
-        finally:
-            remove_tmp()
+        create_file(path, write_schema)
 
     def _prepare(self, allow_model_change: bool) -> None:
         c = self._conn
