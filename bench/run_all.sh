@@ -5,8 +5,8 @@
 # SHARED (development data), WORK (where the float FaceNet reference model is written, ~90 MB, never committed).
 set -eu
 cd "$(dirname "$0")/.."
-PY="${PY:-/work/venv/bin/python}"
-PEER_PY="${PEER_PY:-/work/bench-venv/bin/python}"
+PY="${PY:-python3}"
+PEER_PY="${PEER_PY:-${EDGEFACE_PEER_PYTHON:-$HOME/.cache/edgeface/peer-venv/bin/python}}"
 SHARED="${SHARED:-../shared}"
 WORK="${WORK:-$HOME/.cache/edgeface/bench}"
 SFACE_ONNX="$SHARED/weights/sface/face_recognition_sface_2021dec_int8bq.onnx"
@@ -42,7 +42,7 @@ SI8F="$SFACE_INT8_FULL:arcface112:arcface"
 
 # 2. Accuracy on the same photos and pairs, ours (default sface_int8, its float32 reference, facenet_int8) next to
 #    face_recognition. The float32 SFace is not in the manifest: it gets the shipped model's threshold.
-THR="$("$PY" -c "from edgeface.config import EdgefaceConfig as C; from edgeface.gallery.store import default_max_distance as d; print(d('sface_int8', match_mode=C().gallery.match_mode))")"
+THR="$("$PY" -c "from edgeface.config import EdgefaceConfig as C; from edgeface.gallery import default_max_distance as d; print(d('sface_int8', match_mode=C().gallery.match_mode))")"
 "$PY" -m edgeface eval "$SHARED/data/faces" --model sface_int8 --model "$SF32" --model facenet_int8 \
     --model face_recognition --peer-python "$PEER_PY" --threshold "sface_float32=$THR" --report bench/results/eval_faces.md \
     --json bench/results/eval_faces.json --plots-dir docs/img --quiet

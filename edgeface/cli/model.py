@@ -20,7 +20,9 @@ import click
               help="Folder for the .tflite, its report, and manifest.json (updated in place).")
 @click.option("--quantization", type=click.Choice(["int8", "dynamic", "float16", "float"]), default=None,
               help="int8: int8 weights+activations, int8 input/output; dynamic: int8 weights only; float16: float16 "
-                   "weights. Default: int8 for FaceNet, float16 for SFace (what models/ ships; see models/MODELS.md).")
+                   "weights. Default: int8 for FaceNet, float16 for SFace. The shipped embedder, sface_int8, is "
+                   "--model sface --quantization int8 --equalise 0.5 --float-prelu (models/sface_int8.report.json has "
+                   "its whole command).")
 @click.option("--representative", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Face photos (<person>/*.jpg or *.jpg) to calibrate int8; aligned with edgeface's own pipeline.")
 @click.option("--max-representative", type=click.IntRange(1, 5000), default=200, show_default=True,
@@ -46,7 +48,9 @@ def convert_cmd(model_kind: str, weights: Path, out_dir: Path, quantization: Opt
                 keep_float: Optional[Path], refine: bool, equalise: float, float_prelu: bool,
                 name: Optional[str]) -> None:
     """Convert the Keras FaceNet weights or the SFace ONNX file to a TFLite embedder for edgeface."""
-    from edgeface.convert.converter import convert_facenet, convert_sface, require_tensorflow
+    from edgeface.convert.facenet import convert_facenet
+    from edgeface.convert.sface import convert_sface
+    from edgeface.convert.tflite import require_tensorflow
     from edgeface.errors import ConfigError, ModelError
 
     if not weights.is_file():

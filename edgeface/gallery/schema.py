@@ -163,3 +163,27 @@ def create_file(path: Path, write_schema: Callable[[sqlite3.Connection, Path], N
                 os.replace(tmp, path)
     finally:
         remove_tmp()
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that never writes. `mode=ro` first: it shares the daemon's WAL when the folder lets SQLite read
+    or make the -shm file. In a folder nobody can write to (a read-only mount) SQLite cannot make it and refuses
+    a WAL database; then, and only when no write-ahead log is waiting (no -wal file, or an empty one: every commit
+    is in the main file), it is opened `immutable` (no locks: nothing can write there). A non-empty -wal that
+    cannot be read is an error that says what to do."""
+    from urllib.parse import quote
+
+    uri = "file:" + quote(str(path.resolve()))
+    connect = dict(uri=True, timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(uri + "?mode=ro", **connect)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise GalleryError(f"gallery {path}: its folder is read-only and changes are still in {wal.name} (the daemon "
+                           "or a write was interrupted); run the command as the daemon's user or with the folder "
+                           "writable")
+    return sqlite3.connect(uri + "?immutable=1", **connect)

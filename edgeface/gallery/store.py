@@ -26,11 +26,25 @@ from edgeface.gallery.index import (MATCH_MODES, MAX_COSINE_DISTANCE, _Index, _u
                                     resolve_max_distance, stored_vector_problem)
 from edgeface.gallery.records import (Chip, EnrollItem, EnrollReport, Person, _encode_png, _face_json,
                                       person_checksum, validate_name, validate_schedule)
-from edgeface.gallery.schema import APPLICATION_ID, SCHEMA_VERSION, check_header, create_file, migrate
+from edgeface.gallery.schema import APPLICATION_ID, SCHEMA_VERSION, check_header, connect_read_only, create_file, migrate
 from edgeface.types import Match
 
 def embedder_identity(cfg: Any) -> tuple[str, int]:
-    """(model_id, embedding_dim) of the configured embedder without loading it (people commands need no model)."""
+    """(model_id, embedding_dim) of the configured embedder (and head) without loading it (people commands need no
+    model)."""
+    model_id, dim = _backbone_identity(cfg)
+    if not cfg.embedder.head:
+        return model_id, dim
+    from edgeface.vision.head import resolve_head
+
+    head = resolve_head(cfg.embedder.head, cfg.models_dir)[1]
+    if head.backbone != model_id:
+        raise ConfigError(f"embedder.head {cfg.embedder.head!r} was trained on {head.backbone} embeddings, "
+                          f"embedder.model is {model_id}")
+    return f"{model_id}+{head.head_id}", head.output_dim
+
+
+def _backbone_identity(cfg: Any) -> tuple[str, int]:
     from edgeface.models import MANIFEST_NAME, default_models_dir, load_manifest
     from edgeface.vision.embed import EmbedderSpec
 
@@ -60,20 +74,23 @@ def gallery_path(cfg: Any) -> Path:
 
 
 def open_gallery(cfg: Any, *, model: Optional[tuple[str, int]] = None, create: bool = False,
-                 allow_model_change: bool = False) -> "Gallery":
+                 allow_model_change: bool = False, read_only: bool = False) -> "Gallery":
     """The gallery a config names: gallery_path(cfg), its match mode, top-k, keep_crops and threshold
     (resolve_max_distance). `model` is (model_id, dim) of the embedder in use (analyzer_model), else the configured
-    one (embedder_identity). `create=False`: a missing file is an error (commands that only read or edit people)."""
+    one (embedder_identity). `create=False`: a missing file is an error (commands that only read or edit people);
+    `read_only`: writes nothing (people list, identify, ...: a read-only state folder is fine)."""
     model_id, dim = model or embedder_identity(cfg)
     g = cfg.gallery
     return Gallery.open(gallery_path(cfg), model_id=model_id, embedding_dim=dim,
                         max_distance=resolve_max_distance(g, cfg.embedder, cfg.models_dir), create=create,
                         keep_crops=g.keep_crops, match_mode=g.match_mode, top_k=g.top_k,
-                        allow_model_change=allow_model_change)
+                        allow_model_change=allow_model_change, read_only=read_only)
 
 
 class Gallery:
     """An open gallery file. Thread-safe (one lock); several processes may open the same file."""
+
+    read_only = False  # opened by Gallery.open(read_only=True): nothing is written
 
     def __init__(self, conn: sqlite3.Connection, path: Path, *, model_id: str, embedding_dim: int,
                  max_distance: float, keep_crops: bool, match_mode: str, top_k: int) -> None:
@@ -97,10 +114,12 @@ class Gallery:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, model_id: str, embedding_dim: int = 128,
              max_distance: float, create: bool = True, keep_crops: bool = False, match_mode: str = "best",
-             top_k: int = 3, allow_model_change: bool = False) -> "Gallery":
+             top_k: int = 3, allow_model_change: bool = False, read_only: bool = False) -> "Gallery":
         """Open (or create) a gallery file; refuses foreign, corrupt, newer-schema and other-model files.
 
-        `allow_model_change=True` opens a gallery enrolled with another model so `reembed` can convert it."""
+        `allow_model_change=True` opens a gallery enrolled with another model so `reembed` can convert it.
+        `read_only=True` (people list, identify, ...) writes nothing, not even the file mode, so a read-only state
+        folder or file system does not stop a command that only reads (see schema.connect_read_only)."""
         if not (0 < float(max_distance) <= MAX_COSINE_DISTANCE):
             raise GalleryError(f"max_distance {max_distance!r} is out of range; expected 0 < d <= 2 (cosine distance)")
         path = Path(path)
@@ -109,8 +128,9 @@ class Gallery:
             check_header(path)
             from edgeface.security import make_private
 
-            make_private(path)  # an existing 0644 gallery (older install, a copy) is tightened, with a log line
-        elif not create:
+            if not read_only:
+                make_private(path)  # an existing 0644 gallery (older install, a copy) is tightened, with a log line
+        elif not create or read_only:
             raise GalleryError(f"gallery {path} does not exist (enroll someone first: edgeface enroll NAME IMAGE...)")
         else:
             parent = path.parent
@@ -122,12 +142,14 @@ class Gallery:
             except OSError as exc:
                 raise GalleryError(f"cannot create gallery {path}: {exc.strerror or exc}") from None
         try:
-            conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
+            conn = (connect_read_only(path) if read_only else
+                    sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False))
         except sqlite3.Error as exc:
             raise GalleryError(f"cannot open gallery {path}: {exc}") from None
         try:
             gallery = cls(conn, path, model_id=model_id, embedding_dim=int(embedding_dim),
                           max_distance=max_distance, keep_crops=keep_crops, match_mode=match_mode, top_k=top_k)
+            gallery.read_only = read_only
             gallery._prepare(allow_model_change)
             return gallery
         except sqlite3.DatabaseError as exc:
@@ -162,12 +184,17 @@ class Gallery:
         if version > SCHEMA_VERSION:
             raise GalleryError(f"gallery {self.path} has schema version {version}, newer than this edgeface "
                                f"supports ({SCHEMA_VERSION}); upgrade edgeface")
-        if c.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        if self.read_only:
+            if version < SCHEMA_VERSION:
+                raise GalleryError(f"gallery {self.path} has schema version {version} and needs an upgrade to "
+                                   f"{SCHEMA_VERSION}, which writes: run a command that changes it (or the daemon) "
+                                   "once with write access to its folder")
+        elif c.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise GalleryError(f"gallery {self.path}: cannot switch to WAL journal mode (got {mode})")
         c.execute("PRAGMA synchronous = NORMAL")
-        if version < SCHEMA_VERSION:
+        if version < SCHEMA_VERSION and not self.read_only:
             migrate(c, model_id=self.model_id, embedding_dim=self.embedding_dim, damaged=self._damaged)
         meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
         stored_model, stored_dim = meta.get("model_id"), int(meta.get("embedding_dim", self.embedding_dim))
@@ -179,7 +206,7 @@ class Gallery:
                         else "re-enroll everyone (edgeface enroll --folder DIR) into a new gallery file")
                 raise GalleryError(f"gallery {self.path} was enrolled with model {stored_model!r} but the embedder is "
                                    f"{self.model_id!r}; embeddings of different models cannot be compared: {hint}")
-            if not n_other:
+            if not n_other and not self.read_only:  # read-only: the embedder's identity is used as it is
                 with self._write():
                     self._set_meta("model_id", self.model_id)
                     self._set_meta("embedding_dim", str(self.embedding_dim))
