@@ -1,7 +1,7 @@
 """Detect -> align -> embed, wired once, shared by enrollment, identification, evaluation and the daemon."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -36,6 +36,13 @@ def main_face_index(faces: list[Face], image_shape: tuple[int, ...]) -> Optional
         return face.size * face.score * (1.0 - 0.5 * off_centre)
 
     return int(max(range(len(faces)), key=lambda i: weight(faces[i])))
+
+
+def scale_face(face: Face, sx: float, sy: float) -> Face:
+    """A detection made on a scaled copy, in the full image's pixels (box and keypoints)."""
+    x, y, w, h = face.box
+    return replace(face, box=(x * sx, y * sy, w * sx, h * sy),
+                   keypoints=np.asarray(face.keypoints, np.float32) * np.array([sx, sy], np.float32))
 
 
 class FaceAnalyzer:
@@ -83,9 +90,18 @@ class FaceAnalyzer:
         """Every face in the image, embedded (detector order: most confident first)."""
         return self.embed_faces(image, self.detect(image))
 
-    def analyze_main(self, image: np.ndarray) -> tuple[Optional[FaceResult], int]:
-        """The main face embedded (or None) and how many faces were seen."""
-        faces = self.detect(image)
+    def analyze_main(self, image: np.ndarray, *, detect_on: Optional[np.ndarray] = None
+                     ) -> tuple[Optional[FaceResult], int]:
+        """The main face embedded (or None) and how many faces were seen. `detect_on`: a smaller copy of the same
+        image (a camera's low-resolution stream) to run the detector on; mesh, alignment and embedding still use
+        `image`, so the crop keeps the full resolution."""
+        if detect_on is None:
+            faces = self.detect(image)
+        else:
+            faces = [scale_face(f, image.shape[1] / detect_on.shape[1], image.shape[0] / detect_on.shape[0])
+                     for f in self.detector.detect(detect_on)]
+            if self.refiner is not None:
+                faces = self.refiner.refine_all(image, faces, self.min_presence)
         idx = main_face_index(faces, image.shape)
         if idx is None:
             return None, 0
