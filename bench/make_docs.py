@@ -148,6 +148,20 @@ def pi_section(pipe: dict, ref: dict) -> list[str]:
     return lines
 
 
+def doorway_section(door: dict) -> list[str]:
+    """The replayed doorway (bench/bench_doorway.py): empty-doorway CPU and face-to-relay latency, gate off and on."""
+    from bench_doorway import render
+
+    return ["## An empty doorway and face-to-relay latency (replayed sequences, presence gate off and on)", "",
+            "Replayed with `bench/bench_doorway.py` (edgeface.replay: the fixture faces composited into a synthetic "
+            "doorway with lighting flicker and camera noise, 1280x720) through the real daemon, fed as a live camera "
+            "would: a frame every 1/fps s, the daemon taking the newest whenever it is free. Face to relay = relay on "
+            "minus the first frame with half the face in view. Empty-doorway CPU = process CPU time per second of "
+            "empty doorway; its Pi 4 range scales the gate's own work by the reference ratio and detector work by 1-2x "
+            "that ratio (4 threads on a Pi 4 against 2 here). The reference networks were timed in turns with the "
+            "replays, under the same load. Estimates from ratios, not measurements.", ""] + render(door, title=False).splitlines() + [""]
+
+
 def matching_section(match: dict) -> list[str]:
     rows = []
     for r in match["rows"]:
@@ -311,6 +325,9 @@ def main() -> int:
     lines += summary(pipe, ev)
     if pipe:
         lines += pipeline_section(pipe, ref)
+    door = load("doorway.json")
+    if door:
+        lines += doorway_section(door)
     if ev:
         lines += accuracy_section(ev)
     acc = load("accuracy.json")

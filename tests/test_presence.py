@@ -196,3 +196,77 @@ def test_detection_on_a_low_resolution_copy_lands_on_the_full_image(analyzer):
     assert full is not None and small is not None
     assert np.allclose(small.face.box, full.face.box, atol=0.06 * full.face.size)
     assert float(small.embedding @ full.embedding) > 0.9
+
+
+#: A stand-in for picamera2 (it only exists on a Pi): the calls PiCameraSource makes, with picamera2's array layouts
+#: ("RGB888" main is B,G,R in memory; lores is YUV420 with rows padded to a stride), serving one fixed scene.
+FAKE_PICAMERA2 = '''
+import numpy as np, cv2
+SCENE = None  # RGB, set by the test
+class Picamera2:
+    def create_video_configuration(self, main, lores=None, buffer_count=4):
+        assert main["format"] == "RGB888" and (lores is None or lores["format"] == "YUV420")
+        return {"main": main, "lores": lores, "buffer_count": buffer_count}
+    def configure(self, config):
+        self.config = config
+    def start(self):
+        self.frames = 0
+    def _main(self):
+        w, h = self.config["main"]["size"]
+        return cv2.resize(SCENE, (w, h))[:, :, ::-1].copy()
+    def capture_array(self, name="main"):
+        assert name == "main"
+        return self._main()
+    def capture_arrays(self, names):
+        assert names == ["main", "lores"]
+        w, h = self.config["lores"]["size"]
+        yuv = cv2.cvtColor(cv2.resize(SCENE, (w, h)), cv2.COLOR_RGB2YUV_I420)
+        stride = w + 64
+        padded = np.zeros((h * 3 // 2, stride), np.uint8)
+        padded[:h, :w] = yuv[:h]
+        chroma = np.zeros((h, stride // 2), np.uint8)
+        chroma[:, : w // 2] = yuv[h:].reshape(h, w // 2)
+        padded[h:] = chroma.reshape(h // 2, stride)
+        self.frames += 1
+        return [self._main(), padded], {"SensorTimestamp": self.frames}
+    def stop(self):
+        pass
+    def close(self):
+        pass
+'''
+
+
+def test_pi_camera_frames_carry_the_low_resolution_stream_and_the_face_is_cropped_from_main(
+        tmp_path, monkeypatch, analyzer):
+    import sys
+
+    import cv2
+
+    from edgeface.config import CameraConfig
+    from edgeface.frames import open_source
+    from edgeface.vision.images import load_image
+
+    import importlib.util
+
+    path = tmp_path / "picamera2.py"
+    path.write_text(FAKE_PICAMERA2, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("picamera2", path)
+    picamera2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(picamera2)
+    monkeypatch.setitem(sys.modules, "picamera2", picamera2)  # gone again after the test
+
+    scene = cv2.resize(load_image(GUIDO_PROBE), (1280, 720))
+    picamera2.SCENE = scene
+    source = open_source(CameraConfig(source="picamera", width=1280, height=720, lores_width=640, max_fps=50))
+    try:
+        frame = next(iter(source.frames()))
+    finally:
+        source.close()
+    assert frame.image.shape == (720, 1280, 3) and frame.lores is not None and frame.lores.shape == (360, 640, 3)
+    assert np.abs(frame.image.astype(int) - scene).mean() < 1  # B,G,R flipped back to RGB
+    assert np.abs(frame.lores.astype(int) - cv2.resize(scene, (640, 360))).mean() < 6  # YUV 4:2:0 round trip
+    gate = PresenceGate(PresenceConfig())
+    result = gate.analyze(analyzer, frame)
+    full, _n = analyzer.analyze_main(frame.image)
+    assert result is not None and full is not None
+    assert result.crop.shape == full.crop.shape and float(result.embedding @ full.embedding) > 0.9
