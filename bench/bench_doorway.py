@@ -273,6 +273,7 @@ def verdict(doc: dict) -> str:
     pi_lat = on["latency_ms_pi4"]
     lat = float(np.median(pi_lat)) if pi_lat else float("inf")
     missed = on["missed_entrances_here"] + on["missed_entrances_pi4"]
+    after = sorted({r["grant_frames_after_face"] for r in doc["runs"] if r["granted"] and "standing" not in r["sequence"]})
     floor = (doc["k_frames"] - 1) * 1e3 / doc["fps"]
 
     def met(ok: bool) -> str:
@@ -282,7 +283,8 @@ def verdict(doc: dict) -> str:
             f"{TARGETS['face_to_relay_pi4_ms']:g} ms projected at K={doc['k_frames']}: "
             f"{met(lat <= TARGETS['face_to_relay_pi4_ms'])} (Pi 4 est. median {lat:.0f} ms; at {doc['fps']:g} fps K "
             f"frames alone span {floor:.0f} ms before the last one is processed); missed entrances: "
-            f"{met(missed == 0)} ({missed}).")
+            f"{met(missed == 0)} ({missed}). Granting frame, gate off or on, here or Pi 4 replay: "
+            f"{', '.join(str(v) for v in after)} frame(s) after the first with the face in view.")
 
 
 def render(doc: dict, *, title: bool = True) -> str:

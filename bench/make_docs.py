@@ -156,10 +156,12 @@ def doorway_section(door: dict) -> list[str]:
             "Replayed with `bench/bench_doorway.py` (edgeface.replay: the fixture faces composited into a synthetic "
             "doorway with lighting flicker and camera noise, 1280x720) through the real daemon, fed as a live camera "
             "would: a frame every 1/fps s, the daemon taking the newest whenever it is free. Face to relay = relay on "
-            "minus the first frame with half the face in view. Empty-doorway CPU = process CPU time per second of "
-            "empty doorway; its Pi 4 range scales the gate's own work by the reference ratio and detector work by 1-2x "
-            "that ratio (4 threads on a Pi 4 against 2 here). The reference networks were timed in turns with the "
-            "replays, under the same load. Estimates from ratios, not measurements.", ""] + render(door, title=False).splitlines() + [""]
+            "minus the first frame with half the face in view. Empty-doorway CPU = process CPU time per second of empty doorway. The Pi 4 "
+            "figures convert CPU time here with the reference networks (published Pi 4 ms / their CPU ms here, timed in "
+            "turns with the replays, under the same load); an empty doorway's Pi 4 CPU is that busy time x 1 to 4 "
+            "busy cores (XNNPACK's 4 threads; the upper end is compared with the target). Wall-time figures here "
+            "suffer from other processes on this shared machine (see the load average); the granting frame does not. "
+            "Estimates from ratios, not measurements.", ""] + render(door, title=False).splitlines() + [""]
 
 
 def matching_section(match: dict) -> list[str]:

@@ -79,9 +79,9 @@ class PresenceConfig(Section):
                                                                  "frame; slow light changes are absorbed).")
     detect_every_s: float = Field(3.0, gt=0, le=60, description="Run the detector at least this often even when nothing "
                                                                "moves (a person standing still is not missed). Each "
-                                                               "run on an empty frame is both BlazeFace models; the "
-                                                               "default keeps an empty doorway under 10% of a Pi 4 "
-                                                               "core (estimate, docs/benchmarks.md).")
+                                                               "run on an empty frame is both BlazeFace models; with "
+                                                               "3 s an empty doorway was estimated at 4-16% of one Pi 4 "
+                                                               "core, 73-290% without the gate (docs/benchmarks.md).")
     hold_s: float = Field(2.0, ge=0, le=60, description="Keep detecting on every frame this long after the last motion "
                                                         "or face.")
 
