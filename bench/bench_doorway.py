@@ -163,7 +163,7 @@ def main() -> int:
     from bench_reference import PI4_PUBLISHED_MS, PI4_THREADS, SOURCE, build
 
     from edgeface.config import EdgefaceConfig
-    from edgeface.evaluation.study import machine_description
+    from edgeface.evaluation.embedding import machine_description
     from edgeface.vision.analyzer import FaceAnalyzer
     from edgeface.vision.runtime import load_interpreter
 
