@@ -39,6 +39,9 @@ SI8F="$SFACE_INT8_FULL:arcface112:arcface"
     --embedder facenet_int8 --embedder sface_int8,facenet_int8 --threads 2 --passes 2 --peer-python "$PEER_PY"
 "$PY" bench/bench_reference.py --threads 2 --embedder sface_int8 --embedder "$SF16" --embedder "$SF32" \
     --embedder "$SI8F" --embedder facenet_int8
+# The replayed doorway (presence gate off and on): empty-doorway CPU and face-to-relay latency, here and for a Pi 4
+# (reference networks timed in turns with the replays).
+"$PY" bench/bench_doorway.py
 
 # 2. Accuracy on the same photos and pairs, ours (default sface_int8, its float32 reference, facenet_int8) next to
 #    face_recognition. The float32 SFace is not in the manifest: it gets the shipped model's threshold.

@@ -15,12 +15,16 @@ Action = Literal["grant", "deny", "unknown", "none"]
 
 @dataclass(frozen=True)
 class Frame:
-    """One camera image: RGB uint8 HxWx3, with the wall-clock time (seconds since the epoch) it was taken."""
+    """One camera image: RGB uint8 HxWx3, with the wall-clock time (seconds since the epoch) it was taken.
+
+    `lores` is an optional smaller RGB copy of the same instant (the Pi camera's low-resolution stream): the
+    presence gate and the detector look at it, faces are cropped from `image` (coordinates scaled up)."""
 
     image: np.ndarray = field(repr=False)
     timestamp: float
     index: int = 0
     source: str = ""
+    lores: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from edgeface.events.records import CRITICAL_KINDS, AccessEvent, DoorEvent
 from edgeface.frames import FrameSource, open_source
 from edgeface.events.remote import Verdict
 from edgeface.security import ensure_private_dir
+from edgeface.vision.presence import PresenceGate
 from edgeface.types import Decision, Frame, Match
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ class Daemon:
             analyzer = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
             self._parts.append(analyzer)  # only what the daemon made is closed by it
         self.analyzer = analyzer
+        self.presence = PresenceGate(cfg.presence)
         self.model_id = str(analyzer.embedder.model_id)
 
         if gallery is None:
@@ -353,7 +355,7 @@ class Daemon:
         """One frame through the whole pipeline; returns the policy's decision (and acts on it)."""
         self._heartbeat = time.monotonic()
         self.frames_seen += 1
-        result, _n = self.analyzer.analyze_main(frame.image)
+        result = self.presence.analyze(self.analyzer, frame)  # the detector only when something may be there
         if self.hass is not None:
             self._frame_image = frame.image
             self.hass.gallery(self.gallery)  # the People sensors (at most every few seconds)
