@@ -49,7 +49,7 @@ def test_device_discovery_has_required_keys():
     assert (switch["command_topic"], switch["state_topic"]) == ("edgeface/front/access/set", "edgeface/front/access")
     assert payload["availability"][0]["topic"] == "edgeface/front/availability"
     uids = [c["unique_id"] for c in payload["cmps"].values() if "unique_id" in c]
-    assert len(uids) == len(set(uids)) == len(payload["cmps"]) - 1  # the lock is a removal entry
+    assert len(uids) == len(set(uids)) == len(payload["cmps"]) - 2  # the lock and fleet_stale are removal entries
 
 
 def test_every_component_has_qos_1():

@@ -45,6 +45,8 @@ MAX_COSINE_DISTANCE = 2.0
 EXPORT_FORMAT = "edgeface-gallery"
 EXPORT_VERSION = 1
 NAME_MAX = 64
+#: external_id of a person the fleet manages (edgeface.fleet): this prefix + the fleet's person key.
+FLEET_ID_PREFIX = "fleet:"
 
 # Each entry migrates user_version i -> i + 1. Never edit a released entry; append a new one.
 MIGRATIONS: list[str] = [
@@ -1036,6 +1038,48 @@ class Gallery:
                 "crops": n_crops, "keep_crops": self.keep_crops, "max_distance": self.max_distance,
                 "match_mode": self.match_mode, "top_k": self.top_k, "created": meta.get("created"),
                 "bytes": self.path.stat().st_size if self.path.exists() else 0}
+
+    # ------------------------------------------------------------------ fleet sync (edgeface.fleet)
+    # The only gallery calls edgeface.fleet makes: a fleet person is the row whose external_id is
+    # FLEET_ID_PREFIX + person_key; a change replaces it whole (name, enabled, schedule, embeddings) in one
+    # transaction, so a door never matches against half a change.
+
+    def fleet_put(self, person_key: str, *, name: str, enabled: bool, schedule: Optional[dict],
+                  embeddings: Any, image_hashes: Sequence[str]) -> int:
+        """Create or replace the fleet person `person_key` (embeddings of this gallery's model). Returns its id."""
+        name = validate_name(name)
+        schedule = validate_schedule(schedule)
+        ext = FLEET_ID_PREFIX + person_key
+        with self._write() as c:
+            row = c.execute("SELECT id FROM people WHERE external_id = ?", (ext,)).fetchone()
+            clash = c.execute("SELECT external_id FROM people WHERE name = ?", (name,)).fetchone()
+            if clash is not None and clash[0] != ext:
+                raise GalleryError(f"fleet person {person_key!r}: the name {name!r} belongs to another person in "
+                                   f"gallery {self.path} (external id {clash[0]!r})")
+            if row is None:
+                pid = self._insert_person(c, name, ext, schedule)
+            else:
+                pid = int(row[0])
+                c.execute("DELETE FROM crops WHERE embedding_id IN (SELECT id FROM embeddings WHERE person_id = ?)",
+                          (pid,))
+                c.execute("DELETE FROM embeddings WHERE person_id = ?", (pid,))
+            c.execute("UPDATE people SET name = ?, enabled = ?, schedule = ?, updated = ? WHERE id = ?",
+                      (name, 1 if enabled else 0, json.dumps(schedule) if schedule else None, time.time(), pid))
+            self._insert_embeddings(c, pid, embeddings, list(image_hashes), [1.0] * len(image_hashes), None)
+            return pid
+
+    def fleet_delete(self, person_key: str) -> bool:
+        """Erase the fleet person `person_key` (a tombstone); False when this gallery does not hold them."""
+        ext = FLEET_ID_PREFIX + person_key
+        with self._write() as c:
+            row = c.execute("SELECT id FROM people WHERE external_id = ?", (ext,)).fetchone()
+            if row is None:
+                return False
+            c.execute("DELETE FROM crops WHERE embedding_id IN (SELECT id FROM embeddings WHERE person_id = ?)",
+                      (row[0],))
+            c.execute("DELETE FROM embeddings WHERE person_id = ?", (row[0],))
+            c.execute("DELETE FROM people WHERE id = ?", (row[0],))
+        return True
 
     def close(self) -> None:
         with self._lock:
