@@ -338,3 +338,39 @@ def test_stale_door_lets_in_only_the_allow_list_and_refuses_other_models(tmp_pat
         finally:
             admin.close()
             door.close()
+
+
+def test_fleet_commands_enroll_disable_and_show_status(tmp_path, analyzer, keys, capsys):
+    from conftest import run_cli
+
+    with MosquittoBroker() as broker:
+        cfg = door_config(tmp_path, "porch", broker, keys)
+        door = FleetDoor(cfg, Gallery.open(tmp_path / "porch" / "gallery.db", model_id=analyzer.embedder.model_id,
+                                           embedding_dim=analyzer.embedder.spec.embedding_dim,
+                                           max_distance=0.5)).start()
+        config = tmp_path / "admin.yaml"
+        config.write_text(f"state_dir: {tmp_path / 'porch'}\nmqtt:\n  port: {broker.port}\n")
+        try:
+            assert door.wait_connected(10)
+            rc, out, err = run_cli(capsys, config, "fleet", "keygen", "--out", tmp_path / "newkeys")
+            assert rc == 0 and "fleet_admin.pub" in out[0]
+            rc, out, err = run_cli(capsys, config, "fleet", "keygen", "--out", tmp_path / "newkeys")
+            assert rc != 0 and "refusing to overwrite" in err
+            key = keys / "admin.key"
+            rc, out, err = run_cli(capsys, config, "fleet", "enroll", "barack_obama", *OBAMA_ENROLL, "--key", key,
+                                   "--node", "desk")
+            assert rc == 0 and out[0].startswith("barack_obama: 3 embedding(s)"), (out, err)
+            assert wait_until(lambda: [p.name for p in door.gallery.people()] == ["barack_obama"], 10)
+            rc, out, err = run_cli(capsys, config, "fleet", "disable", "barack_obama", "--key", key)
+            assert rc == 0 and "disabled on every door" in out[0]
+            assert wait_until(lambda: not door.gallery.person("barack_obama").enabled, 10)
+            assert wait_until(lambda: door.wait_idle(0.5) and run_cli(capsys, config, "fleet", "status")[0] == 0, 10)
+            rc, out, err = run_cli(capsys, config, "fleet", "status", "--json")
+            status = json.loads(out[0])
+            assert status["people"] == 1 and status["disabled"] == 1
+            assert [(d["door_id"], d["in_sync"]) for d in status["doors"]] == [("porch", True)]
+            rc, out, err = run_cli(capsys, config, "fleet", "disable", "nobody", "--key", key)
+            assert rc != 0 and "no person 'nobody'" in err
+        finally:
+            door.close()
+            door.gallery.close()

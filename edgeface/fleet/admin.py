@@ -32,7 +32,7 @@ def new_person_key() -> str:
 class FleetAdmin:
     """Connected to the broker; `load()` reads the retained list, `put`/`revoke`/`delete` publish signed changes."""
 
-    def __init__(self, mqtt_cfg: MqttConfig, signer: Signer, *, node: str, verifier: Optional[Verifier] = None,
+    def __init__(self, mqtt_cfg: MqttConfig, signer: Optional[Signer], *, node: str, verifier: Optional[Verifier] = None,
                  client_id: Optional[str] = None) -> None:
         self.cfg = mqtt_cfg
         self.signer = signer
@@ -112,8 +112,13 @@ class FleetAdmin:
         with self._lock:
             return next((p for p in self.people.values() if not p.deleted and p.name == name), None)
 
+    def _signer(self) -> Signer:
+        if self.signer is None:
+            raise ConfigError("fleet: this admin connection has no key (--key): it can read the list, not change it")
+        return self.signer
+
     def publish(self, change: PersonChange) -> PersonChange:
-        payload = self.signer.envelope(PERSON_KIND, change.body())
+        payload = self._signer().envelope(PERSON_KIND, change.body())
         self.client.publish(self.topics.person(change.person_key), payload, qos=1, retain=True).wait_for_publish(30)
         with self._lock:
             self.people[change.person_key] = change
@@ -144,7 +149,7 @@ class FleetAdmin:
     def heartbeat(self) -> None:
         with self._lock:
             n = sum(1 for p in self.people.values() if not p.deleted)
-        payload = self.signer.envelope(HEARTBEAT_KIND, Heartbeat(self.clock.now(), n).body())
+        payload = self._signer().envelope(HEARTBEAT_KIND, Heartbeat(self.clock.now(), n).body())
         self.client.publish(self.topics.heartbeat, payload, qos=1, retain=True).wait_for_publish(30)
 
     # ------------------------------------------------------------------ status

@@ -64,6 +64,7 @@ class FleetDoor:
         self._report_due = True
         self._reported_at = -1e9
         self._threads: list[threading.Thread] = []
+        self._repaired: dict[str, float] = {}
         self.client = make_client(cfg.mqtt, f"edgeface-fleet-{self.door_id}")
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, m: self._queue.put((m.topic, bytes(m.payload), bool(m.retain)))
@@ -145,8 +146,8 @@ class FleetDoor:
         log.log(level, "fleet: refused %s on %s: %s", why, topic, reason)
 
     def _handle_batch(self, batch: list[tuple[str, bytes, bool]]) -> None:
-        done: list[tuple[str, str, bool, bytes]] = []
-        pending: dict[str, str] = {}  # versions applied in this batch, not yet recorded
+        accepted: list[tuple[PersonChange, str, bytes]] = []
+        pending: dict[str, str] = {}  # versions accepted in this batch, not yet recorded
         for topic, payload, retained in batch:
             if topic == self.topics.heartbeat:
                 self._handle_heartbeat(topic, payload, retained)
@@ -176,50 +177,75 @@ class FleetDoor:
                 if retained:  # the broker's copy, delivered again on every (re)subscribe
                     log.debug("fleet: person %s version %s already applied", key, change.version)
                 else:
-                    self._reject("a replay", topic, f"version {change.version} of person {key} is already applied")
+                    self._reject("a replay", topic, f"version {change.version} of person {key} is already applied "
+                                 "(a replay, or another door repairing the broker's copy)", logging.INFO)
                 continue
             if current is not None and change.version < current:
                 self._reject("a stale version", topic, f"version {change.version} of person {key} is older than "
                              f"the applied {current}; republishing the newer signed change")
-                self._repair(key, topic, pending, done)
-                continue
-            if not self._apply(change, topic):
+                self._repair(key, topic, accepted)
                 continue
             pending[key] = str(change.version)
-            done.append((key, str(change.version), change.deleted, payload))
+            accepted.append((change, topic, payload))
+        done = self._apply(accepted)
         self.state.record(done)
         if done:
             self.applied_count += len(done)
             self._report_due = True
 
-    def _repair(self, key: str, topic: str, pending: dict[str, str], done: list) -> None:
+    def _repair(self, key: str, topic: str, accepted: list[tuple[PersonChange, str, bytes]]) -> None:
         """Put the newer signed change back on the broker (two admins' retained writes can land out of order);
         a door can republish a change, never forge one."""
-        env = next((e for k, _v, _d, e in reversed(done) if k == key), None) or self.state.envelope(key)
+        now = self._clock()
+        if now - self._repaired.get(key, -1e9) < 2.0:  # one repair per person at a time, not one per copy heard
+            return
+        self._repaired[key] = now
+        env = next((e for c, _t, e in reversed(accepted) if c.person_key == key), None) or self.state.envelope(key)
         if env is not None:
             self.client.publish(topic, env, qos=1, retain=True)
 
-    def _apply(self, change: PersonChange, topic: str) -> bool:
+    def _record(self, change: PersonChange, topic: str) -> Optional[dict]:
+        """The gallery record of a change (None: a tombstone); another model's embeddings are dropped, logged."""
+        if change.deleted:
+            return None
+        vecs, hashes = change.embeddings, change.image_hashes()
+        if len(vecs) and change.model_id != self.model_id:
+            self._reject("embeddings of another model", topic,
+                         f"person {change.name!r} ({change.person_key}) has {len(vecs)} embedding(s) of model "
+                         f"{change.model_id!r}, this door uses {self.model_id!r}: stored without embeddings, "
+                         "never compared")
+            vecs, hashes = vecs[:0], []
+        return {"name": change.name, "enabled": change.enabled, "schedule": change.schedule, "embeddings": vecs,
+                "image_hashes": hashes}
+
+    def _apply(self, accepted: list[tuple[PersonChange, str, bytes]]) -> list[tuple[str, str, bool, bytes]]:
+        """Write the accepted changes to the gallery, all in one transaction; when that fails (a name clash),
+        one by one, so one bad change does not hold back the rest. Returns the rows for the fleet state."""
+        if not accepted:
+            return []
+        items = [(c, t, e, self._record(c, t)) for c, t, e in accepted]
         try:
-            if change.deleted:
-                self.gallery.fleet_delete(change.person_key)
-                log.info("fleet: person %s deleted (version %s)", change.person_key, change.version)
-                return True
-            vecs, hashes = change.embeddings, change.image_hashes()
-            if len(vecs) and change.model_id != self.model_id:
-                self._reject("embeddings of another model", topic,
-                             f"person {change.name!r} ({change.person_key}) has {len(vecs)} embedding(s) of model "
-                             f"{change.model_id!r}, this door uses {self.model_id!r}: stored without embeddings, "
-                             "never compared")
-                vecs, hashes = vecs[:0], []
-            self.gallery.fleet_put(change.person_key, name=change.name, enabled=change.enabled,
-                                   schedule=change.schedule, embeddings=vecs, image_hashes=hashes)
-            log.info("fleet: person %r (%s) %s, %d embedding(s), version %s", change.name, change.person_key,
-                     "enabled" if change.enabled else "DISABLED", len(vecs), change.version)
-            return True
-        except GalleryError as exc:
-            log.error("fleet: person %s version %s not applied: %s", change.person_key, change.version, exc)
-            return False
+            self.gallery.fleet_apply([(c.person_key, r) for c, _t, _e, r in items])
+            ok = items
+        except GalleryError:
+            ok = []
+            for item in items:
+                c, _t, _e, r = item
+                try:
+                    self.gallery.fleet_apply([(c.person_key, r)])
+                    ok.append(item)
+                except GalleryError as exc:
+                    log.error("fleet: person %s version %s not applied: %s", c.person_key, c.version, exc)
+        for c, _t, _e, r in ok:
+            if r is None:
+                log.info("fleet: person %s deleted (version %s)", c.person_key, c.version)
+            else:
+                log.log(logging.INFO if len(ok) <= 20 else logging.DEBUG,
+                        "fleet: person %r (%s) %s, %d embedding(s), version %s", c.name, c.person_key,
+                        "enabled" if c.enabled else "DISABLED", len(r["embeddings"]), c.version)
+        if len(ok) > 20:
+            log.info("fleet: applied %d changes", len(ok))
+        return [(c.person_key, str(c.version), c.deleted, e) for c, _t, e, _r in ok]
 
     def _handle_heartbeat(self, topic: str, payload: bytes, retained: bool) -> None:
         try:

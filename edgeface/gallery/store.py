@@ -1045,41 +1045,44 @@ class Gallery:
     # transaction, so a door never matches against half a change.
 
     def fleet_put(self, person_key: str, *, name: str, enabled: bool, schedule: Optional[dict],
-                  embeddings: Any, image_hashes: Sequence[str]) -> int:
-        """Create or replace the fleet person `person_key` (embeddings of this gallery's model). Returns its id."""
-        name = validate_name(name)
-        schedule = validate_schedule(schedule)
-        ext = FLEET_ID_PREFIX + person_key
-        with self._write() as c:
-            row = c.execute("SELECT id FROM people WHERE external_id = ?", (ext,)).fetchone()
-            clash = c.execute("SELECT external_id FROM people WHERE name = ?", (name,)).fetchone()
-            if clash is not None and clash[0] != ext:
-                raise GalleryError(f"fleet person {person_key!r}: the name {name!r} belongs to another person in "
-                                   f"gallery {self.path} (external id {clash[0]!r})")
-            if row is None:
-                pid = self._insert_person(c, name, ext, schedule)
-            else:
-                pid = int(row[0])
-                c.execute("DELETE FROM crops WHERE embedding_id IN (SELECT id FROM embeddings WHERE person_id = ?)",
-                          (pid,))
-                c.execute("DELETE FROM embeddings WHERE person_id = ?", (pid,))
-            c.execute("UPDATE people SET name = ?, enabled = ?, schedule = ?, updated = ? WHERE id = ?",
-                      (name, 1 if enabled else 0, json.dumps(schedule) if schedule else None, time.time(), pid))
-            self._insert_embeddings(c, pid, embeddings, list(image_hashes), [1.0] * len(image_hashes), None)
-            return pid
+                  embeddings: Any, image_hashes: Sequence[str]) -> None:
+        """Create or replace the fleet person `person_key` (embeddings of this gallery's model)."""
+        self.fleet_apply([(person_key, {"name": name, "enabled": enabled, "schedule": schedule,
+                                        "embeddings": embeddings, "image_hashes": image_hashes})])
 
-    def fleet_delete(self, person_key: str) -> bool:
-        """Erase the fleet person `person_key` (a tombstone); False when this gallery does not hold them."""
-        ext = FLEET_ID_PREFIX + person_key
+    def fleet_delete(self, person_key: str) -> None:
+        """Erase the fleet person `person_key` (a tombstone); nothing happens when this gallery does not hold them."""
+        self.fleet_apply([(person_key, None)])
+
+    def fleet_apply(self, changes: Sequence[tuple[str, Optional[dict]]]) -> None:
+        """Several fleet changes in ONE transaction (a door catching up on thousands): (person_key, record) puts
+        a person (record keys as fleet_put's arguments), (person_key, None) erases one. All or nothing."""
+        checked = []
+        for key, rec in changes:
+            if rec is not None:
+                rec = dict(rec, name=validate_name(rec["name"]), schedule=validate_schedule(rec.get("schedule")))
+            checked.append((FLEET_ID_PREFIX + key, key, rec))
         with self._write() as c:
-            row = c.execute("SELECT id FROM people WHERE external_id = ?", (ext,)).fetchone()
-            if row is None:
-                return False
-            c.execute("DELETE FROM crops WHERE embedding_id IN (SELECT id FROM embeddings WHERE person_id = ?)",
-                      (row[0],))
-            c.execute("DELETE FROM embeddings WHERE person_id = ?", (row[0],))
-            c.execute("DELETE FROM people WHERE id = ?", (row[0],))
-        return True
+            for ext, key, rec in checked:
+                row = c.execute("SELECT id FROM people WHERE external_id = ?", (ext,)).fetchone()
+                if row is not None:
+                    c.execute("DELETE FROM crops WHERE embedding_id IN (SELECT id FROM embeddings WHERE "
+                              "person_id = ?)", (row[0],))
+                    c.execute("DELETE FROM embeddings WHERE person_id = ?", (row[0],))
+                if rec is None:
+                    if row is not None:
+                        c.execute("DELETE FROM people WHERE id = ?", (row[0],))
+                    continue
+                clash = c.execute("SELECT external_id FROM people WHERE name = ?", (rec["name"],)).fetchone()
+                if clash is not None and clash[0] != ext:
+                    raise GalleryError(f"fleet person {key!r}: the name {rec['name']!r} belongs to another person "
+                                       f"in gallery {self.path} (external id {clash[0]!r})")
+                pid = self._insert_person(c, rec["name"], ext, rec["schedule"]) if row is None else int(row[0])
+                c.execute("UPDATE people SET name = ?, enabled = ?, schedule = ?, updated = ? WHERE id = ?",
+                          (rec["name"], 1 if rec["enabled"] else 0,
+                           json.dumps(rec["schedule"]) if rec["schedule"] else None, time.time(), pid))
+                hashes = list(rec["image_hashes"])
+                self._insert_embeddings(c, pid, rec["embeddings"], hashes, [1.0] * len(hashes), None)
 
     def close(self) -> None:
         with self._lock:
