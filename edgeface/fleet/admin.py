@@ -43,6 +43,7 @@ class FleetAdmin:
         self.doors: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._last_message = time.monotonic()
+        self._last_info: Any = None
         self._connected = threading.Event()
         self.client = make_client(mqtt_cfg, client_id or f"edgeface-fleet-admin-{node}-{secrets.token_hex(3)}")
         self.client.on_connect = self._on_connect
@@ -117,21 +118,31 @@ class FleetAdmin:
             raise ConfigError("fleet: this admin connection has no key (--key): it can read the list, not change it")
         return self.signer
 
-    def publish(self, change: PersonChange) -> PersonChange:
+    def publish(self, change: PersonChange, *, wait: bool = True) -> PersonChange:
+        """Sign and publish retained; wait=False queues it (many at once: call flush() after the last)."""
         payload = self._signer().envelope(PERSON_KIND, change.body())
-        self.client.publish(self.topics.person(change.person_key), payload, qos=1, retain=True).wait_for_publish(30)
+        info = self.client.publish(self.topics.person(change.person_key), payload, qos=1, retain=True)
+        self._last_info = info
+        if wait:
+            info.wait_for_publish(30)
         with self._lock:
             self.people[change.person_key] = change
         return change
 
+    def flush(self, timeout: float = 120.0) -> None:
+        """Wait until the last publish(wait=False) is acknowledged by the broker."""
+        if self._last_info is not None:
+            self._last_info.wait_for_publish(timeout)
+
     def put(self, name: str, embeddings: Any, *, model_id: str, enabled: bool = True,
-            schedule: Optional[dict] = None, person_key: Optional[str] = None) -> PersonChange:
+            schedule: Optional[dict] = None, person_key: Optional[str] = None, wait: bool = True) -> PersonChange:
         """Enroll or replace a person (a new key unless `person_key` or the name is known)."""
         known = self.people.get(person_key) if person_key else self.find(name)
         key = person_key or (known.person_key if known else new_person_key())
         vecs = np.asarray(embeddings, np.float32)
         return self.publish(PersonChange(key, self.clock.now(), name, enabled, schedule, model_id,
-                                         vecs.reshape(len(vecs), -1) if len(vecs) else np.zeros((0, 0), np.float32)))
+                                         vecs.reshape(len(vecs), -1) if len(vecs) else np.zeros((0, 0), np.float32)),
+                            wait=wait)
 
     def set_enabled(self, name_or_key: str, enabled: bool) -> PersonChange:
         old = self.people.get(name_or_key) or self.find(name_or_key)
