@@ -6,8 +6,8 @@ each online door has it in its gallery) p50/p99 over every (revocation, door) pa
 change (mosquitto's $SYS byte counters around the revocations, door reports included); a new door's full sync
 from the retained topics alone (process start -> all M applied).
 
-Run: python bench/bench_fleet.py [--doors 50] [--people 10000] [--revocations 20]
-     (writes bench/results/fleet.json and fleet.md)
+Run: python bench/bench_fleet.py [--doors 50] [--people 10000] [--revocations 20] [--out bench/results/fleet]
+     (writes bench/results/fleet.json and fleet.md; the reduced run is in fleet_small.json|md)
 Targets: revocation p99 <= 2 s, full sync of 10,000 people <= 60 s.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -240,6 +241,7 @@ def main() -> None:
             d.stop()
         admin.close()
         broker.close()
+        shutil.rmtree(root, ignore_errors=True)
     result["targets"] = {"revocation_p99_le_2s": result["revocation_s"]["p99"] <= 2.0,
                          "full_sync_le_60s": result["new_door_full_sync_s"]["from_process_start"] <= 60.0}
     args.out.parent.mkdir(parents=True, exist_ok=True)

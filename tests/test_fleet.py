@@ -374,3 +374,24 @@ def test_fleet_commands_enroll_disable_and_show_status(tmp_path, analyzer, keys,
         finally:
             door.close()
             door.gallery.close()
+
+
+def test_a_retained_heartbeat_of_an_admin_long_gone_does_not_count_as_fresh(tmp_path, keys):
+    from edgeface.fleet.changes import HEARTBEAT_KIND, Heartbeat
+
+    signer = Signer.load(keys / "admin.key")
+    with MosquittoBroker() as broker:
+        old = Heartbeat(HLC(int((time.time() - 60) * 1000), 0, "admin-a"))
+        publish_raw(broker, "edgeface/fleet/heartbeat", signer.envelope(HEARTBEAT_KIND, old.body()), retain=True)
+        cfg = door_config(tmp_path, "shed", broker, keys, stale_after_s=30)
+        door = FleetDoor(cfg, Gallery.open(tmp_path / "shed" / "gallery.db", model_id="m", embedding_dim=4,
+                                           max_distance=0.5)).start()
+        try:
+            assert wait_until(lambda: door.state.meta("heartbeat") == str(old.version), 10)  # heard, and...
+            assert wait_until(lambda: door.stale, 5)  # ...60 s old: stale at once, not 30 s from now
+            fresh = Heartbeat(HLC(int(time.time() * 1000), 0, "admin-a"))
+            publish_raw(broker, "edgeface/fleet/heartbeat", signer.envelope(HEARTBEAT_KIND, fresh.body()))
+            assert wait_until(lambda: not door.stale, 5)
+        finally:
+            door.close()
+            door.gallery.close()

@@ -41,7 +41,8 @@ class FleetDoor:
     BATCH = 500
 
     def __init__(self, cfg: EdgefaceConfig, gallery: Any, *, model_id: Optional[str] = None,
-                 on_stale: Optional[StaleHandler] = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 on_stale: Optional[StaleHandler] = None, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.door_id = cfg.door.door_id
         self.gallery = gallery
@@ -53,6 +54,7 @@ class FleetDoor:
         self.applied_count = 0
         self._on_stale = on_stale
         self._clock = clock
+        self._wall = wall
         self._queue: "queue.Queue[Optional[tuple[str, bytes, bool]]]" = queue.Queue()
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -263,7 +265,9 @@ class FleetDoor:
             return
         self._heartbeat = hb.version
         self.state.set_meta("heartbeat", str(hb.version))
-        self._heard = self._clock()
+        # a retained heartbeat of an admin gone for an hour is an hour old, not fresh: its age counts (a clock
+        # behind the admin's, as on a Pi booted without network, makes it look newer, never older than 0)
+        self._heard = self._clock() - max(0.0, self._wall() - hb.version.wall_ms / 1000)
         self._check_stale()
 
     # ------------------------------------------------------------------ staleness and reports
