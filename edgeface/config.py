@@ -69,6 +69,11 @@ class EmbedderConfig(Section):
                                                   "K=100, E=3), twice the embedding time; off by default for latency on "
                                                   "a Pi (docs/accuracy.md, models/MODELS.md).")
     num_threads: Optional[int] = Field(None, ge=1, le=16, description="Interpreter threads; default min(4, cores).")
+    head: Optional[str] = Field(
+        None, description="An embedding head trained with `edgeface train-head` (manifest name, or a .tflite path with "
+                          "its .json beside it), applied after the embedder. Off by default: the heads measured so far "
+                          "did not beat the plain embedder (docs/training.md). A gallery enrolled without it (or with "
+                          "another head) is refused until `edgeface gallery reembed`.")
     source_weights: Optional[str] = Field(
         None, description="Source weights to convert from when the model file is missing (needs edgeface[convert]): the "
                           "Keras FaceNet .h5, or the SFace .onnx (face_recognition_sface_2021dec_int8bq.onnx).")

@@ -34,7 +34,21 @@ _GATE = QualityGate()
 
 
 def embedder_identity(cfg: EdgefaceConfig) -> tuple[str, int]:
-    """(model_id, embedding_dim) of the configured embedder without loading it (people commands need no model)."""
+    """(model_id, embedding_dim) of the configured embedder (and head) without loading it (people commands need no
+    model)."""
+    model_id, dim = _backbone_identity(cfg)
+    if not cfg.embedder.head:
+        return model_id, dim
+    from edgeface.vision.head import resolve_head
+
+    head = resolve_head(cfg.embedder.head, cfg.models_dir)[1]
+    if head.backbone != model_id:
+        raise ConfigError(f"embedder.head {cfg.embedder.head!r} was trained on {head.backbone} embeddings, "
+                          f"embedder.model is {model_id}")
+    return f"{model_id}+{head.head_id}", head.output_dim
+
+
+def _backbone_identity(cfg: EdgefaceConfig) -> tuple[str, int]:
     from edgeface.vision.embed import EmbedderSpec
     from edgeface.models import MANIFEST_NAME, default_models_dir, load_manifest
 

@@ -42,7 +42,7 @@ def state_path(cfg: EdgefaceConfig, path: str) -> Path:
 def ensure_embedder(cfg: EdgefaceConfig) -> None:
     """Let the converter produce a missing embedder model, when that part of edgeface is installed."""
     try:
-        from edgeface.convert import converter as convert
+        import edgeface.convert as convert  # the [convert] wing, imported only here and only when it is present
     except ImportError:
         return
     ensure = getattr(convert, "ensure_embedder_model", None)

@@ -245,6 +245,10 @@ def resolve_max_distance(gallery_cfg: Any, embedder_cfg: Any, models_dir: Option
     """gallery.max_distance when set, else the embedder model's manifest default."""
     if getattr(gallery_cfg, "max_distance", None) is not None:
         return float(gallery_cfg.max_distance)
+    if getattr(embedder_cfg, "head", None):  # a head has its own distance scale, calibrated when it was trained
+        from edgeface.vision.head import head_threshold
+        value = head_threshold(embedder_cfg.head, models_dir)
+        return float(value) if value is not None else FALLBACK_MAX_DISTANCE
     return default_max_distance(embedder_cfg.model, models_dir, getattr(gallery_cfg, "match_mode", None))
 
 
