@@ -25,7 +25,8 @@ from edgeface.fleet.hlc import HLC, HybridClock
 from edgeface.fleet.signing import Signer, generate_keypair
 from edgeface.frames import FolderSource
 from edgeface.gallery.store import Gallery
-from edgeface.testing import MosquittoBroker, mosquitto_path, wait_until
+from edgeface.events.hass import validate_discovery
+from edgeface.testing import Collector, MosquittoBroker, mosquitto_path, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow,
               pytest.mark.skipif(mosquitto_path() is None, reason="needs mosquitto (apt install mosquitto)")]
@@ -195,6 +196,9 @@ def test_three_doors_share_one_list_through_bridged_brokers(tmp_path, analyzer, 
         assert wait_until(lambda: synced(lobby.fleet, garage.fleet, want=admin.expected_digest()), 10)
         assert lobby.show(OBAMA_PROBE) == garage.show(OBAMA_PROBE) == ["denied"]
         assert annex.show(OBAMA_PROBE) == ["granted"]  # offline: it keeps its old list
+        # the admin sees who is behind (the annex's last report came over the bridge before the partition)
+        assert wait_until(lambda: {r["door_id"]: r["in_sync"] for r in admin.status()} ==
+                          {"lobby": True, "garage": True, "annex": False}, 10)
         assert wait_until(lambda: annex.door_events("fleet_stale"), STALE_AFTER_S + 5)
         assert annex.fleet.stale and not lobby.fleet.stale and not garage.fleet.stale
         assert any("no signed heartbeat" in r.getMessage() for r in caplog.records)
@@ -313,6 +317,7 @@ def test_stale_door_lets_in_only_the_allow_list_and_refuses_other_models(tmp_pat
         door = DoorUnderTest(tmp_path, door_config(tmp_path, "gate", broker, keys, deny_when_stale=True,
                                               allow_when_stale=["guido_van_rossum"]), analyzer)
         admin = FleetAdmin(door.daemon.cfg.mqtt, Signer.load(keys / "admin.key"), node="admin-a").start()
+        sub = Collector(broker.host, broker.port, ["edgeface/gate/fleet_stale", "homeassistant/#"])
         try:
             assert door.fleet.wait_connected(10)
             admin.put("barack_obama", embeddings["barack_obama"], model_id=model)
@@ -328,14 +333,23 @@ def test_stale_door_lets_in_only_the_allow_list_and_refuses_other_models(tmp_pat
                        for r in caplog.records)
             # no heartbeat any more: stale, and only the allow list opens the door
             assert wait_until(lambda: door.fleet.stale, STALE_AFTER_S + 5)
+            assert wait_until(lambda: sub.on_topic("edgeface/gate/fleet_stale")[-1:] == [b"ON"], 10)
             assert door.show(OBAMA_PROBE) == ["denied"]
             assert door.show(GUIDO_PROBE) == ["granted"]
             denied = [e for e in door.events if e.get("result") == "denied"][-1]
             assert "deny_when_stale" in denied["reason"]
             admin.heartbeat()
             assert wait_until(lambda: not door.fleet.stale, 5)
+            assert wait_until(lambda: sub.on_topic("edgeface/gate/fleet_stale")[-1:] == [b"OFF"], 10)
             assert door.show(OBAMA_PROBE) == ["granted"]
+            # Home Assistant shows the alarm as a problem sensor on the door's device
+            discovery = json.loads(sub.last("homeassistant/device/edgeface_gate/config"))
+            assert validate_discovery(discovery) == []
+            sensor = discovery["cmps"]["edgeface_gate_fleet_stale"]
+            assert (sensor["p"], sensor["state_topic"], sensor["device_class"]) == (
+                "binary_sensor", "edgeface/gate/fleet_stale", "problem")
         finally:
+            sub.close()
             admin.close()
             door.close()
 
