@@ -67,7 +67,7 @@ class FleetDoor:
         self._reported_at = -1e9
         self._threads: list[threading.Thread] = []
         self._repaired: dict[str, float] = {}
-        self.client = make_client(cfg.mqtt, f"edgeface-fleet-{self.door_id}")
+        self.client = make_client(cfg.mqtt, (cfg.mqtt.client_id or f"edgeface-{self.door_id}") + "-fleet")
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, m: self._queue.put((m.topic, bytes(m.payload), bool(m.retain)))
         self._connected = threading.Event()
