@@ -383,6 +383,14 @@ def test_fleet_commands_enroll_disable_and_show_status(tmp_path, analyzer, keys,
             status = json.loads(out[0])
             assert status["people"] == 1 and status["disabled"] == 1
             assert [(d["door_id"], d["in_sync"]) for d in status["doors"]] == [("porch", True)]
+            rc, out, err = run_cli(capsys, config, "fleet", "schedule", "barack_obama", "--days", "mon,tue",
+                                   "--window", "08:00-18:00", "--key", key)
+            assert rc == 0, err
+            assert wait_until(lambda: door.gallery.person("barack_obama").schedule ==
+                              {"days": ["mon", "tue"], "windows": [["08:00", "18:00"]]}, 10)
+            rc, out, err = run_cli(capsys, config, "fleet", "schedule", "barack_obama", "--window", "25:00-26:00",
+                                   "--key", key)
+            assert rc != 0 and "25:00" in err
             rc, out, err = run_cli(capsys, config, "fleet", "disable", "nobody", "--key", key)
             assert rc != 0 and "no person 'nobody'" in err
         finally:

@@ -1,7 +1,7 @@
 """`edgeface fleet ...`: the admin side of the shared access list (docs/fleet.md).
 
 keygen makes the admin key pair (the private key stays on the admin host; doors get the .pub); enroll, disable,
-enable and delete publish signed changes; heartbeat keeps the doors from going stale; status shows which doors
+enable, schedule and delete publish signed changes; heartbeat keeps the doors from going stale; status shows which doors
 hold the broker's list and which are behind. Broker settings come from the config's `mqtt:` section.
 """
 from __future__ import annotations
@@ -134,6 +134,36 @@ def enable_cmd(obj: CliContext, who: str, key_path: Path, node: Optional[str]) -
 def delete_cmd(obj: CliContext, who: str, key_path: Path, node: Optional[str]) -> None:
     """Erase a person from every door (a signed, retained tombstone)."""
     _set(obj, who, key_path, node, None)
+
+
+@fleet_group.command("schedule")
+@click.argument("who", metavar="NAME_OR_KEY")
+@click.option("--days", default=None, help="Comma-separated days, e.g. mon,tue,wed,thu,fri (default: every day).")
+@click.option("--window", "windows", multiple=True, metavar="HH:MM-HH:MM",
+              help="Allowed time window (repeatable), in each door's policy.timezone; default all day.")
+@click.option("--always", is_flag=True, help="Remove the schedule: the person may enter at any time.")
+@_KEY_OPTION
+@_NODE_OPTION
+@pass_ctx
+def schedule_cmd(obj: CliContext, who: str, days: Optional[str], windows: tuple[str, ...], always: bool,
+                 key_path: Path, node: Optional[str]) -> None:
+    """Set when a person may enter, on every door."""
+    if always == bool(days or windows):
+        raise click.UsageError("give --days and/or --window, or --always alone")
+    schedule = None
+    if not always:
+        schedule = {}
+        if days:
+            schedule["days"] = [d.strip().lower() for d in days.split(",") if d.strip()]
+        if windows:
+            schedule["windows"] = [w.split("-", 1) if "-" in w else [w, ""] for w in windows]
+    admin = _admin(obj, key_path, node)
+    try:
+        change = admin.set_schedule(who, schedule)
+    finally:
+        admin.close()
+    click.echo(f"{who}: schedule {json.dumps(change.schedule) if change.schedule else 'any time'} on every door, "
+               f"version {change.version}")
 
 
 @fleet_group.command("heartbeat")

@@ -151,6 +151,16 @@ class FleetAdmin:
         return self.publish(PersonChange(old.person_key, self.clock.now(), old.name, enabled, old.schedule,
                                          old.model_id, old.embeddings))
 
+    def set_schedule(self, name_or_key: str, schedule: Optional[dict]) -> PersonChange:
+        """When the person may enter on every door (None: any time); checked as the gallery checks it."""
+        from edgeface.gallery.store import validate_schedule
+
+        old = self.people.get(name_or_key) or self.find(name_or_key)
+        if old is None or old.deleted:
+            raise ConfigError(f"fleet: no person {name_or_key!r} on the broker (see: edgeface fleet status)")
+        return self.publish(PersonChange(old.person_key, self.clock.now(), old.name, old.enabled,
+                                         validate_schedule(schedule), old.model_id, old.embeddings))
+
     def delete(self, name_or_key: str) -> PersonChange:
         old = self.people.get(name_or_key) or self.find(name_or_key)
         if old is None or old.deleted:
