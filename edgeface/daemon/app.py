@@ -7,7 +7,6 @@ way out (close(), signals via the CLI, exceptions).
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -146,7 +145,7 @@ class Daemon:
 
         # the door first and released: nothing may leave the relay in an unknown state
         factory = pin_factory if pin_factory is not None else make_pin_factory(cfg.door.pin_factory)
-        self.door = Door.from_config(cfg.door, pin_factory=factory, on_change=self._on_relay)
+        self.door = Door.from_config(cfg.door, pin_factory=factory, on_change=self._on_relay, state_dir=state)
         self._parts.append(self.door)
         self.contact: Optional[DoorContact] = None
         if cfg.door.contact_pin is not None:
@@ -192,6 +191,8 @@ class Daemon:
 
         self.mqtt = None
         self.outbox = None
+        self.hass: Any = None  # HA entity states beyond the events (edgeface.events.hass_state)
+        self._frame_image: Any = None  # the frame being decided (the face image entity's crop)
         self._verifier = None
         self._refusals: Any = None
         self._refusal_timer: Optional[threading.Timer] = None
@@ -222,9 +223,17 @@ class Daemon:
                     self._totp = self._build_totp()
             if cfg.mqtt.remote_unlock or cfg.mqtt.access_switch:
                 on_command = self._on_command
+            from edgeface.events.hass_state import HassStates
+
+            def discovery() -> list[tuple[str, str]]:
+                people, removed = self.hass.discovery_people() if self.hass is not None else ([], [])
+                return discovery_messages(cfg, people=people, removed_people=removed)
+
             self.mqtt = MqttPublisher(cfg.mqtt, door_id=self.door_id, outbox=self.outbox,
                                       password=read_secret(cfg.mqtt.password_env) if cfg.mqtt.username else None,
-                                      discovery=lambda: discovery_messages(cfg), on_command=on_command)
+                                      discovery=discovery, on_command=on_command)
+            self.hass = HassStates(cfg.mqtt, self.mqtt, door_id=self.door_id, tz=self.tz, clock=self._clock)
+            self.hass.gallery(self.gallery, force=True)
             self.mqtt.set_state(self.mqtt.topics.relay, self.door.state)
             self.mqtt.set_state(self.mqtt.topics.access, "ON" if self.access.on else "OFF")
             if self.contact is not None:
@@ -362,6 +371,9 @@ class Daemon:
         self._heartbeat = time.monotonic()
         self.frames_seen += 1
         result, _n = self.analyzer.analyze_main(frame.image)
+        if self.hass is not None:
+            self._frame_image = frame.image
+            self.hass.gallery(self.gallery)  # the People sensors (at most every few seconds)
         if result is None:
             decision = self.policy.observe(frame.timestamp, None)
         else:
@@ -405,11 +417,8 @@ class Daemon:
                 self.audit.record("access", result="withheld", person_id=ev.person_id, person_name=ev.person_name,
                                   event_id=ev.event_id, reason="the outbox cannot be written")
                 return "the outbox cannot be written"
-            # HA reserves the state `unknown`: a stranger is `stranger`; result and time are attributes
-            self.mqtt.set_state(self.mqtt.topics.last_person_attributes, json.dumps(
-                {"result": ev.result, "person_name": ev.person_name, "timestamp": ev.timestamp,
-                 "event_id": ev.event_id, "distance": ev.distance}, sort_keys=True))
-            self.mqtt.set_state(self.mqtt.topics.last_person, ev.person_name or "stranger")
+            if self.hass is not None:  # last person (one message), doorbell, presence, face image
+                self.hass.decision(ev, frame=self._frame_image, box=d.box)
         log.info("%s %s (distance %s, %d frames%s)", ev.result, ev.person_name or "stranger", ev.distance,
                  ev.frames_used, f", {ev.reason}" if ev.result == "denied" else "")
         self._sink(payload)
@@ -529,6 +538,7 @@ class Daemon:
             self.audit.record("remote_unlock", result="refused", reason=verdict.reason, nonce=verdict.nonce,
                               method=method)
             self._door_event("remote_unlock_refused", {"method": method, "reason": verdict.reason})
+            self._refusal_state(verdict.reason, method)
         elif self._refusal_timer is None:
             self._refusal_timer = threading.Timer(self._refusals.window_s, self._flush_refusals)
             self._refusal_timer.daemon = True
@@ -549,6 +559,13 @@ class Daemon:
         log.warning("remote unlock refused: %s: %s", reason, ", ".join(f"{k} x{v}" for k, v in counts.items()))
         self.audit.record("remote_unlock", result="refused", reason=reason, count=n, reasons=counts)
         self._door_event("remote_unlock_refused", {"reason": reason, "count": n, "reasons": counts})
+        self._refusal_state(reason, "rate-limited", count=n)
+
+    def _refusal_state(self, reason: str, method: str, *, count: int = 1) -> None:
+        """The Last refused unlock sensor beside HA's lock, with when one-time codes are accepted again."""
+        if self.hass is not None:
+            wait = self._totp.locked_out_for(self._clock()) if self._totp is not None else 0.0
+            self.hass.refusal(reason, method, locked_out_s=wait, count=count)
 
     def _on_access_command(self, payload: bytes, retained: bool) -> None:
         assert self.mqtt is not None
