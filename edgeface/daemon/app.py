@@ -125,6 +125,7 @@ class Daemon:
         self.frame_failures = FrameFailureLog(log)
         self.camera_health = "reconnecting"
         self._parts: list[Any] = []  # closed in reverse order
+        self.fleet: Any = None
         try:
             self._build(analyzer, gallery, source, pin_factory)
         except BaseException:
@@ -238,6 +239,10 @@ class Daemon:
 
         self.source = source if source is not None else open_source(cfg.camera, on_health=self._on_camera_health)
         self._parts.append(self.source)
+        if cfg.fleet.enabled:  # the fleet's shared access list, synced through the broker (edgeface.fleet)
+            from edgeface.fleet.door import attach_to_daemon
+
+            self.fleet = attach_to_daemon(self)
 
     def _build_totp(self) -> Any:
         from edgeface.events.totp import TotpSecretError, TotpStore, TotpVerifier
@@ -332,7 +337,7 @@ class Daemon:
         if rule is None:
             why = "the gallery's people cannot be read" if self._people.unreadable else "not in the access list"
             return PersonRule(enabled=False, error=why)
-        return rule
+        return rule if self.fleet is None else self.fleet.guard(person_id, rule)
 
     def _match(self, embedding: Any) -> Match:
         match = self.gallery.match(embedding)
