@@ -148,15 +148,9 @@ def delete_cmd(obj: CliContext, who: str, key_path: Path, node: Optional[str]) -
 def schedule_cmd(obj: CliContext, who: str, days: Optional[str], windows: tuple[str, ...], always: bool,
                  key_path: Path, node: Optional[str]) -> None:
     """Set when a person may enter, on every door."""
-    if always == bool(days or windows):
-        raise click.UsageError("give --days and/or --window, or --always alone")
-    schedule = None
-    if not always:
-        schedule = {}
-        if days:
-            schedule["days"] = [d.strip().lower() for d in days.split(",") if d.strip()]
-        if windows:
-            schedule["windows"] = [w.split("-", 1) if "-" in w else [w, ""] for w in windows]
+    from edgeface.cli.people import schedule_from_options
+
+    schedule = schedule_from_options(days, windows, always)
     admin = _admin(obj, key_path, node)
     try:
         change = admin.set_schedule(who, schedule)
