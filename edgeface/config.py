@@ -32,6 +32,11 @@ class CameraConfig(Section):
     loop: bool = Field(False, description="Replay a video file or image folder forever (demo).")
     frozen_after_s: float = Field(10.0, gt=0, le=3600,
                                   description="Report the camera unhealthy when frames stop changing for this long.")
+    lores_width: int = Field(640, ge=0, le=1920, description="Pi camera only: width of picamera2's low-resolution "
+                                                            "stream (height keeps the main stream's aspect) that the "
+                                                            "presence gate and the detector look at; faces are still "
+                                                            "cropped from the main stream. 0 = detect on the main "
+                                                            "stream.")
 
     @field_validator("source", mode="before")
     @classmethod
@@ -64,6 +69,31 @@ class DetectorConfig(Section):
                                                           "(a decision projects to 246-304 ms on a Pi 4 instead of "
                                                           "221-273; worth it on a Pi 5). docs/daemon.md.")
     num_threads: Optional[int] = Field(None, ge=1, le=16, description="Interpreter threads; default min(4, cores).")
+
+
+class PresenceConfig(Section):
+    """The cheap gate before detection: an empty, unchanging doorway runs the detector only now and then."""
+
+    enabled: bool = Field(True, description="Skip the detector on frames where nothing moved (frame differencing on a "
+                                            "small grayscale copy); it still runs every detect_every_s, and on every "
+                                            "frame while motion or a face was seen within hold_s. Measured on the "
+                                            "replayed doorway sequences: no missed entrance, no added latency "
+                                            "(docs/benchmarks.md).")
+    width: int = Field(64, ge=16, le=640, description="Width of the grayscale copy compared (pixels).")
+    pixel_threshold: int = Field(20, ge=1, le=255, description="Grey-level change of one pixel of the copy that counts "
+                                                               "as changed (after removing the frame's overall "
+                                                               "brightness change, so lighting flicker is not motion).")
+    min_changed: float = Field(0.01, gt=0, le=1, description="Fraction of the copy's pixels that must change to count "
+                                                             "as motion.")
+    background_rate: float = Field(0.05, gt=0, le=1, description="How fast the background follows the image (per "
+                                                                 "frame; slow light changes are absorbed).")
+    detect_every_s: float = Field(3.0, gt=0, le=60, description="Run the detector at least this often even when nothing "
+                                                               "moves (a person standing still is not missed). Each "
+                                                               "run on an empty frame is both BlazeFace models; with "
+                                                               "3 s an empty doorway was estimated at 4-16% of one Pi 4 "
+                                                               "core, 73-290% without the gate (docs/benchmarks.md).")
+    hold_s: float = Field(2.0, ge=0, le=60, description="Keep detecting on every frame this long after the last motion "
+                                                        "or face.")
 
 
 class EmbedderConfig(Section):
@@ -224,6 +254,23 @@ class LivenessConfig(Section):
     max_frames: int = Field(40, ge=2, le=500, description="At most this many recent frames are kept.")
 
 
+class FleetConfig(Section):
+    enabled: bool = Field(False, description="Share one access list between doors through the MQTT broker "
+                                             "(docs/fleet.md): signed person changes are applied to this door's gallery.")
+    public_key: str = Field("fleet_admin.pub", description="The fleet admin's Ed25519 public key (PEM; relative: under "
+                                                           "state_dir). Only the public key: the admin key never lives on a door.")
+    state_path: str = Field("fleet.db", description="SQLite file of applied versions and signed changes (relative: "
+                                                    "under state_dir).")
+    stale_after_s: float = Field(900.0, gt=0, le=30 * 86400,
+                                 description="Alarm when no signed admin heartbeat arrived for this long.")
+    deny_when_stale: bool = Field(False, description="While stale, deny everyone except allow_when_stale "
+                                                     "(a door cut off from revocations fails secure).")
+    allow_when_stale: list[str] = Field(default_factory=list, description="Names still let in while the fleet is "
+                                                                          "stale and deny_when_stale is true.")
+    applied_interval_s: float = Field(1.0, gt=0, le=3600, description="At most one applied-version report per this "
+                                                                      "many seconds.")
+
+
 class WebConfig(Section):
     host: str = Field("0.0.0.0", min_length=1, description="Address `edgeface web` listens on (0.0.0.0: every "
                                                           "interface, so a phone on the same network can open it).")
@@ -250,6 +297,7 @@ class EdgefaceConfig(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     camera: CameraConfig = Field(default_factory=CameraConfig)
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    presence: PresenceConfig = Field(default_factory=PresenceConfig)
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
@@ -257,6 +305,7 @@ class EdgefaceConfig(Section):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
     web: WebConfig = Field(default_factory=WebConfig)
 
 

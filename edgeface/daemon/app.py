@@ -18,14 +18,15 @@ from zoneinfo import ZoneInfo
 from edgeface.events.access import AccessSwitch
 from edgeface.events.audit import AuditError, AuditLog
 from edgeface.config import EdgefaceConfig, read_secret
-from edgeface.decide import Decision, PersonRule, Policy, Schedule
+from edgeface.decide import PersonRule, Policy, person_rule
 from edgeface.door import Door, DoorContact, make_pin_factory
 from edgeface.errors import ConfigError
 from edgeface.events.records import CRITICAL_KINDS, AccessEvent, DoorEvent
 from edgeface.frames import FrameSource, open_source
 from edgeface.events.remote import Verdict
 from edgeface.security import ensure_private_dir
-from edgeface.types import Frame, Match
+from edgeface.vision.presence import PresenceGate
+from edgeface.types import Decision, Frame, Match
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class Daemon:
         self.frame_failures = FrameFailureLog(log)
         self.camera_health = "reconnecting"
         self._parts: list[Any] = []  # closed in reverse order
+        self.fleet: Any = None
         try:
             self._build(analyzer, gallery, source, pin_factory)
         except BaseException:
@@ -162,16 +164,13 @@ class Daemon:
             analyzer = FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
             self._parts.append(analyzer)  # only what the daemon made is closed by it
         self.analyzer = analyzer
+        self.presence = PresenceGate(cfg.presence)
         self.model_id = str(analyzer.embedder.model_id)
 
         if gallery is None:
-            from edgeface.gallery.store import Gallery, resolve_max_distance
+            from edgeface.gallery import analyzer_model, open_gallery
 
-            dim = int(getattr(getattr(analyzer.embedder, "spec", None), "embedding_dim", 128))
-            gallery = Gallery.open(state_path(cfg, cfg.gallery.path), model_id=self.model_id, embedding_dim=dim,
-                                   max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir),
-                                   keep_crops=cfg.gallery.keep_crops, match_mode=cfg.gallery.match_mode,
-                                   top_k=cfg.gallery.top_k)
+            gallery = open_gallery(cfg, model=analyzer_model(analyzer), create=True)
             self._parts.append(gallery)
         self.gallery = gallery
         # the runtime switch (HA's Access enabled): an unreadable state means OFF
@@ -254,6 +253,10 @@ class Daemon:
             self.snapshot = LiveSnapshot(state, cfg.web.live_interval_s)
         self.source = source if source is not None else open_source(cfg.camera, on_health=self._on_camera_health)
         self._parts.append(self.source)
+        if cfg.fleet.enabled:  # the fleet's shared access list, synced through the broker (edgeface.fleet)
+            from edgeface.fleet.door import attach_to_daemon
+
+            self.fleet = attach_to_daemon(self)
 
     def _build_totp(self) -> Any:
         from edgeface.events.totp import TotpSecretError, TotpStore, TotpVerifier
@@ -327,18 +330,10 @@ class Daemon:
             people = []
             errors["*"] = f"the gallery's people cannot be read ({exc}); everyone is denied"
         for p in people:
-            error = getattr(p, "schedule_error", None)
-            sched = None
-            if error is None:
-                try:
-                    sched = Schedule.parse(p.schedule)
-                except Exception as exc:  # noqa: BLE001  (ConfigError, or a shape the parser never expected)
-                    error = str(exc)
-            if error is not None:
-                errors[p.name] = f"person {p.name!r}: schedule unreadable ({error}); access denied"
-                rules[p.id] = PersonRule(enabled=False, error=f"schedule unreadable ({error})")
+            rules[p.id] = rule = person_rule(p)
+            if rule.error is not None:
+                errors[p.name] = f"person {p.name!r}: {rule.error}; access denied"
                 continue
-            rules[p.id] = PersonRule(enabled=bool(p.enabled), schedule=sched)
             if not p.enabled:
                 disabled.append((p.id, p.name))
         for key, line in errors.items():  # once per problem, not every refresh
@@ -356,7 +351,7 @@ class Daemon:
         if rule is None:
             why = "the gallery's people cannot be read" if self._people.unreadable else "not in the access list"
             return PersonRule(enabled=False, error=why)
-        return rule
+        return rule if self.fleet is None else self.fleet.guard(person_id, rule)
 
     def _match(self, embedding: Any) -> Match:
         match = self.gallery.match(embedding)
@@ -379,7 +374,7 @@ class Daemon:
         """One frame through the whole pipeline; returns the policy's decision (and acts on it)."""
         self._heartbeat = time.monotonic()
         self.frames_seen += 1
-        result, _n = self.analyzer.analyze_main(frame.image)
+        result = self.presence.analyze(self.analyzer, frame)  # the detector only when something may be there
         if self.hass is not None:
             self._frame_image = frame.image
             self.hass.gallery(self.gallery)  # the People sensors (at most every few seconds)
