@@ -145,7 +145,7 @@ def main() -> int:
     from edgeface.daemon.app import Daemon
     from edgeface.enroll import enroll_images
     from edgeface.frames import FolderSource
-    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.gallery import Gallery, resolve_max_distance
     from edgeface.types import Frame
     from edgeface.vision.analyzer import FaceAnalyzer
     from edgeface.vision.images import load_image

@@ -76,15 +76,10 @@ class Backend:
     def gallery(self) -> Any:
         with self._lock:
             if self._gallery is None:
-                from edgeface.gallery.store import Gallery, resolve_max_distance
+                from edgeface.gallery import analyzer_model, open_gallery
 
-                cfg, emb = self.cfg, self.analyzer.embedder
-                dim = int(getattr(getattr(emb, "spec", None), "embedding_dim", 128))
-                self._gallery = Gallery.open(state_path(cfg, cfg.gallery.path), model_id=str(emb.model_id),
-                                             embedding_dim=dim, max_distance=resolve_max_distance(
-                                                 cfg.gallery, cfg.embedder, cfg.models_dir),
-                                             keep_crops=cfg.gallery.keep_crops, match_mode=cfg.gallery.match_mode,
-                                             top_k=cfg.gallery.top_k)
+                # the daemon's gallery, opened as the daemon opens it (created if the web app comes first)
+                self._gallery = open_gallery(self.cfg, model=analyzer_model(self.analyzer), create=True)
             return self._gallery
 
     def record(self, action: str, user: str, **detail: Any) -> None:
@@ -105,7 +100,7 @@ class Backend:
         """Quality-gate every uploaded photo (decoded through the bomb-safe decode_image) and enroll the accepted
         ones in one transaction; each rejected photo keeps the gate's reason."""
         from edgeface.enroll import assess_image
-        from edgeface.gallery.store import EnrollItem, image_sha256
+        from edgeface.gallery import EnrollItem, image_sha256
 
         out = EnrollOutcome(name)
         items = []
@@ -208,7 +203,7 @@ class Backend:
 
     def label(self, event_id: str, name: str, user: str) -> str:
         """"This is <name>" (an existing or a new person): that decision's face is enrolled for them."""
-        from edgeface.gallery.store import EnrollItem
+        from edgeface.gallery import EnrollItem
 
         thumb = self.thumbs.get(event_id)
         if thumb is None or thumb.embedding is None:

@@ -1,7 +1,6 @@
 """A wrong grant corrected: the matched person's embedding nearest to the face that was let in is removed.
 
-Kept beside the web app (not in the gallery) while the gallery module is being reorganised; it uses the gallery's
-own transaction so the daemon's index notices the change like any other commit.
+It uses the gallery's own query and write transaction (Gallery._query / _write) so the daemon's index notices the change like any other commit.
 """
 from __future__ import annotations
 
