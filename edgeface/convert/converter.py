@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from edgeface.errors import ConverterUnavailable, EdgefaceError, ImageError, ModelError
-from edgeface.models import MANIFEST_NAME, default_models_dir, sha256_file
+from edgeface.models import MANIFEST_NAME, sha256_file
 
 TF_MISSING = "edgeface convert needs TensorFlow: pip install 'edgeface[convert]'"
 QUANTIZATIONS = ("int8", "dynamic", "float16", "float")
@@ -597,19 +597,10 @@ def ensure_embedder_model(config: Any, *, max_representative: int = 200) -> Path
 
     Returns the model path. Raises ModelError naming the missing file and the two ways to get it.
     """
-    from edgeface.models import load_manifest
+    from edgeface.models import embedder_model_path
 
     emb = config.embedder
-    models_dir = Path(config.models_dir) if getattr(config, "models_dir", None) else default_models_dir()
-    manifest = load_manifest(models_dir) if (models_dir / MANIFEST_NAME).is_file() else {}
-    if emb.model in manifest:
-        path = models_dir / manifest[emb.model].file
-    else:
-        path = Path(emb.model)
-        if not path.suffix:  # a model name the manifest does not (yet) list: its file would be <name>.tflite
-            path = models_dir / f"{emb.model}.tflite"
-        elif not path.is_absolute() and not path.exists() and (models_dir / path).exists():
-            path = models_dir / path
+    path = embedder_model_path(emb.model, getattr(config, "models_dir", None))
     if path.is_file():
         return path
     hint = (f"copy the shipped {path.name} into {path.parent}, or pip install 'edgeface[convert]' and set "
