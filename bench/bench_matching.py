@@ -1,6 +1,6 @@
 """1:N matching time and memory as the gallery grows (100 -> 1,000,000 embeddings), float32 vs float16 storage.
 
-Run by hand: /work/venv/bin/python bench/bench_matching.py   (writes bench/results/matching.json)
+Run by hand: python bench/bench_matching.py   (writes bench/results/matching.json)
 
 float32 uses the gallery's own in-memory index (edgeface.gallery.store._Index: one matrix-vector product, then the
 per-person minimum), 3 embeddings per person. float16 stores the same matrix at half the size and computes in
@@ -48,7 +48,7 @@ def measure(fn, repeats: int) -> dict[str, float]:
 
 
 def main() -> int:
-    from edgeface.evaluation.study import machine_description
+    from edgeface.evaluation.embedding import machine_description
     from edgeface.gallery.store import _Index
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

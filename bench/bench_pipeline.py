@@ -2,9 +2,9 @@
 
 Run by hand (never a test): timings depend on the machine and on what else runs on it.
 
-    /work/venv/bin/python bench/bench_pipeline.py --embedder facenet_int8 \
-        --embedder /tmp/facenet_float/facenet_float.tflite:facenet160:prewhiten \
-        --threads 1 --threads 2 --threads 4 --peer-python /work/bench-venv/bin/python
+    python bench/bench_pipeline.py --embedder facenet_int8 \
+        --embedder "$WORK/facenet_float.tflite:facenet160:prewhiten" \
+        --threads 1 --threads 2 --threads 4 --peer-python "$EDGEFACE_PEER_PYTHON"
 
 `--embedder sface_int8,facenet_int8` measures score fusion: each face aligned and embedded by both models, the
 two vectors concatenated (what a fused gallery would match); its row keeps each model's embed time apart
@@ -43,16 +43,16 @@ def _rss_mb() -> float:
 
 
 def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict:
-    """Measure one configuration in this process."""
-    from edgeface.vision.align import align_face
-    from edgeface.vision.analyzer import main_face_index
+    """Measure one configuration in this process: the frames go through FaceAnalyzer (the daemon's face path), whose
+    stage timer gives the per-stage times."""
     from edgeface.config import EdgefaceConfig
+    from edgeface.evaluation.embedding import ModelChoice
+    from edgeface.models import resolve_model
+    from edgeface.vision.analyzer import FaceAnalyzer
     from edgeface.vision.detect import build_detector
     from edgeface.vision.embed import EmbedderSpec, TFLiteEmbedder
-    from edgeface.evaluation.study import ModelChoice
     from edgeface.vision.images import decode_image
     from edgeface.vision.landmarks import LandmarkRefiner
-    from edgeface.models import resolve_model
 
     cfg = EdgefaceConfig()
     rss_start = _rss_mb()
@@ -79,6 +79,12 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
     for emb in embs:
         emb.embed(np.zeros((1, emb.input_size, emb.input_size, 3), np.uint8))
     t3 = time.perf_counter()
+    frame_s: dict[str, float] = {}
+
+    def timer(stage: str, seconds: float) -> None:
+        frame_s[stage] = frame_s.get(stage, 0.0) + seconds
+
+    analyzer = FaceAnalyzer(det, embs[0], refiner=mesh, min_presence=cfg.detector.min_presence, timer=timer)
     rng = np.random.default_rng(0)
     gallery = rng.standard_normal((300, sum(e.spec.embedding_dim for e in embs))).astype(np.float32)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
@@ -89,46 +95,34 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
     faces_found = frames = 0
     for rep in range(passes + 1):
         for blob in blobs:
+            frame_s.clear()
             a = time.perf_counter()
             rgb = decode_image(blob)
-            b = time.perf_counter()
-            faces = det.detect(rgb)
-            c = time.perf_counter()
-            if mesh is not None:
-                faces = mesh.refine_all(rgb, faces, cfg.detector.min_presence)
-            d = time.perf_counter()
-            idx = main_face_index(faces, rgb.shape)
-            e = f = g = d
+            frame_s["decode"] = time.perf_counter() - a
+            face, _n = analyzer.main_face(rgb)
             parts = []
-            if idx is not None:
-                vecs, align_s, embed_s = [], 0.0, 0.0
+            if face is not None:
+                vecs = []
                 for emb in embs:
-                    a1 = time.perf_counter()
-                    crop = align_face(rgb, faces[idx], emb.template)
-                    a2 = time.perf_counter()
-                    vecs.append(emb.embed(crop)[0])
-                    a3 = time.perf_counter()
-                    align_s, embed_s = align_s + (a2 - a1), embed_s + (a3 - a2)
-                    parts.append((a3 - a2) * 1e3)
+                    before = frame_s.get("embed", 0.0)
+                    vecs.append(analyzer.embed(analyzer.align(rgb, face, emb.template), emb)[0])
+                    parts.append((frame_s["embed"] - before) * 1e3)
                 vec = np.concatenate(vecs) / np.sqrt(len(vecs))
-                e = d + align_s
-                f = e + embed_s
+                m = time.perf_counter()
                 dist = np.minimum.reduceat(1.0 - gallery @ vec, starts)
                 int(np.argmin(dist))
-                g = time.perf_counter()
+                frame_s["match"] = time.perf_counter() - m
+            frame_s["frame"] = time.perf_counter() - a
             if rep == 0:
                 continue  # warm-up pass: caches, lazy allocations
             frames += 1
-            stages["decode"].append((b - a) * 1e3)
-            stages["detect"].append((c - b) * 1e3)
-            if mesh is not None:
-                stages["mesh"].append((d - c) * 1e3)
-            stages["frame"].append((g - a) * 1e3)
-            if idx is not None:
+            for key in ("decode", "detect", "mesh", "frame"):
+                if key in frame_s:
+                    stages[key].append(frame_s[key] * 1e3)
+            if face is not None:
                 faces_found += 1
-                stages["align"].append((e - d) * 1e3)
-                stages["embed"].append((f - e) * 1e3)
-                stages["match"].append((g - f) * 1e3)
+                for key in ("align", "embed", "match"):
+                    stages[key].append(frame_s[key] * 1e3)
                 for i, ms in enumerate(parts):
                     part_ms[i].append(ms)
     # A door camera mostly sees nobody: what a 1280x720 frame without a face costs the detector (with the default
@@ -139,9 +133,7 @@ def worker(embedder: str, threads: int, images: list[Path], passes: int) -> dict
     empty_ms = []
     for rep in range(3 + 10 * max(1, passes)):
         a = time.perf_counter()
-        faces = det.detect(empty)
-        if mesh is not None:
-            faces = mesh.refine_all(empty, faces, cfg.detector.min_presence)
+        analyzer.detect(empty)
         if rep >= 3:
             empty_ms.append((time.perf_counter() - a) * 1e3)
     stages["empty_720p"] = empty_ms
@@ -202,7 +194,9 @@ def main() -> int:
     ap.add_argument("--threads", action="append", type=int, default=[], help="interpreter threads (repeat)")
     ap.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "faces")
     ap.add_argument("--passes", type=int, default=1, help="timed passes over the photos (after one warm-up pass)")
-    ap.add_argument("--peer-python", default=None)
+    ap.add_argument("--peer-python", default=os.environ.get("EDGEFACE_PEER_PYTHON"),
+                    help="python of the face_recognition venv (bench/setup_peer_env.sh); default $EDGEFACE_PEER_PYTHON, "
+                         "unset: the peer is not measured")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "pipeline.json")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -225,7 +219,7 @@ def main() -> int:
                   f"embed {r['stages_ms']['embed']['median']:.1f} ms  fps {r['fps']:.1f}  peak RSS {r['rss_mb']['peak']:.0f} MB",
                   file=sys.stderr)
             results.append(r)
-    from edgeface.evaluation.study import machine_description
+    from edgeface.evaluation.embedding import machine_description
     doc = {"machine": machine_description(), "images": str(args.images), "n_images": len(images),
            "passes": args.passes, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "load_average_1min_at_end": os.getloadavg()[0],

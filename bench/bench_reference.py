@@ -12,7 +12,7 @@ XNNPACK). ratio = published Pi 4 ms / our ms, per network and precision; docs/be
 pipeline timings by that ratio to estimate a Pi 4, and divides by Raspberry Pi Ltd's stated 2-3x CPU speed-up of
 the Pi 5 over the Pi 4 for a Pi 5 estimate. Needs TensorFlow (pip install .[convert]).
 
-    /work/venv/bin/python bench/bench_reference.py    (writes bench/results/reference.json)
+    python bench/bench_reference.py    (writes bench/results/reference.json)
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def time_model(path: Path, threads: int, runs: int = 30) -> float:
 def _embedder_interpreter(spec: str, threads: int) -> tuple[Any, str]:
     """An embedder named as `edgeface eval --model` (name or PATH:TEMPLATE:PREPROCESSING): its interpreter and
     precision (the manifest's quantization, else int8 / float32 from its input tensor)."""
-    from edgeface.evaluation.study import ModelChoice
+    from edgeface.evaluation.embedding import ModelChoice
     from edgeface.models import resolve_model
     from edgeface.vision.runtime import load_interpreter
 
@@ -111,7 +111,7 @@ def time_in_turns(interpreters: dict[str, Any], rounds: int = 40) -> dict[str, f
 
 
 def main() -> int:
-    from edgeface.evaluation.study import machine_description
+    from edgeface.evaluation.embedding import machine_description
     from edgeface.vision.runtime import load_interpreter
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgeface" / "bench")

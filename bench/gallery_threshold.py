@@ -4,7 +4,7 @@ Enroll every person of ../shared/data/faces with their first N photos that pass 
 gate, probe with their other photos (known) and with faces of never-enrolled CelebA identities
 (../shared/data/openset/celeba_wild, strangers). Single photo, no K-of-N: the daemon's policy adds that.
 
-Run by hand: /work/venv/bin/python bench/gallery_threshold.py [--model mobilefacenet] [--mode topk_mean]
+Run by hand: python bench/gallery_threshold.py [--model mobilefacenet] [--mode topk_mean]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Write docs/benchmarks.md (and its plots) from bench/results/*.json. No number in that page is typed by hand.
 
-    /work/venv/bin/python bench/make_docs.py
+    python bench/make_docs.py
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edgeface.evaluation.study import _plt, far_name, md_table, num, pct, write_text_atomic  # noqa: E402
+from edgeface.evaluation.plots import pyplot  # noqa: E402
+from edgeface.evaluation.metrics import far_name  # noqa: E402
+from edgeface.evaluation.report import md_table, num, pct, write_text_atomic  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -248,7 +250,7 @@ def summary(pipe: Optional[dict], ev: Optional[dict]) -> list[str]:
 
 
 def plots(pipe: Optional[dict], match: Optional[dict]) -> list[str]:
-    plt = _plt()
+    plt = pyplot()
     out = []
     if pipe and pipe["results"]:
         fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=100)

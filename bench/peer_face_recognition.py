@@ -3,7 +3,7 @@
 Runs inside the benchmark's own virtualenv (bench/setup_peer_env.sh), never inside edgeface's: dlib is
 a large native dependency the product must not need. edgeface's evaluator calls it as a subprocess:
 
-    /work/bench-venv/bin/python bench/peer_face_recognition.py LIST.txt OUT.npz
+    "$EDGEFACE_PEER_PYTHON" bench/peer_face_recognition.py LIST.txt OUT.npz
 
 LIST.txt holds one image path per line. OUT.npz gets, per image in that order: `emb` (N, 128) float32
 (NaN rows where no face was found), `n_faces`, and the milliseconds spent in `ms_decode`, `ms_detect`

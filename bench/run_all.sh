@@ -5,8 +5,8 @@
 # SHARED (development data), WORK (where the float FaceNet reference model is written, ~90 MB, never committed).
 set -eu
 cd "$(dirname "$0")/.."
-PY="${PY:-/work/venv/bin/python}"
-PEER_PY="${PEER_PY:-/work/bench-venv/bin/python}"
+PY="${PY:-python3}"
+PEER_PY="${PEER_PY:-${EDGEFACE_PEER_PYTHON:-$HOME/.cache/edgeface/peer-venv/bin/python}}"
 SHARED="${SHARED:-../shared}"
 WORK="${WORK:-$HOME/.cache/edgeface/bench}"
 SFACE_ONNX="$SHARED/weights/sface/face_recognition_sface_2021dec_int8bq.onnx"

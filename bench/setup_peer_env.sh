@@ -1,8 +1,8 @@
 #!/bin/sh
 # Create the peer's own virtualenv (ageitgey/face_recognition on the prebuilt dlib-bin wheel: no compiling).
-# Usage: bench/setup_peer_env.sh [VENV_DIR]   (default /work/bench-venv)
+# Usage: bench/setup_peer_env.sh [VENV_DIR]   (default $HOME/.cache/edgeface/peer-venv)
 set -eu
-VENV="${1:-/work/bench-venv}"
+VENV="${1:-$HOME/.cache/edgeface/peer-venv}"
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install --no-deps dlib-bin face_recognition_models face-recognition
 "$VENV/bin/pip" install Click numpy Pillow

@@ -23,7 +23,7 @@ WEIGHTS = ("weights", "facenet", "facenet_keras.h5")
 
 
 def _fixture_crops(template: str = "facenet160") -> tuple[np.ndarray, list[str]]:
-    from edgeface.convert.converter import aligned_crops
+    from edgeface.convert.crops import aligned_crops
 
     faces = aligned_crops(FIXTURES / "faces", template=template)
     return faces.crops, faces.labels
@@ -35,7 +35,7 @@ def fixture_crops() -> tuple[np.ndarray, list[str]]:
 
 
 def _tf_or_skip() -> None:
-    from edgeface.convert.converter import tensorflow_available
+    from edgeface.convert.tflite import tensorflow_available
 
     if not tensorflow_available():
         pytest.skip("needs TensorFlow (pip install 'edgeface[convert]')")
@@ -78,7 +78,8 @@ def test_shipped_facenet_int8_matches_manifest_and_separates_people(fixture_crop
 
 # ------------------------------------------------------------------------------------------- no TensorFlow path
 def test_importing_edgeface_does_not_import_tensorflow() -> None:
-    code = ("import sys, edgeface, edgeface.cli, edgeface.convert.converter, edgeface.vision.embed; "
+    code = ("import sys, edgeface, edgeface.cli, edgeface.convert, edgeface.convert.facenet, edgeface.convert.sface, "
+            "edgeface.convert.tflite, edgeface.vision.embed; "
             "sys.exit(1 if 'tensorflow' in sys.modules or 'keras' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
@@ -121,7 +122,7 @@ def _models_dir_without_file(tmp_path: Path) -> Path:
 
 
 def test_ensure_embedder_model_returns_existing_file() -> None:
-    from edgeface.convert.converter import ensure_embedder_model
+    from edgeface.convert import ensure_embedder_model
 
     cfg = parse_config({"models_dir": str(REPO / "models")})
     assert ensure_embedder_model(cfg) == REPO / "models" / "sface_int8.tflite"  # the default embedder
@@ -129,7 +130,7 @@ def test_ensure_embedder_model_returns_existing_file() -> None:
 
 
 def test_ensure_embedder_model_missing_file_without_weights_says_what_to_do(tmp_path: Path) -> None:
-    from edgeface.convert.converter import ensure_embedder_model
+    from edgeface.convert import ensure_embedder_model
 
     models = _models_dir_without_file(tmp_path)
     with pytest.raises(ModelError) as err:
@@ -141,7 +142,7 @@ def test_ensure_embedder_model_missing_file_without_weights_says_what_to_do(tmp_
 
 
 def test_ensure_embedder_model_names_missing_source_weights(tmp_path: Path) -> None:
-    from edgeface.convert.converter import ensure_embedder_model
+    from edgeface.convert import ensure_embedder_model
 
     models = _models_dir_without_file(tmp_path)
     missing = tmp_path / "nowhere" / "facenet_keras.h5"
@@ -151,7 +152,7 @@ def test_ensure_embedder_model_names_missing_source_weights(tmp_path: Path) -> N
 
 
 def test_update_manifest_replaces_one_entry_and_keeps_the_others(tmp_path: Path) -> None:
-    from edgeface.convert.converter import update_manifest
+    from edgeface.convert.tflite import update_manifest
 
     models = _models_dir_without_file(tmp_path)
     before = json.loads((models / "manifest.json").read_text())["models"]
@@ -171,7 +172,7 @@ def test_rebuilt_architecture_takes_every_weight_and_matches_the_files_own_confi
     weights = shared_path(*WEIGHTS)
     _tf_or_skip()
     from edgeface.convert import facenet_keras as facenet_arch
-    from edgeface.convert.converter import check_against_config
+    from edgeface.convert.facenet import check_against_config
     from edgeface.vision.embed import prewhiten
 
     model = facenet_arch.build_facenet()
@@ -213,7 +214,7 @@ def test_missing_model_is_converted_at_start_and_agrees_with_float(tmp_path: Pat
     calibration = shared_path("data", "openset", "celeba_wild")  # people disjoint from the fixtures
     _tf_or_skip()
     from edgeface.convert import facenet_keras as facenet_arch
-    from edgeface.convert.converter import ensure_embedder_model
+    from edgeface.convert import ensure_embedder_model
     from edgeface.vision.embed import TFLiteEmbedder, l2_normalize, prewhiten
 
     # The daemon's start-up path: the configured model is missing, source weights + calibration faces are set.
@@ -238,7 +239,7 @@ def test_missing_model_is_converted_at_start_and_agrees_with_float(tmp_path: Pat
 
 def test_reconversion_keeps_an_open_set_threshold_but_replaces_a_provisional_one(tmp_path) -> None:
     """A calibrated operating point survives `edgeface convert`; a provisional one is re-measured."""
-    from edgeface.convert.converter import update_manifest
+    from edgeface.convert.tflite import update_manifest
 
     calibrated = {"name": "facenet_int8", "sha256": "a", "default_max_distance": 0.3,
                   "default_max_distance_note": "open-set operating point: ..."}

@@ -252,3 +252,26 @@ def test_config_landmark_passes_reach_the_analyzer(tmp_path) -> None:
     path.write_text("detector:\n  landmark_passes: 3\n")
     with pytest.raises(ConfigError, match=r"c.yaml:2: detector.landmark_passes = 3: Input should be 1 or 2"):
         load_config(path)
+
+
+def test_the_analyzer_times_each_stage_of_the_one_face_path(analyzer) -> None:
+    """The per-stage timer the benchmark and the evaluation read: every stage the analyzer runs is reported once,
+    and main_crop + embed give the same vector as analyze_main (one path, not a copy)."""
+    from edgeface.vision.analyzer import FaceAnalyzer
+
+    image = load_image(FIXTURES / "faces" / "barack_obama" / "barack_obama_01.jpg")
+    seen: list[tuple[str, float]] = []
+    timed = FaceAnalyzer(analyzer.detector, analyzer.embedder, refiner=analyzer.refiner,
+                         min_presence=analyzer.min_presence, timer=lambda stage, s: seen.append((stage, s)))
+    face, crop, n = timed.main_crop(image)
+    vec = timed.embed(crop)[0]
+    assert [stage for stage, _ in seen] == ["detect", "mesh", "align", "embed"]
+    assert all(s >= 0 for _, s in seen)
+    result, n_main = analyzer.analyze_main(image)
+    assert n == n_main == 1 and face.box == result.face.box
+    np.testing.assert_array_equal(crop, result.crop)
+    np.testing.assert_array_equal(vec, result.embedding)
+    # Crops only (conversion's representative set): no embedder, a template instead.
+    crops_only = FaceAnalyzer(analyzer.detector, None, refiner=analyzer.refiner, template="facenet160")
+    assert crops_only.main_crop(image)[1].shape == (160, 160, 3)
+    assert timed.main_crop(load_image(FIXTURES / "nonfaces" / "pilatus_mountain.jpg")) == (None, None, 0)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from edgeface.cli import main
-from edgeface.evaluation.study import identity_split, threshold_at_far
+from edgeface.evaluation.dataset import identity_split
+from edgeface.evaluation.metrics import threshold_at_far
 from edgeface.models import load_manifest
 
 from conftest import FIXTURES, shared_path
@@ -194,7 +195,7 @@ def test_face_recognition_peer_runs_on_the_same_photos_and_counts_its_misses(dat
 
 def test_model_choice_detector_flags() -> None:
     from edgeface.errors import ConfigError
-    from edgeface.evaluation.study import ModelChoice
+    from edgeface.evaluation.embedding import ModelChoice
 
     short = ModelChoice.parse("facenet_int8+short+flip")
     assert (short.detector, short.flip, short.label) == ("short", True, "facenet_int8+short+flip")
@@ -213,7 +214,9 @@ def test_model_choice_detector_flags() -> None:
 def test_open_set_scores_are_what_the_gallery_answers(tmp_path, template, mode) -> None:
     """The study's per-probe score for each template equals the real Gallery's match distance in the matching mode,
     with the same people enrolled from the same photos: the benchmark measures the matcher the door runs."""
-    from edgeface.evaluation.study import Dataset, EmbeddedSet, OpenSetSettings, _draw_gallery, open_set
+    from edgeface.evaluation.dataset import Dataset
+    from edgeface.evaluation.embedding import EmbeddedSet
+    from edgeface.evaluation.openset import OpenSetSettings, _draw_gallery, open_set
     from edgeface.gallery.store import EnrollItem, Gallery
 
     rng = np.random.default_rng(3)
@@ -242,7 +245,7 @@ def test_open_set_scores_are_what_the_gallery_answers(tmp_path, template, mode) 
 def test_recommendation_names_the_best_setting_at_no_extra_cost_per_face() -> None:
     """Flip TTA wins on accuracy but doubles the embedding work: the report must also name the best setting that a
     Pi's latency budget allows without re-measuring (no more detect+align+embed time than the configured one)."""
-    from edgeface.evaluation.study import SAME_COST, recommend
+    from edgeface.evaluation.openset import SAME_COST, recommend
 
     def row(name: str, ms: float, correct: float, deployable: bool = True) -> dict:
         at = {"far_target": 1e-3, "threshold": 0.5, "correct_accept": correct, "wrong_person_accept": 0.0,
@@ -259,3 +262,136 @@ def test_recommendation_names_the_best_setting_at_no_extra_cost_per_face() -> No
     same = recommend(study, k=100, enroll=3, baseline="sface_int8", max_cost=SAME_COST)
     assert same["variant"] == "sface_int8" and same["cost_vs_baseline"] == 1.0
     assert recommend(study, k=100, enroll=3, baseline="sface_int8", max_cost=1.3)["variant"] == "sface_int8+mesh2"
+
+
+# ------------------------------------------------------------------------------------- the LFW protocol (--pairs)
+@pytest.fixture(scope="module")
+def lfw_style_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The committed photos renamed the LFW way (<name>/<name>_0001.jpg) and a generated pairs file in LFW's layout:
+    header '10 2', then per fold 2 same-person pairs followed by 2 different-person pairs (seeded). Fold 0's first
+    pair compares paul_allen with a mountain photo filed as his sixth: no face, so that genuine pair is rejected."""
+    root = tmp_path_factory.mktemp("lfw") / "faces"
+    photos: dict[str, int] = {}
+    for person in sorted(p for p in (FIXTURES / "faces").iterdir() if p.is_dir()):
+        (root / person.name).mkdir(parents=True)
+        for i, src in enumerate(sorted(person.glob("*.jpg")), 1):
+            shutil.copy(src, root / person.name / f"{person.name}_{i:04d}.jpg")
+        photos[person.name] = i
+    shutil.copy(FIXTURES / "nonfaces" / "pilatus_mountain.jpg", root / "paul_allen" / "paul_allen_0006.jpg")
+    rng = np.random.default_rng(3)
+    names = sorted(photos)
+    same = [(n, i, j) for n in names for i in range(1, photos[n] + 1) for j in range(i + 1, photos[n] + 1)]
+    lines = ["10\t2"]
+    for fold in range(10):
+        for k in rng.choice(len(same), 2, replace=False):
+            n, i, j = same[k]
+            lines.append(f"{n}\t{i}\t{j}")
+        if fold == 0:
+            lines[1] = "paul_allen\t1\t6"
+        for _ in range(2):
+            a, b = rng.choice(names, 2, replace=False)
+            lines.append(f"{a}\t{rng.integers(1, photos[a] + 1)}\t{b}\t{rng.integers(1, photos[b] + 1)}")
+    pairs = root.parent / "pairs.txt"
+    pairs.write_text("\n".join(lines) + "\n")
+    return root, pairs
+
+
+def test_pairs_file_gives_ten_fold_accuracy_with_its_std_printed_and_written(lfw_style_set, tmp_path, capsys):
+    root, pairs = lfw_style_set
+    out = tmp_path / "lfw.json"
+    status = main(["eval", str(root), "--pairs", str(pairs), "--model", _embedder_arg(), "--draws", "2",
+                   "--accuracy-at", "0.4", "--report", str(tmp_path / "lfw.md"), "--json", str(out),
+                   "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    v = report["models"][0]["verification"]
+    kf = v["k_fold"]
+    assert kf["folds"] == 10 and [f["pairs"] for f in kf["per_fold"]] == [4] * 10
+    accs = np.array([f["accuracy"] for f in kf["per_fold"]])
+    assert kf["accuracy_mean"] == pytest.approx(accs.mean(), abs=1e-6)
+    assert kf["accuracy_std"] == pytest.approx(accs.std(), abs=1e-6)
+    assert kf["per_fold"][0]["accuracy"] <= 0.75 and kf["accuracy_std"] > 0  # the faceless pair counts as wrong
+    assert f"10-fold accuracy {100 * kf['accuracy_mean']:.2f}% ± {100 * kf['accuracy_std']:.2f}%" in printed
+    md = (tmp_path / "lfw.md").read_text()
+    assert "## 10-fold accuracy (LFW protocol)" in md
+    assert f"{100 * kf['accuracy_mean']:.2f}% ± {100 * kf['accuracy_std']:.2f}%" in md
+    # Every pair's distance, in the order of the pairs listing; accuracy at any threshold follows from them.
+    dist = np.array([np.inf if d is None else d for d in v["pair_distances"]])
+    same = np.array([p["same"] for p in report["pairs"]])
+    folds = np.array([p["fold"] for p in report["pairs"]])
+    assert len(dist) == len(same) == 40 and same.sum() == 20
+    assert v["accuracy_at"][0]["threshold"] == 0.4
+    assert v["accuracy_at"][0]["accuracy"] == pytest.approx(np.mean((dist <= 0.4) == same), abs=1e-6)
+    # Each fold's threshold is a best-accuracy threshold of the OTHER nine folds (no threshold does better there).
+    candidates = np.unique(dist[np.isfinite(dist)])
+    for f in kf["per_fold"]:
+        train = folds != f["fold"]
+        best = max(np.mean((dist[train] <= c) == same[train]) for c in candidates)
+        assert np.mean((dist[train] <= f["threshold"]) == same[train]) == pytest.approx(best)
+    # Real, clean photos and a good embedder: most pairs are decided right (not fitted: 38 of 40 and up).
+    assert kf["accuracy_mean"] >= 0.9
+
+
+def test_progress_in_a_log_is_a_few_plain_lines(tmp_path, capsys):
+    # capsys's stderr is not a terminal, like a log file or journald: no bar redrawn with carriage returns.
+    status = main(["eval", str(FIXTURES / "faces"), "--model", _embedder_arg(), "--draws", "2", "--no-cache",
+                   "--report", str(tmp_path / "r.md")])
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("embed ")]
+    assert 2 <= len(lines) <= 11 + 4  # a line per 10% of the 26 photos (plus one per 10 s on a slow machine)
+    assert lines[-1].startswith(f"embed {_embedder_arg()}: 26/26 photos (100%")
+
+
+def test_embedding_cache_is_keyed_by_the_face_path_code(tmp_path, monkeypatch):
+    from edgeface.evaluation import embedding
+    from edgeface.evaluation.dataset import load_folder_dataset
+
+    root = tmp_path / "faces"
+    for person in ("barack_obama", "kit_harington"):
+        shutil.copytree(FIXTURES / "faces" / person, root / person)
+    ds = load_folder_dataset(root)
+    choice = embedding.ModelChoice.parse(_embedder_arg())
+    cache = tmp_path / "cache"
+    first = embedding.embed_dataset(ds, choice, cache_dir=cache)
+    assert not first.from_cache and embedding.embed_dataset(ds, choice, cache_dir=cache).from_cache
+    # The same code in another place hashes the same; one changed byte of the face path is another pipeline.
+    sources = []
+    for src in embedding.FACE_PATH_SOURCES:
+        sources.append(tmp_path / "src" / src.name)
+        sources[-1].parent.mkdir(exist_ok=True)
+        shutil.copy(src, sources[-1])
+    monkeypatch.setattr(embedding, "FACE_PATH_SOURCES", tuple(sources))
+    assert embedding.embed_dataset(ds, choice, cache_dir=cache).from_cache
+    align = tmp_path / "src" / "align.py"
+    align.write_text(align.read_text() + "\n# changed\n")
+    again = embedding.embed_dataset(ds, choice, cache_dir=cache)
+    assert not again.from_cache
+    np.testing.assert_array_equal(again.emb, first.emb)  # the comment changed no number, but it was not trusted
+
+
+def test_the_pairs_mode_open_set_protocol_is_named(eval_report):
+    report, out = eval_report
+    md = (out / "report.md").read_text()
+    assert "## Open-set identification (1:N), all-identities protocol" in md
+    assert "cannot be compared with that study's" in md
+    assert all(m["identification"]["protocol"] == "all identities" for m in report["models"])
+
+
+def test_open_set_study_can_run_on_all_identities(tmp_path):
+    names = sorted(p.name for p in (FIXTURES / "faces").iterdir())
+    status = main(["eval", str(FIXTURES / "faces"), "--open-set", "--split", "all", "--model", _embedder_arg(),
+                   "--k", "3", "--enroll", "1", "--draws", "3", "--report", str(tmp_path / "all.md"),
+                   "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert status == 0
+    study = json.loads((tmp_path / "all.json").read_text())
+    assert study["halves"]["report"]["persons"] == study["halves"]["tune"]["persons"] == len(names)
+    assert study["results"][0]["report"]["n_persons"] == len(names)
+    assert "## All identities (--split all" in (tmp_path / "all.md").read_text()
+    # Cohort normalisation needs people outside the scored ones: refused in one line, not measured on itself.
+    status = main(["eval", str(FIXTURES / "faces"), "--open-set", "--split", "all", "--ablation", "--model",
+                   _embedder_arg(), "--k", "3", "--enroll", "1", "--draws", "2", "--report", str(tmp_path / "x.md"),
+                   "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert status != 0 and not (tmp_path / "x.md").exists()

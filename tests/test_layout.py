@@ -29,10 +29,9 @@ ABOVE_VISION = ("edgeface.gallery", "edgeface.events", "edgeface.daemon", "edgef
 #: it off this list (the test says so).
 MAX_LINES = 600
 LONG_MODULES = {
-    "edgeface/gallery/store.py": "the gallery; being split into records/index/store/portable",
-    "edgeface/evaluation/study.py": "the open-set accuracy study; being split into dataset/metrics/report modules",
-    "edgeface/convert/converter.py": "the conversion wing (TensorFlow, never on the service path): FaceNet and "
-                                     "SFace conversion, verification against the source model and the report",
+    "edgeface/gallery/store.py": "the Gallery: one SQLite file's transactions, enrollment, match and people edits in "
+                                 "one class; its records, index, schema and export/import move to their own modules "
+                                 "(the split in progress), the class itself stays about 600 lines",
 }
 
 

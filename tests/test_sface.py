@@ -31,7 +31,7 @@ def _pairs(emb: np.ndarray, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _embed_folder(folder: Path) -> tuple[np.ndarray, list[str]]:
-    from edgeface.convert.converter import aligned_crops
+    from edgeface.convert.crops import aligned_crops
     from edgeface.vision.embed import TFLiteEmbedder
 
     faces = aligned_crops(folder, template="arcface112")
@@ -43,7 +43,7 @@ def _assert_same_model(path: Path) -> None:
     """A reconverted file is the shipped one: byte for byte on the machine that made it (measured: same sha256
     three times); on another CPU the int8 calibration may round a scale differently, so the check that holds
     everywhere is that both files give the same embeddings of the fixture faces."""
-    from edgeface.convert.converter import aligned_crops
+    from edgeface.convert.crops import aligned_crops
     from edgeface.vision.embed import EmbedderSpec, TFLiteEmbedder
 
     shipped = load_manifest()["sface_int8"]
@@ -174,7 +174,9 @@ def test_block_dequantisation_repeats_each_scale_over_its_block() -> None:
 def test_keras_rebuild_matches_the_onnx_graph_and_equalisation_keeps_the_function() -> None:
     onnx_path = shared_path(*ONNX)
     _onnx_or_skip()
-    from edgeface.convert.converter import aligned_crops, check_against_onnx, tensorflow_available
+    from edgeface.convert.crops import aligned_crops
+    from edgeface.convert.sface import check_against_onnx
+    from edgeface.convert.tflite import tensorflow_available
 
     if not tensorflow_available():
         pytest.skip("needs TensorFlow (pip install 'edgeface[convert]')")
@@ -201,7 +203,7 @@ def test_convert_command_reproduces_the_shipped_sface_byte_for_byte(tmp_path: Pa
     int8 calibrated on the 26 MIT fixture faces, activation equalisation 0.5, PReLU in float32."""
     onnx_path = shared_path(*ONNX)
     _onnx_or_skip()
-    from edgeface.convert.converter import tensorflow_available
+    from edgeface.convert.tflite import tensorflow_available
 
     if not tensorflow_available():
         pytest.skip("needs TensorFlow (pip install 'edgeface[convert]')")
@@ -225,7 +227,8 @@ def test_missing_sface_model_is_converted_at_start_from_the_onnx(tmp_path: Path)
     onnx_path = shared_path(*ONNX)
     _onnx_or_skip()
     from edgeface.config import parse_config
-    from edgeface.convert.converter import ensure_embedder_model, tensorflow_available
+    from edgeface.convert import ensure_embedder_model
+    from edgeface.convert.tflite import tensorflow_available
 
     if not tensorflow_available():
         pytest.skip("needs TensorFlow (pip install 'edgeface[convert]')")

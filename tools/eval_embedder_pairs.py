@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from edgeface.convert.converter import aligned_crops, pair_metrics
+from edgeface.convert.crops import aligned_crops
+from edgeface.convert.report import pair_metrics
 from edgeface.vision.embed import EmbedderSpec, TFLiteEmbedder
 
 

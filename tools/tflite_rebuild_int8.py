@@ -119,7 +119,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--evaluate", type=Path)
     args = parser.parse_args(argv)
 
-    from edgeface.convert.converter import aligned_crops, compare_embedders, require_tensorflow, write_atomic
+    from edgeface.convert.crops import aligned_crops
+    from edgeface.convert.report import compare_embedders
+    from edgeface.convert.tflite import require_tensorflow, write_atomic
     from edgeface.vision.embed import PREPROCESSING, EmbedderSpec, TFLiteEmbedder
 
     tf = require_tensorflow()

@@ -51,7 +51,8 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--split", type=click.Choice(["tune", "report", "all"]), default=None,
               help="Identities to use (fixed by a hash of the name). Without --open-set: default all. With --open-set: "
                    "default report (tables of the reporting half, thresholds also calibrated on the tuning half); "
-                   "'tune' shows the tuning half only.")
+                   "'tune' shows the tuning half only; 'all' every identity, thresholds chosen on the same people "
+                   "(no cohort normalisation, so not with --ablation).")
 @click.option("--ablation", is_flag=True, help="With --open-set: also measure each lever (template, flip, face mesh, "
                                                 "fusion of the first two models, cohort normalisation, per-K thresholds).")
 @click.option("--threshold", "thresholds", multiple=True, metavar="LABEL=DIST",
@@ -59,13 +60,18 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
                    "face_recognition: 0.6).")
 @click.option("--target-far", type=float, default=1e-3, show_default=True,
               help="False-accept rate for the recommended threshold.")
+@click.option("--accuracy-at", "accuracy_thresholds", type=float, multiple=True, metavar="DIST",
+              help="With --pairs: also the accuracy at this distance threshold (repeatable).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("eval-report.md"),
-              show_default=True, help="Markdown report; the JSON goes next to it (.json) unless --json is given.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+              show_default=True, help="Markdown report, written to eval-report.md in the current folder unless given; "
+                                      "the JSON goes next to it (.json) unless --json is given.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Where the JSON report (every figure, curves; with --pairs every pair's distance) is written "
+                   "(default: the --report path with .json).")
 @click.option("--plots-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the PNG plots go (default: img/ next to the report).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE, show_default=True,
-              help="Embeddings cache (one npz per model and photo set).")
+              help="Embeddings cache (one npz per model, settings, photo set and face-path code version).")
 @click.option("--no-cache", is_flag=True, help="Embed everything again.")
 @click.option("--peer-python", type=click.Path(dir_okay=False), default=None,
               help="Python of the peer venv (bench/setup_peer_env.sh) for --model face_recognition; "
@@ -73,11 +79,13 @@ def _parse_thresholds(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--exclude", "exclude_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File of persons or person/photo entries to leave out (label errors), one per line, # comments.")
 @click.option("--threads", type=click.IntRange(1, 16), default=None, help="Interpreter threads.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress (default: a bar on a terminal, a line per 10% of the photos "
+                                            "or per 10 s in a log).")
 @pass_ctx
 def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file: Optional[Path], open_set_mode: bool,
              k: int, enrolls: tuple[int, ...], draws: int, seed: int, template: Optional[str], split: Optional[str], ablation: bool,
-             thresholds: tuple[str, ...], target_far: float, report_path: Path, json_path: Optional[Path],
+             thresholds: tuple[str, ...], target_far: float, accuracy_thresholds: tuple[float, ...],
+             report_path: Path, json_path: Optional[Path],
              plots_dir: Optional[Path], cache_dir: Path, no_cache: bool, peer_python: Optional[str],
              exclude_file: Optional[Path], threads: Optional[int], quiet: bool) -> None:
     """Measure accuracy on DATASET (one folder of photos per person) and write a report.
@@ -86,15 +94,25 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
     and open-set identification, per model, on the same photos. Photos without a detected face are counted,
     never dropped.
     """
-    from edgeface.evaluation import study as ev
+    from edgeface.evaluation.dataset import identity_split, load_folder_dataset, read_exclusions
+    from edgeface.evaluation.embedding import EmbeddedSet, ModelChoice, default_threshold, embed_dataset
+    from edgeface.evaluation.metrics import folder_pairs, lfw_pairs
+    from edgeface.evaluation.openset import OpenSetSettings, SAME_COST, Variant, open_set_study, recommend
+    from edgeface.evaluation.plots import eval_plots, open_set_plots
+    from edgeface.evaluation.report import evaluate_models, public, render_eval_markdown, render_open_set_markdown, write_text_atomic
 
     if ablation and not open_set_mode:
         raise ConfigError("--ablation needs --open-set")
+    if ablation and split == "all":
+        raise ConfigError("--split all --ablation: cohort normalisation needs identities outside the scored ones "
+                          "(use --split report)")
+    if accuracy_thresholds and not pairs_file:
+        raise ConfigError("--accuracy-at needs --pairs (the pairs file's accuracy)")
     if not 0 < target_far < 1:
         raise ConfigError(f"--target-far {target_far}: expected a rate between 0 and 1")
     cfg = obj.config
     template = template or {"centroid": "mean", "blend": "blend"}.get(cfg.gallery.match_mode, "best")
-    choices = [ev.ModelChoice.parse(m) for m in (models or (cfg.embedder.model,))]
+    choices = [ModelChoice.parse(m) for m in (models or (cfg.embedder.model,))]
     labels = [c.label for c in choices]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--model given twice: {labels}")
@@ -102,11 +120,11 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
     unknown = set(overrides) - set(labels)
     if unknown:
         raise ConfigError(f"--threshold names {sorted(unknown)}, which is not among the models {labels}")
-    exclusions = ev.read_exclusions(exclude_file) if exclude_file else set()
-    full = ev.load_folder_dataset(dataset)
+    exclusions = read_exclusions(exclude_file) if exclude_file else set()
+    full = load_folder_dataset(dataset)
     dropped = set(exclusions)
     if split and split != "all" and not open_set_mode:
-        dropped |= {p for p in full.persons if ev.identity_split(p) != split}
+        dropped |= {p for p in full.persons if identity_split(p) != split}
     ds, keep = full.without(dropped)
     if len(ds.persons) < 2:
         raise ConfigError(f"{dataset}: {len(ds.persons)} person(s) left after --split/--exclude; need at least 2")
@@ -117,31 +135,32 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
     command = "edgeface " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] and "eval" in sys.argv[1:] \
         else "edgeface eval " + shlex.quote(str(dataset))
 
-    def embed(choice: "ev.ModelChoice") -> "ev.EmbeddedSet":
+    def embed(choice: "ModelChoice") -> "EmbeddedSet":
         # Embeddings are made (and cached) for the whole folder, then cut to the photos kept.
-        es = ev.embed_dataset(full, choice, cache_dir=cache, detector_config=cfg.detector, num_threads=threads,
+        es = embed_dataset(full, choice, cache_dir=cache, detector_config=cfg.detector, num_threads=threads,
                               peer_python=peer_python, progress=not quiet)
         return es.take(keep)
 
-    thr = {c.label: overrides.get(c.label, ev.default_threshold(c, cfg.gallery.max_distance, cfg.gallery.match_mode)) for c in choices}
+    thr = {c.label: overrides.get(c.label, default_threshold(c, cfg.gallery.max_distance, cfg.gallery.match_mode)) for c in choices}
     if not open_set_mode:
         sets = [(c, embed(c)) for c in choices]
-        pairs = ev.lfw_pairs(ds, pairs_file) if pairs_file else ev.folder_pairs(ds)
-        settings = ev.OpenSetSettings(k=k, enroll=(enrolls or (1,))[0], draws=draws, seed=seed, template=template)
-        report = ev.evaluate_models(ds, sets, pairs=pairs, thresholds=thr, id_settings=settings, target_far=target_far)
+        pairs = lfw_pairs(ds, pairs_file) if pairs_file else folder_pairs(ds)
+        settings = OpenSetSettings(k=k, enroll=(enrolls or (1,))[0], draws=draws, seed=seed, template=template)
+        report = evaluate_models(ds, sets, pairs=pairs, thresholds=thr, id_settings=settings, target_far=target_far,
+                                 accuracy_thresholds=accuracy_thresholds)
         report["excluded"] = sorted(exclusions)
-        plots = ev.eval_plots(report, plots_dir, prefix, report_path.parent)
-        md = ev.render_eval_markdown(report, plots, command)
+        plots = eval_plots(report, plots_dir, prefix, report_path.parent)
+        md = render_eval_markdown(report, plots, command)
         _summary_eval(report)
     else:
         if pairs_file:
             raise ConfigError("--pairs does not apply to --open-set (galleries are drawn from the folders)")
         enrolls = enrolls or (3, 1)
-        sets: dict[str, ev.EmbeddedSet] = {}
-        variants: list[ev.Variant] = []
+        sets: dict[str, EmbeddedSet] = {}
+        variants: list[Variant] = []
         for c in choices:
             sets[c.label] = embed(c)
-            variants.append(ev.Variant(c.label, "as configured" if not c.is_peer else "its defaults", (c.label,),
+            variants.append(Variant(c.label, "as configured" if not c.is_peer else "its defaults", (c.label,),
                                        template=template, deployable=c.shipped))
         baseline = variants[0].name
         calibrate: list[str] = []
@@ -158,84 +177,91 @@ def eval_cmd(obj: CliContext, dataset: Path, models: tuple[str, ...], pairs_file
                     "blend": "blend: 0.75 x mean template + 0.25 x best photo"}
             for c in base:
                 ship = c.shipped  # only models in the manifest can be recommended as the default
-                flip = ev.ModelChoice(c.model, c.template, c.preprocessing, flip=True)
-                lm = ev.ModelChoice(c.model, c.template, c.preprocessing, landmarks=toggled)
+                flip = ModelChoice(c.model, c.template, c.preprocessing, flip=True)
+                lm = ModelChoice(c.model, c.template, c.preprocessing, landmarks=toggled)
                 extra = [flip, lm]
                 mesh2 = None
                 if mesh_on and cfg.detector.landmark_passes == 1:
-                    mesh2 = ev.ModelChoice(c.model, c.template, c.preprocessing, mesh2=True)
+                    mesh2 = ModelChoice(c.model, c.template, c.preprocessing, mesh2=True)
                     extra.append(mesh2)
                 full_range = short_only = None
                 if cfg.detector.variant != "full":
-                    full_range = ev.ModelChoice(c.model, c.template, c.preprocessing, detector="full")
+                    full_range = ModelChoice(c.model, c.template, c.preprocessing, detector="full")
                     extra.append(full_range)
                 if cfg.detector.variant == "short" and cfg.detector.fallback_full_range:
-                    short_only = ev.ModelChoice(c.model, c.template, c.preprocessing, detector="short")
+                    short_only = ModelChoice(c.model, c.template, c.preprocessing, detector="short")
                     extra.append(short_only)
                 for x in extra:
                     if x.label not in sets:
                         sets[x.label] = embed(x)
                 variants += [
                     # All are gallery match modes (gallery.match_mode centroid / best / blend), so all can ship.
-                    *[ev.Variant(f"{c.label} {other}" if other == "blend" else f"{c.label} {other}-of-E", what[other],
+                    *[Variant(f"{c.label} {other}" if other == "blend" else f"{c.label} {other}-of-E", what[other],
                                  (c.label,), template=other, deployable=ship) for other in others],
-                    ev.Variant(f"{c.label} enrolled without mirror", "enrollment without the mirror image (as "
+                    Variant(f"{c.label} enrolled without mirror", "enrollment without the mirror image (as "
                                "probes)", (c.label,), template=template, deployable=ship, enroll_mirror=False),
-                    ev.Variant(flip.label, "flip TTA", (flip.label,), template=template, deployable=ship),
-                    ev.Variant(lm.label, "face mesh on" if toggled else "face mesh off (BlazeFace points)", (lm.label,),
+                    Variant(flip.label, "flip TTA", (flip.label,), template=template, deployable=ship),
+                    Variant(lm.label, "face mesh on" if toggled else "face mesh off (BlazeFace points)", (lm.label,),
                                template=template, deployable=ship),
-                    *([ev.Variant(mesh2.label, "face mesh twice (second crop from the first pass's points)",
+                    *([Variant(mesh2.label, "face mesh twice (second crop from the first pass's points)",
                                   (mesh2.label,), template=template, deployable=ship)] if mesh2 else []),
-                    *([ev.Variant(full_range.label, "BlazeFace full range (finds more, smaller faces)", (full_range.label,),
+                    *([Variant(full_range.label, "BlazeFace full range (finds more, smaller faces)", (full_range.label,),
                                   template=template, deployable=ship)] if full_range else []),
-                    *([ev.Variant(short_only.label, "short range alone (no full-range fallback)", (short_only.label,),
+                    *([Variant(short_only.label, "short range alone (no full-range fallback)", (short_only.label,),
                                   template=template, deployable=ship)] if short_only else []),
-                    ev.Variant(f"{c.label} face >= {cfg.policy.min_face_size}px", "the product's face-size rule: enrollment "
+                    Variant(f"{c.label} face >= {cfg.policy.min_face_size}px", "the product's face-size rule: enrollment "
                                f"and the door refuse faces under {cfg.policy.min_face_size} px", (c.label,), template=template,
                                min_face_px=float(cfg.policy.min_face_size), deployable=ship),
-                    ev.Variant(f"{c.label} +cohort", f"cohort s-norm (top 100){cohort_note}", (c.label,),
+                    Variant(f"{c.label} +cohort", f"cohort s-norm (top 100){cohort_note}", (c.label,),
                                template=cohort_template, cohort_top=100, deployable=False),
-                    ev.Variant(f"{flip.label} +cohort", f"flip TTA + cohort s-norm{cohort_note}", (flip.label,),
+                    Variant(f"{flip.label} +cohort", f"flip TTA + cohort s-norm{cohort_note}", (flip.label,),
                                template=cohort_template, cohort_top=100, deployable=False)]
             if len(base) >= 2:
                 a, b = base[0], base[1]
-                variants.append(ev.Variant(f"{a.label} ⊕ {b.label}", "score fusion", (a.label, b.label), template=template,
+                variants.append(Variant(f"{a.label} ⊕ {b.label}", "score fusion", (a.label, b.label), template=template,
                                            deployable=False))
                 fa, fb = f"{a.label}+flip", f"{b.label}+flip"
-                variants.append(ev.Variant(f"{fa} ⊕ {fb} +cohort", f"fusion + flip TTA + cohort s-norm{cohort_note}",
+                variants.append(Variant(f"{fa} ⊕ {fb} +cohort", f"fusion + flip TTA + cohort s-norm{cohort_note}",
                                            (fa, fb), template=cohort_template, cohort_top=100, deployable=False))
             calibrate = [variants[0].name] if not choices[0].is_peer else []
-        study = ev.open_set_study(ds, sets, variants, ks=(k,), enrolls=enrolls, draws=draws, seed=seed, thresholds=thr,
+        study = open_set_study(ds, sets, variants, ks=(k,), enrolls=enrolls, draws=draws, seed=seed, thresholds=thr,
                                   calibration_ks=sorted({10, 25, 50, k}) if ablation else (), calibrate=calibrate,
-                                  only_tune=(split == "tune"))
+                                  only_tune=(split == "tune"), all_identities=(split == "all"))
         study["excluded"] = sorted(exclusions)
-        rec = ev.recommend(study, k=k, enroll=enrolls[0], far_target=target_far, baseline=baseline)
-        rec_same_cost = ev.recommend(study, k=k, enroll=enrolls[0], far_target=target_far, baseline=baseline,
-                                     max_cost=ev.SAME_COST)
+        rec = recommend(study, k=k, enroll=enrolls[0], far_target=target_far, baseline=baseline)
+        rec_same_cost = recommend(study, k=k, enroll=enrolls[0], far_target=target_far, baseline=baseline,
+                                     max_cost=SAME_COST)
         study["recommendation"], study["recommendation_same_cost"] = rec, rec_same_cost
         plots = {}
         for e in enrolls:
-            plots.update(ev.open_set_plots(study, plots_dir, prefix, report_path.parent, k, e))
-        md = ev.render_open_set_markdown(study, plots, command, rec, baseline if ablation else None, rec_same_cost)
+            plots.update(open_set_plots(study, plots_dir, prefix, report_path.parent, k, e))
+        md = render_open_set_markdown(study, plots, command, rec, baseline if ablation else None, rec_same_cost)
         report = study
         _summary_open_set(study, rec)
-    ev.write_text_atomic(report_path, md)
-    ev.write_text_atomic(json_path, json.dumps(ev.public(report), indent=1) + "\n")
+    write_text_atomic(report_path, md)
+    write_text_atomic(json_path, json.dumps(public(report), indent=1) + "\n")
     click.echo(f"report: {report_path}  json: {json_path}  plots: {plots_dir}")
 
 
 def _summary_eval(report: dict) -> None:
-    from edgeface.evaluation.study import num, pct
+    from edgeface.evaluation.report import num, pct
     for m in report["models"]:
         v = m["verification"]
         click.echo(f"{m['label']}: no face {m['photos_no_face']}/{m['photos']}, EER {pct(v['eer'], 2)}, "
                    f"TAR@default({num(v['default_threshold'])}) {pct(v['tar_at_default'])} "
                    f"FAR {pct(v['far_at_default'], 2)}; " +
                    ", ".join(f"TAR@FAR{a['far_target']:g} {pct(a['tar'])}" for a in v["at_far"]))
+        if "k_fold" in v:
+            kf = v["k_fold"]
+            click.echo(f"{m['label']}: {kf['folds']}-fold accuracy {pct(kf['accuracy_mean'], 2)} ± "
+                       f"{pct(kf['accuracy_std'], 2)} (std over folds); accuracy at default "
+                       f"{pct(v['accuracy_at_default'], 2)}" +
+                       "".join(f", at {a['threshold']:g} {pct(a['accuracy'], 2)}" for a in v["accuracy_at"]))
 
 
 def _summary_open_set(study: dict, rec: Optional[dict]) -> None:
-    from edgeface.evaluation.study import far_name, pct
+    from edgeface.evaluation.metrics import far_name
+    from edgeface.evaluation.report import pct
     for r in study["results"]:
         parts = [f"CA@{far_name(a['far_target'])} {pct(a['correct_accept'])} WP {pct(a['wrong_person_accept'], 2)}"
                  for a in r["report"]["at_far"]]

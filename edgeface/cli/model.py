@@ -46,7 +46,9 @@ def convert_cmd(model_kind: str, weights: Path, out_dir: Path, quantization: Opt
                 keep_float: Optional[Path], refine: bool, equalise: float, float_prelu: bool,
                 name: Optional[str]) -> None:
     """Convert the Keras FaceNet weights or the SFace ONNX file to a TFLite embedder for edgeface."""
-    from edgeface.convert.converter import convert_facenet, convert_sface, require_tensorflow
+    from edgeface.convert.facenet import convert_facenet
+    from edgeface.convert.sface import convert_sface
+    from edgeface.convert.tflite import require_tensorflow
     from edgeface.errors import ConfigError, ModelError
 
     if not weights.is_file():

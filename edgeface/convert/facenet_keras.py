@@ -5,7 +5,7 @@ Keras 3 cannot deserialize. We rebuild the network in code with the same layer n
 with h5py, refusing any mismatch. `build_from_h5_config` is an independent second route (it walks the file's own
 `model_config` JSON) used only to check the hand-written architecture.
 
-Keras/TensorFlow are imported lazily by the callers (`edgeface.convert.converter`); importing this module needs Keras.
+Keras/TensorFlow are imported lazily by the callers (`edgeface.convert.facenet`); importing this module needs Keras.
 """
 from __future__ import annotations
 

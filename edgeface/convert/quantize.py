@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import numpy as np
 
 from edgeface.errors import ConverterUnavailable, ModelError
 from edgeface.vision.runtime import load_interpreter
+
+if TYPE_CHECKING:
+    from edgeface.vision.analyzer import FaceAnalyzer
 
 SIGNATURE_KEY = "serving_default"
 
@@ -78,10 +81,8 @@ def quantize_int8(float_model: str | os.PathLike[str], calibration: Iterable[np.
     return out_path
 
 
-def calibration_crops(images: Iterable[Path], analyzer: "object", limit: Optional[int] = None) -> list[np.ndarray]:
+def calibration_crops(images: Iterable[Path], analyzer: "FaceAnalyzer", limit: Optional[int] = None) -> list[np.ndarray]:
     """Aligned crops of the main face of each image (the same detector/landmarks/template as at run time)."""
-    from edgeface.vision.analyzer import main_face_index
-    from edgeface.vision.align import align_face
     from edgeface.errors import ImageError
     from edgeface.vision.images import load_image
 
@@ -91,11 +92,10 @@ def calibration_crops(images: Iterable[Path], analyzer: "object", limit: Optiona
             image = load_image(path)
         except ImageError:
             continue
-        faces = analyzer.detect(image)  # type: ignore[attr-defined]
-        idx = main_face_index(faces, image.shape)
-        if idx is None:
+        _face, crop, _n = analyzer.main_crop(image)
+        if crop is None:
             continue
-        crops.append(align_face(image, faces[idx], analyzer.embedder.template))  # type: ignore[attr-defined]
+        crops.append(crop)
         if limit is not None and len(crops) >= limit:
             break
     return crops

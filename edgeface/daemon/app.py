@@ -47,7 +47,7 @@ def ensure_embedder(cfg: EdgefaceConfig) -> None:
     if embedder_model_path(cfg.embedder.model, cfg.models_dir).is_file():
         return
     try:
-        from edgeface.convert import converter as convert
+        import edgeface.convert as convert  # the [convert] wing, imported only here and only when it is present
     except ImportError:
         return
     ensure = getattr(convert, "ensure_embedder_model", None)

@@ -1,8 +1,11 @@
-"""Detect -> align -> embed, wired once, shared by enrollment, identification, evaluation and the daemon."""
+"""Detect -> face mesh -> main face -> align -> embed, wired once: the daemon, enrollment, identification, the
+evaluation, conversion's representative set, quantisation's calibration set and the pipeline benchmark all run
+this code, so what they measure is what the door runs."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -23,6 +26,11 @@ class FaceResult:
     embedding: np.ndarray
 
 
+#: Receives (stage, seconds) after each stage the analyzer runs: "detect", "mesh", "align", "embed". The benchmark
+#: and the evaluation take their per-stage times from it instead of timing a copy of the path.
+StageTimer = Callable[[str, float], None]
+
+
 def main_face_index(faces: list[Face], image_shape: tuple[int, ...]) -> Optional[int]:
     """The face a door should care about: large, confident and near the centre of the frame."""
     if not faces:
@@ -39,14 +47,22 @@ def main_face_index(faces: list[Face], image_shape: tuple[int, ...]) -> Optional
 
 
 class FaceAnalyzer:
-    """Turns an RGB image into aligned, embedded faces. Owns its detector and embedder."""
+    """Turns an RGB image into aligned, embedded faces. Owns its detector, face mesh and embedder.
 
-    def __init__(self, detector: Detector, embedder: Embedder, *, refiner: Optional[LandmarkRefiner] = None,
-                 min_presence: float = 0.5) -> None:
+    `embedder` may be None for a caller that needs aligned crops only (conversion's representative set): give
+    `template` then. `timer`, when set, is told how long each stage took."""
+
+    def __init__(self, detector: Detector, embedder: Optional[Embedder], *, refiner: Optional[LandmarkRefiner] = None,
+                 min_presence: float = 0.5, template: Optional[str] = None,
+                 timer: Optional[StageTimer] = None) -> None:
+        if embedder is None and template is None:
+            raise ValueError("FaceAnalyzer without an embedder needs an alignment template")
         self.detector = detector
         self.embedder = embedder
         self.refiner = refiner
         self.min_presence = min_presence
+        self.template: str = template if template is not None else embedder.template  # type: ignore[union-attr]
+        self.timer = timer
 
     @classmethod
     def from_config(cls, detector: DetectorConfig, embedder: EmbedderConfig,
@@ -64,19 +80,63 @@ class FaceAnalyzer:
                                   passes=detector.landmark_passes) if detector.refine_landmarks else None
         return cls(det, emb, refiner=refiner, min_presence=detector.min_presence)
 
+    def _timed(self, stage: str, started: float) -> float:
+        now = time.perf_counter()
+        if self.timer is not None:
+            self.timer(stage, now - started)
+        return now
+
     def detect(self, image: np.ndarray) -> list[Face]:
         """Detected faces; with a refiner, each gets five-point landmarks and non-faces are dropped."""
+        started = time.perf_counter()
         faces = self.detector.detect(image)
         if self.refiner is None:
+            self._timed("detect", started)
             return faces
-        return self.refiner.refine_all(image, faces, self.min_presence)
+        meshed = self._timed("detect", started)
+        faces = self.refiner.refine_all(image, faces, self.min_presence)
+        self._timed("mesh", meshed)
+        return faces
+
+    def main_face(self, image: np.ndarray) -> tuple[Optional[Face], int]:
+        """The face a door should care about (or None) and how many faces were seen."""
+        faces = self.detect(image)
+        idx = main_face_index(faces, image.shape)
+        return (None if idx is None else faces[idx]), len(faces)
+
+    def align(self, image: np.ndarray, face: Face, template: Optional[str] = None) -> np.ndarray:
+        """The aligned uint8 crop of `face` (this analyzer's template unless another is named)."""
+        started = time.perf_counter()
+        crop = align_face(image, face, template or self.template)
+        self._timed("align", started)
+        return crop
+
+    def main_crop(self, image: np.ndarray) -> tuple[Optional[Face], Optional[np.ndarray], int]:
+        """(main face, its aligned crop, faces seen); (None, None, n) when no face is usable."""
+        face, n = self.main_face(image)
+        if face is None:
+            return None, None, n
+        return face, self.align(image, face), n
+
+    def embed(self, crops: np.ndarray, embedder: Optional[Embedder] = None) -> np.ndarray:
+        """Unit embeddings of aligned crops ((N,S,S,3) or (S,S,3)) by this analyzer's embedder (or `embedder`)."""
+        model = embedder or self.embedder
+        if model is None:
+            raise ValueError("this FaceAnalyzer has no embedder")
+        started = time.perf_counter()
+        out = model.embed(crops)
+        self._timed("embed", started)
+        return out
 
     def embed_faces(self, image: np.ndarray, faces: list[Face], *, for_enrollment: bool = False) -> list[FaceResult]:
         """Align and embed faces; `for_enrollment` gives the gallery-side embedding (crop and mirror averaged)."""
         if not faces:
             return []
-        crops = np.stack([align_face(image, f, self.embedder.template) for f in faces])
-        embeddings = enrollment_embeddings(self.embedder, crops) if for_enrollment else self.embedder.embed(crops)
+        crops = np.stack([self.align(image, f) for f in faces])
+        if for_enrollment:
+            embeddings = enrollment_embeddings(self.embedder, crops)  # type: ignore[arg-type]
+        else:
+            embeddings = self.embed(crops)
         return [FaceResult(f, c, e) for f, c, e in zip(faces, crops, embeddings)]
 
     def analyze(self, image: np.ndarray) -> list[FaceResult]:
@@ -85,11 +145,10 @@ class FaceAnalyzer:
 
     def analyze_main(self, image: np.ndarray) -> tuple[Optional[FaceResult], int]:
         """The main face embedded (or None) and how many faces were seen."""
-        faces = self.detect(image)
-        idx = main_face_index(faces, image.shape)
-        if idx is None:
+        face, n = self.main_face(image)
+        if face is None:
             return None, 0
-        return self.embed_faces(image, [faces[idx]])[0], len(faces)
+        return self.embed_faces(image, [face])[0], n
 
     def close(self) -> None:
         for part in (self.detector, self.embedder, self.refiner):
