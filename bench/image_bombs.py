@@ -9,7 +9,8 @@ address-space cap of 6 GiB so a bomb cannot take the machine down.
     python bench/image_bombs.py [--before]     # prints a table, writes bench/results/image_bombs.json
 
 Target (the image-decoding hardening): every hostile image (bomb) refused, under 300 MB peak RSS. The largest images edgeface
-accepts (49 MP) are reported too: edgeface decodes them at half size (a bare full-size cv2.imdecode peaks ~325 MB).
+accepts (49 MP JPEG/PNG, 16 MP TIFF) are reported too: edgeface decodes them at half size (a bare full-size
+cv2.imdecode peaks ~325 MB); OpenCV cannot decode a TIFF at half size, so a TIFF over 16 MP is refused.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import time
 import zlib
 from pathlib import Path
 
-from edgeface.testing import jpeg_header_bomb
+from edgeface.testing import jpeg_header_bomb, tiff_image
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "image_bombs.json"
@@ -94,10 +95,15 @@ CASES = [  # name, maker, hostile (must be refused)
     ("PNG bomb 12000x12000 RGBA 16-bit (complete)", lambda: png_bomb(12000, 12000, color_type=6, bit_depth=16), True),
     ("JPEG bomb 20000x20000 (SOF says so)", lambda: jpeg_header_bomb(20000, 20000), True),
     ("JPEG bomb 65000x65000 (SOF says so)", lambda: jpeg_header_bomb(65000, 65000), True),
+    ("TIFF bomb 20000x20000, size tags twice (100x100 after)",
+     lambda: tiff_image(20000, 20000, hidden_by=(100, 100), truncated=True), True),
     ("largest accepted: PNG 7000x7000 RGB", lambda: png_bomb(7000, 7000, color_type=2), False),
     ("largest accepted: PNG 7000x7000 grey", lambda: png_bomb(7000, 7000), False),
     ("largest accepted: PNG 7000x7000 RGBA 16-bit", lambda: png_bomb(7000, 7000, color_type=6, bit_depth=16), False),
     ("largest accepted: JPEG 7000x7000", lambda: jpeg_real(7000, 7000), False),
+    ("largest accepted: TIFF 4000x4000 grey (deflate)", lambda: tiff_image(4000, 4000), False),
+    ("largest accepted: TIFF 4000x4000 RGB (deflate)", lambda: tiff_image(4000, 4000, channels=3), False),
+    ("TIFF 7000x7000 RGB (over the 16 MP TIFF limit)", lambda: tiff_image(7000, 7000, channels=3), False),
 ]
 
 
@@ -132,8 +138,9 @@ def main() -> int:
     accepted = max(r["after"]["peak_rss_mb"] or 0 for r in rows if not r["hostile"])
     ok = all(r["after"]["result"].startswith("refused") for r in rows if r["hostile"])
     print(f"\nhostile images: worst peak RSS {worst} MB (target < 300 MB); every one refused: {ok}")
-    print(f"largest accepted images (49 MP, just under the 50 MP limit): peak RSS {accepted} MB (decoded at half "
-          "size; a bare full-size cv2.imdecode holds two full-size buffers, ~41 MB + 5.8 bytes per pixel)")
+    print(f"largest accepted images (49 MP JPEG/PNG, just under the 50 MP limit; 16 MP TIFF): peak RSS {accepted} MB "
+          "(decoded at half size; a bare full-size cv2.imdecode holds two full-size buffers, ~41 MB + 5.8 bytes per "
+          "pixel; OpenCV decodes a TIFF at full size whatever the flags: 370 MB at 49 MP, so TIFF stops at 16 MP)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
                                    "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

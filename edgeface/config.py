@@ -22,7 +22,7 @@ class Section(BaseModel):
 
 
 class CameraConfig(Section):
-    source: str = Field("picamera", description="'picamera', a device index ('0'), an RTSP/HTTP URL, a video file, "
+    source: str = Field("picamera", description="'picamera', a device index (0), an RTSP/HTTP URL, a video file, "
                                                "or a folder of images ('demo' = the shipped sample faces).")
     width: int = Field(1280, ge=64, le=7680, description="Requested capture width (pixels).")
     height: int = Field(720, ge=64, le=4320, description="Requested capture height (pixels).")
@@ -32,6 +32,16 @@ class CameraConfig(Section):
     loop: bool = Field(False, description="Replay a video file or image folder forever (demo).")
     frozen_after_s: float = Field(10.0, gt=0, le=3600,
                                   description="Report the camera unhealthy when frames stop changing for this long.")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _index_as_text(cls, value: Any) -> Any:
+        """`source: 0` unquoted (as the README writes it) is YAML's integer 0: read it as the device index '0'."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError(f"a camera device index is 0 or more, got {value}")
+            return str(value)
+        return value
 
 
 class DetectorConfig(Section):
@@ -69,6 +79,11 @@ class EmbedderConfig(Section):
                                                   "K=100, E=3), twice the embedding time; off by default for latency on "
                                                   "a Pi (docs/accuracy.md, models/MODELS.md).")
     num_threads: Optional[int] = Field(None, ge=1, le=16, description="Interpreter threads; default min(4, cores).")
+    head: Optional[str] = Field(
+        None, description="An embedding head trained with `edgeface train-head` (manifest name, or a .tflite path with "
+                          "its .json beside it), applied after the embedder. Off by default: the heads measured so far "
+                          "did not beat the plain embedder (docs/training.md). A gallery enrolled without it (or with "
+                          "another head) is refused until `edgeface gallery reembed`.")
     source_weights: Optional[str] = Field(
         None, description="Source weights to convert from when the model file is missing (needs edgeface[convert]): the "
                           "Keras FaceNet .h5, or the SFace .onnx (face_recognition_sface_2021dec_int8bq.onnx).")
@@ -123,11 +138,14 @@ class PolicyConfig(Section):
 
 class DoorConfig(Section):
     door_id: str = Field("front", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="Name of this door in events and topics.")
-    relay_pin: int = Field(17, ge=0, le=53, description="BCM pin driving the door relay.")
-    active_high: bool = Field(True, description="True if the relay closes when the pin is high.")
+    # Strict types for the relay line (a YAML integer, a YAML boolean): `edgeface door release` must read the
+    # same line from the file without pydantic, and lax parsing would take '27', 'false', 0, even `true` (pin 1).
+    relay_pin: int = Field(17, ge=0, le=53, strict=True, description="BCM pin driving the door relay (a number).")
+    active_high: bool = Field(True, strict=True, description="true if the relay closes when the pin is high "
+                                                             "(true or false).")
     pulse_s: float = Field(3.0, gt=0, le=60, description="How long the relay is held for one grant.")
-    contact_pin: Optional[int] = Field(None, ge=0, le=53, description="BCM pin of the door contact (optional).")
-    contact_closed_is_low: bool = Field(True, description="Door contact wiring: closed door pulls the pin low.")
+    contact_pin: Optional[int] = Field(None, ge=0, le=53, strict=True, description="BCM pin of the door contact (optional).")
+    contact_closed_is_low: bool = Field(True, strict=True, description="Door contact wiring: closed door pulls the pin low.")
     held_open_s: float = Field(30.0, gt=0, le=3600, description="Alarm when the door stays open longer than this.")
     pin_factory: Optional[Literal["mock", "lgpio", "rpigpio", "pigpio", "native"]] = Field(
         None, description="gpiozero pin factory; default: gpiozero's choice (lgpio on a Pi), 'mock' for demos/tests.")
@@ -162,6 +180,17 @@ class MqttConfig(Section):
                                  description="Environment variable (or credential) with the base32 TOTP secret.")
     access_switch: bool = Field(True, description="Let MQTT (Home Assistant's Access switch) turn access off and on "
                                                   "again; the state is kept in state_dir (unreadable = off).")
+    ha_doorbell: bool = Field(True, description="A Home Assistant Doorbell event (device class doorbell) that rings "
+                                                "for every unknown face, so HA and HomeKit treat strangers as a ring.")
+    ha_presence: bool = Field(False, description="One Home Assistant sensor per enrolled person: when they were last "
+                                                 "let in (off by default: it is a record of who comes and goes).")
+    ha_face_image: bool = Field(False, description="A Home Assistant image entity with the face crop of the last "
+                                                   "decision (off by default: it sends a face photo to the broker; "
+                                                   "kept in memory only, never on disk, not retained on the broker).")
+    ha_face_image_px: int = Field(160, ge=32, le=1024, description="Longest side of the face crop image (pixels).")
+    configuration_url: Optional[str] = Field(
+        None, pattern=r"^https?://\S+$",
+        description="Link shown on the Home Assistant device page (e.g. the web app, http://door.local:8080).")
 
     @model_validator(mode="after")
     def _tls_files(self) -> "MqttConfig":
@@ -246,6 +275,8 @@ def format_validation_error(exc: ValidationError, source: str, text: str = "") -
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see config.yaml for every key)"
         value = err.get("input")
+        if err["type"] in ("int_type", "bool_type"):  # the strict door fields: say which spellings work
+            msg += " (a number, unquoted: 27)" if err["type"] == "int_type" else " (true or false, unquoted)"
         shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" = {value!r}"
         lines.append(f"{where}: {key}{shown}: {msg}")
     return "\n".join(lines)

@@ -6,9 +6,14 @@ systemd unit's ExecStopPost (for a crash the process could not clean up).
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from edgeface.errors import ConfigError
@@ -44,13 +49,81 @@ def make_pin_factory(name: Optional[str]) -> Any:
         raise ConfigError(f"door.pin_factory = {name!r}: cannot start it: {exc}") from exc
 
 
+#: The file in state_dir where the daemon records the relay line it claimed (what `door release` releases first).
+LINE_RECORD_NAME = "relay-line.json"
+GPIO_HINT = "on a Pi: user in group gpio, python3-lgpio; elsewhere: door.pin_factory: mock"
+
+
+@dataclass(frozen=True)
+class RelayLine:
+    """The relay line as driven: pin, polarity and the pin factory name (None = gpiozero's choice)."""
+
+    relay_pin: int
+    active_high: bool
+    pin_factory: Optional[str] = None
+    door_id: str = "front"
+
+    def describe(self) -> str:
+        return f"pin {self.relay_pin} ({'active high' if self.active_high else 'active low'})"
+
+
+def write_line_record(path: Path, line: RelayLine) -> None:
+    """Record the line this process drives (0600, atomic): after a crash `door release` releases exactly it."""
+    from edgeface.security import write_private_atomic
+
+    data = {"door_id": line.door_id, "relay_pin": line.relay_pin, "active_high": line.active_high,
+            "pin_factory": line.pin_factory, "pid": os.getpid(), "claimed_at": time.time()}
+    write_private_atomic(path, (json.dumps(data, indent=1) + "\n").encode())
+
+
+def read_line_record(path: Path) -> RelayLine:
+    """The recorded line; FileNotFoundError when there is none, ConfigError (one line) when it is damaged."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a relay line record (expected a JSON object)")
+    pin, high, factory, door_id = (data.get(k) for k in ("relay_pin", "active_high", "pin_factory", "door_id"))
+    if isinstance(pin, bool) or not isinstance(pin, int) or not 0 <= pin <= 53:
+        raise ConfigError(f"{path}: relay_pin = {pin!r}: expected a BCM pin 0-53")
+    if not isinstance(high, bool):
+        raise ConfigError(f"{path}: active_high = {high!r}: expected true or false")
+    if factory is not None and factory not in PIN_FACTORIES:
+        raise ConfigError(f"{path}: pin_factory = {factory!r}: expected one of {', '.join(PIN_FACTORIES)} or null")
+    return RelayLine(pin, high, factory, str(door_id) if isinstance(door_id, str) else "front")
+
+
+def build_output(relay_pin: int, *, active_high: bool, pin_factory: Any) -> Any:
+    """A released gpiozero output on `relay_pin`, or one ConfigError line saying why not.
+
+    gpiozero warns once per pin factory it tries (4 warnings, 8 lines, off a Pi) before its own error: those
+    reasons go into the one error line instead; on success they are logged (e.g. the native fallback)."""
+    from gpiozero import DigitalOutputDevice
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            device = DigitalOutputDevice(relay_pin, active_high=active_high, initial_value=False,
+                                         pin_factory=pin_factory)
+        except Exception as exc:  # noqa: BLE001  (no GPIO here, pin busy, no permission)
+            tried = "; ".join(str(w.message) for w in caught)
+            raise ConfigError(f"door.relay_pin = {relay_pin}: cannot drive the pin: {type(exc).__name__}: {exc}"
+                              + (f" ({tried})" if tried else "") + f" ({GPIO_HINT})") from None
+    for w in caught:
+        log.warning("gpio: %s", w.message)
+    return device
+
+
 class Door:
     """A relay on `relay_pin`; `pulse()` unlocks for pulse_s without blocking (a timer releases it)."""
 
     def __init__(self, relay_pin: int, *, active_high: bool = True, pulse_s: float = 3.0,
-                 pin_factory: Any = None, on_change: Optional[Callable[[str], None]] = None) -> None:
-        from gpiozero import DigitalOutputDevice
-
+                 pin_factory: Any = None, on_change: Optional[Callable[[str], None]] = None,
+                 line_record: Optional[Path] = None, line: Optional[RelayLine] = None) -> None:
+        """`line_record`: a file where the claimed line is recorded (`line` says pin factory name and door id)
+        before the relay can ever move; a record that cannot be written frees the pin and raises ConfigError."""
         self.pulse_s = pulse_s
         self.relay_pin = relay_pin
         self._on_change = on_change
@@ -58,19 +131,25 @@ class Door:
         self._timer: Optional[threading.Timer] = None
         self._closed = False
         self.last_pulse: Optional[float] = None  # time.monotonic() of the last unlock
-        try:
-            self._device = DigitalOutputDevice(relay_pin, active_high=active_high, initial_value=False,
-                                               pin_factory=pin_factory)
-        except Exception as exc:  # noqa: BLE001  (no GPIO here, pin busy, no permission)
-            raise ConfigError(f"door.relay_pin = {relay_pin}: cannot drive the pin: {type(exc).__name__}: {exc} "
-                              "(on a Pi: user in group gpio, python3-lgpio; elsewhere: door.pin_factory: mock)") from exc
+        self._device = build_output(relay_pin, active_high=active_high, pin_factory=pin_factory)
+        if line_record is not None:
+            line = line or RelayLine(relay_pin, active_high)
+            try:
+                write_line_record(line_record, RelayLine(relay_pin, active_high, line.pin_factory, line.door_id))
+            except OSError as exc:
+                self._device.close()
+                raise ConfigError(f"cannot record the relay line in {line_record}: {exc.strerror or exc} "
+                                  "(`edgeface door release` needs it after a crash)") from None
 
     @classmethod
     def from_config(cls, cfg: DoorConfig, *, pin_factory: Any = None,
-                    on_change: Optional[Callable[[str], None]] = None) -> "Door":
+                    on_change: Optional[Callable[[str], None]] = None, state_dir: Optional[Path] = None) -> "Door":
+        """With `state_dir` the claimed line is recorded there (LINE_RECORD_NAME) for `edgeface door release`."""
         return cls(cfg.relay_pin, active_high=cfg.active_high, pulse_s=cfg.pulse_s,
                    pin_factory=pin_factory if pin_factory is not None else make_pin_factory(cfg.pin_factory),
-                   on_change=on_change)
+                   on_change=on_change,
+                   line_record=Path(state_dir) / LINE_RECORD_NAME if state_dir is not None else None,
+                   line=RelayLine(cfg.relay_pin, cfg.active_high, cfg.pin_factory, cfg.door_id))
 
     @property
     def unlocked(self) -> bool:

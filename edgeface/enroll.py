@@ -132,7 +132,8 @@ def _read(path: Path) -> tuple[Optional[np.ndarray], str, Optional[str]]:
     try:
         return decode_image(data, name=str(path)), sha, None
     except ImageError as exc:
-        return None, sha, str(exc).replace(f"{path}: ", "").replace(f" {path}", "")
+        # the reason without the file name, which the caller prints first ("rejected a.jpg: cannot decode image: ...")
+        return None, sha, str(exc).replace(f" {path}:", ":").replace(f"{path}: ", "").replace(f" {path}", "")
 
 
 def enroll_images(analyzer: FaceAnalyzer, paths: Sequence[str | os.PathLike[str]], *,

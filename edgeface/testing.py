@@ -194,6 +194,42 @@ class Collector:
         self.close()
 
 
+def tiff_image(w: int, h: int, *, channels: int = 1, hidden_by: Optional[tuple[int, int]] = None,
+               truncated: bool = False) -> bytes:
+    """A little-endian TIFF of w x h black pixels (8-bit grey or RGB), one deflate-compressed strip, compressed
+    as it is built (never held decoded). `hidden_by=(w2, h2)`: the width and height tags appear twice, the
+    real size first (libtiff uses it) and w2 x h2 after it; `truncated`: only a few bytes of the strip (a
+    header bomb of a few hundred bytes). For tests and bench/image_bombs.py."""
+    import struct
+    import zlib
+
+    if truncated:
+        body = zlib.compress(b"\0" * 4096)
+    else:
+        comp = zlib.compressobj(9)
+        row = b"\0" * (w * channels)
+        body = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    widths, heights = ([w, hidden_by[0]], [h, hidden_by[1]]) if hidden_by else ([w], [h])
+    entries = [(256, 4, 1, v) for v in widths] + [(257, 4, 1, v) for v in heights] + [
+        (258, 3, channels, 8), (259, 3, 1, 8), (262, 3, 1, 2 if channels == 3 else 1), (273, 4, 1, 0),
+        (277, 3, 1, channels), (278, 4, 1, h), (279, 4, 1, len(body))]
+    extra_at = 8 + 2 + 12 * len(entries) + 4
+    extra = struct.pack("<HHH", 8, 8, 8) if channels == 3 else b""  # RGB: three BitsPerSample values, outside
+    bits_at = extra_at
+    data_at = extra_at + len(extra)
+    out = b"II*\0" + struct.pack("<IH", 8, len(entries))
+    for tag, typ, n, v in entries:
+        if tag == 273:
+            v = data_at
+        if tag == 258 and n == 3:
+            out += struct.pack("<HHII", tag, typ, n, bits_at)
+        elif typ == 3:
+            out += struct.pack("<HHIHH", tag, typ, n, v, 0)
+        else:
+            out += struct.pack("<HHII", tag, typ, n, v)
+    return out + b"\0\0\0\0" + extra + body
+
+
 def jpeg_header_bomb(w: int, h: int) -> bytes:
     """A real 64x64 JPEG whose frame header (SOF) says w x h: libjpeg would allocate and fill every missing row
     (a decompression bomb of a few hundred bytes, for tests and bench/image_bombs.py)."""

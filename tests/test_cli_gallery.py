@@ -317,3 +317,43 @@ def test_enroll_quality_gate_options(capsys, tmp_path):
     guido = sorted((FACES / "guido_van_rossum").glob("*.jpg"))[4]  # a turned head, rejected by default
     rc, out, err = run(capsys, cfg, "enroll", "Guido", guido, "--max-nose-offset", "0.5")
     assert rc == 0 and "enrolled 'Guido': 1 added" in err
+
+
+def test_enroll_creates_every_missing_state_folder_0700(capsys, tmp_path):
+    """A first enroll before the daemon ever ran: the state folder and any folder below it are private (0700),
+    not 0755 as mkdir(parents=True) made every level but the last."""
+    import stat
+
+    cfg = tmp_path / "c.yaml"
+    state = tmp_path / "var" / "state"
+    cfg.write_text(yaml.safe_dump({"state_dir": str(state), "gallery": {"path": "people/gallery.db"}}))
+    photo = sorted((FACES / "paul_allen").glob("*.jpg"))[0]
+    assert run(capsys, cfg, "enroll", "Paul", photo)[0] == 0
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "people").stat().st_mode) == 0o700
+    assert (state / "people" / "gallery.db").is_file()
+
+
+def test_enroll_names_an_undecodable_photo_with_the_reason_after_a_colon(capsys, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "g.db")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    photo = sorted((FACES / "paul_allen").glob("*.jpg"))[0]
+    rc, out, err = run(capsys, cfg, "enroll", "Paul", photo, bad)
+    assert rc == 0
+    assert f"rejected {bad}: cannot decode image: not a supported image" in err
+
+
+def test_identify_json_gives_an_unreadable_image_its_entry_with_the_error(capsys, enrolled, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    missing = tmp_path / "missing.jpg"
+    good = sorted((FACES / "barack_obama").glob("*.jpg"))[2]
+    rc, out, err = run(capsys, enrolled, "identify", bad, good, missing, NONFACE, "--json")
+    assert rc == 1
+    doc = json.loads("\n".join(out))
+    assert [d["image"] for d in doc] == [str(bad), str(good), str(missing), str(NONFACE)]
+    assert doc[0]["faces"] == [] and doc[0]["error"].startswith(f"cannot decode image {bad}")
+    assert doc[1]["error"] is None and doc[1]["faces"][0]["name"] == "barack_obama"
+    assert doc[2]["faces"] == [] and str(missing) in doc[2]["error"]
+    assert doc[3] == {"image": str(NONFACE), "faces": [], "error": None}

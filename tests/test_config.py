@@ -78,3 +78,14 @@ def test_repository_config_yaml_is_the_generated_default() -> None:
     from edgeface.config import render_default_yaml
 
     assert (REPO / "config.yaml").read_text() == render_default_yaml()
+
+
+def test_camera_index_written_unquoted_is_accepted(tmp_path) -> None:
+    """`source: 0` as the README writes it is YAML's integer 0: it is the device index, not a type error."""
+    path = tmp_path / "c.yaml"
+    path.write_text("camera:\n  source: 0\n")
+    assert load_config(path).camera.source == "0"
+    path.write_text("camera:\n  source: -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "camera.source = -1" in str(info.value) and "index is 0 or more" in str(info.value)

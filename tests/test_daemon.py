@@ -413,9 +413,15 @@ def test_demo_prints_granted_and_unknown_events(tmp_path, caplog):
         [r.getMessage() for r in caplog.records if "gallery" in r.getMessage()]
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     granted = {e["person_name"] for e in events if e["result"] == "granted"}
-    assert granted and granted <= {"barack_obama", "kit_harington", "paul_allen"}
+    assert granted == {"barack_obama", "kit_harington", "steve_wozniak"}
     assert any(e["result"] == "unknown" for e in events)
     assert not any(e["result"] == "granted" and e["person_name"] is None for e in events)
+    # Margins that hold on a Pi, whose distances differ from x86 by up to 0.016: every grant and every stranger is
+    # at least 0.03 from the threshold (measured on x86: 0.22 or more).
+    margins = sorted((round(abs(e["distance"] - e["threshold"]), 3), e["result"], e["person_name"] or "stranger")
+                     for e in events if e["result"] in ("granted", "unknown"))
+    print("demo margins from the threshold:", margins)
+    assert len(margins) >= 6 and margins[0][0] >= 0.03, margins
 
 
 def test_door_contact_opened_without_grant_is_a_forced_open_alarm(tmp_path, analyzer, enrolled_gallery, pins):

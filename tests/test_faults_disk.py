@@ -212,3 +212,38 @@ def test_sigkill_right_after_the_relay_moves_leaves_the_grant_recorded(tmp_path,
     assert json.loads(queued[0][1])["result"] == "granted"
     for name in ("audit.db", "outbox.db"):
         assert _rows(state / name, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_read_only_state_folder_still_answers_the_read_only_commands(tmp_path, capsys, obama_gallery_file):
+    """The state folder on a read-only file system (a mount, a backup copy): `people list`, `people show`,
+    `gallery stats` and `identify` answer (the gallery is opened read-only: SQLite could not make its WAL
+    files there); a command that writes still fails with one line."""
+    import shutil
+
+    from edgeface.cli import main
+
+    disk = tmp_path / "ro"
+    with small_disk(disk):
+        shutil.copyfile(obama_gallery_file, disk / "gallery.db")
+        done = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot remount the tmpfs read-only: {done.stderr.strip()}")
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"state_dir: {disk}\nmqtt:\n  enabled: false\n")
+        capsys.readouterr()
+
+        def run(*args: str) -> tuple[int, str, str]:
+            rc = main(["--config", str(cfg), *args])
+            out, err = capsys.readouterr()
+            return rc, out, err
+
+        assert run("people", "list") == (0, "barack_obama,enabled,3,\n", "")
+        rc, out, _ = run("people", "show", "barack_obama")
+        assert rc == 0 and "embeddings: 3" in out
+        rc, out, _ = run("gallery", "stats")
+        assert rc == 0 and "people: 1" in out
+        rc, out, err = run("identify", str(PROBE))
+        assert rc == 0 and out.startswith(f"{PROBE},barack_obama,"), err
+        rc, _, err = run("people", "disable", "barack_obama")
+        assert rc != 0 and err.count("\n") == 1
+        assert sorted(p.name for p in disk.iterdir()) == ["gallery.db"]  # nothing was written there

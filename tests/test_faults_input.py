@@ -309,9 +309,16 @@ def _png_header_bomb(w: int, h: int, color_type: int = 0) -> bytes:
 
 
 @pytest.mark.parametrize("kind, w, h", [("png", 30000, 30000), ("png_rgb", 20000, 20000), ("jpeg", 20000, 20000),
-                                        ("jpeg", 65000, 800)])
+                                        ("jpeg", 65000, 800), ("tiff", 20000, 20000),
+                                        ("tiff_size_tags_twice", 20000, 20000)])
 def test_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path, kind, w, h):
-    data = jpeg_header_bomb(w, h) if kind == "jpeg" else _png_header_bomb(w, h, 2 if kind == "png_rgb" else 0)
+    """tiff_size_tags_twice: the real size first (what libtiff decodes), a 100x100 width/height after it."""
+    from edgeface.testing import tiff_image
+
+    if kind.startswith("tiff"):
+        data = tiff_image(w, h, truncated=True, hidden_by=(100, 100) if kind == "tiff_size_tags_twice" else None)
+    else:
+        data = jpeg_header_bomb(w, h) if kind == "jpeg" else _png_header_bomb(w, h, 2 if kind == "png_rgb" else 0)
     assert len(data) < 10_000
     path = tmp_path / f"bomb.{kind[:3]}"
     path.write_bytes(data)

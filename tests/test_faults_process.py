@@ -302,10 +302,18 @@ BROKEN_CONFIGS = {
 
 @pytest.mark.parametrize("kind", sorted(BROKEN_CONFIGS))
 def test_door_release_works_with_a_broken_config(tmp_path, kind):
+    """YAML that parses gives the door section; YAML that does not gives nothing (no guessing), so the line the
+    daemon recorded in its state dir (found through $STATE_DIRECTORY, as systemd sets it) is released."""
+    from edgeface.door import LINE_RECORD_NAME, RelayLine, write_line_record
+
     config = tmp_path / "config.yaml"
     config.write_text(BROKEN_CONFIGS[kind])
     assert _cli(config, "check-config").returncode != 0  # the file really is broken for everything else
-    done = _cli(config, "door", "release", timeout=60)
+    state = tmp_path / "state"
+    state.mkdir()
+    write_line_record(state / LINE_RECORD_NAME, RelayLine(22, False, "mock", "front"))
+    done = subprocess.run([sys.executable, "-m", "edgeface", "--config", str(config), "door", "release"],
+                          env={**ENV, "STATE_DIRECTORY": str(state)}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "relay on pin 22 released (active low)" in done.stdout, done.stdout + done.stderr
 

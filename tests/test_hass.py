@@ -42,21 +42,27 @@ def test_device_discovery_has_required_keys():
     door = [c for c in comps["binary_sensor"] if c.get("device_class") == "door"]
     assert door and door[0]["state_topic"] == "edgeface/front/contact"
     assert {c["state_topic"] for c in comps["sensor"]} == {
-        "edgeface/front/last_person", "edgeface/front/camera", "edgeface/front/outbox"}
-    last = next(c for c in comps["sensor"] if c["state_topic"] == "edgeface/front/last_person")
-    assert last["json_attributes_topic"] == "edgeface/front/last_person/attributes"
+        "edgeface/front/last_decision", "edgeface/front/camera", "edgeface/front/outbox", "edgeface/front/gallery"}
+    last = next(c for c in comps["sensor"] if c["name"] == "Last person")
+    assert last["state_topic"] == last["json_attributes_topic"] == "edgeface/front/last_decision"  # one message
+    assert last["value_template"] == "{{ value_json.name }}"
+    people = {c["name"]: c["value_template"] for c in comps["sensor"] if c["state_topic"] == "edgeface/front/gallery"}
+    assert people == {"People": "{{ value_json.people }}", "People enabled": "{{ value_json.enabled }}"}
+    doorbell, = [c for c in comps["event"] if c.get("device_class") == "doorbell"]
+    assert (doorbell["state_topic"], doorbell["event_types"]) == ("edgeface/front/doorbell", ["ring"])
     switch, = comps["switch"]
     assert (switch["command_topic"], switch["state_topic"]) == ("edgeface/front/access/set", "edgeface/front/access")
     assert payload["availability"][0]["topic"] == "edgeface/front/availability"
     uids = [c["unique_id"] for c in payload["cmps"].values() if "unique_id" in c]
-    assert len(uids) == len(set(uids)) == len(payload["cmps"]) - 1  # the lock is a removal entry
+    # removal entries: the lock and the refusal sensors (remote unlock off), the face image (off by default)
+    assert len(uids) == len(set(uids)) == len(payload["cmps"]) - 4
 
 
 def test_every_component_has_qos_1():
     """HA ignores a device-level qos and subscribes with QoS 0 unless each component says otherwise."""
     payload = device_discovery(config(remote_unlock=True, remote_unlock_totp=True))
     live = [c for c in payload["cmps"].values() if set(c) - {"p"}]
-    assert len(live) == 9 and all(c["qos"] == 1 for c in live)
+    assert len(live) == 14 and all(c["qos"] == 1 for c in live)
     live[0].pop("qos")
     assert any("qos" in p for p in validate_discovery(payload))
 
@@ -289,7 +295,117 @@ def test_last_person_says_stranger_with_result_and_time_as_attributes(tmp_path, 
             assert [daemon.process_frame(Frame(image=image, timestamp=t + i * 0.2)).action for i in range(3)] \
                 == ["none", "none", "unknown"]
             assert sub.last("edgeface/front/last_person") == b"stranger"
-            attrs = json.loads(sub.last("edgeface/front/last_person/attributes"))
+            attrs = json.loads(sub.last("edgeface/front/last_decision"))
             event = json.loads(sub.last("edgeface/front/event"))
-    assert attrs["result"] == "unknown" and attrs["person_name"] is None
+    assert attrs["result"] == "unknown" and attrs["person_name"] is None and attrs["name"] == "stranger"
     assert (attrs["timestamp"], attrs["event_id"]) == (event["timestamp"], event["event_id"])
+
+
+# ----------------------------------------------------------------- entities beyond the access events
+def test_presence_image_and_refusal_entities_only_when_wanted():
+    people = [(1, "Ada"), (2, "Bob")]
+    default = device_discovery(config(), people=people)
+    assert default["cmps"]["edgeface_front_presence_1"] == {"p": "sensor"}  # off by default: removal entries
+    assert default["cmps"]["edgeface_front_face_image"] == {"p": "image"}
+    assert "cu" not in default["dev"]
+    on = device_discovery(config(ha_presence=True, ha_face_image=True, remote_unlock=True, remote_unlock_totp=True,
+                                 configuration_url="http://door.local:8080"), people=people, removed_people=[3])
+    assert validate_discovery(on) == []
+    ada = on["cmps"]["edgeface_front_presence_1"]
+    assert (ada["name"], ada["state_topic"], ada["device_class"]) == ("Ada arrived", "edgeface/front/presence/1",
+                                                                      "timestamp")
+    assert on["cmps"]["edgeface_front_presence_3"] == {"p": "sensor"}  # removed from the gallery
+    image = on["cmps"]["edgeface_front_face_image"]
+    assert (image["image_topic"], image["content_type"]) == ("edgeface/front/face_image", "image/jpeg")
+    refused = on["cmps"]["edgeface_front_unlock_refused"]
+    assert refused["state_topic"] == refused["json_attributes_topic"] == "edgeface/front/unlock/refused"
+    assert on["cmps"]["edgeface_front_unlock_locked_out_until"]["device_class"] == "timestamp"
+    assert on["dev"]["cu"] == "http://door.local:8080"
+    off = device_discovery(config(ha_doorbell=False))
+    assert off["cmps"]["edgeface_front_doorbell"] == {"p": "event"}
+
+
+def _enroll(daemon, analyzer, name):
+    from edgeface.enroll import enroll_images
+
+    photos = sorted((FACES / name).glob("*.jpg"))[:2]
+    return daemon.gallery.enroll(name, enroll_images(analyzer, photos)).person_id
+
+
+@pytest.mark.broker
+@needs_broker
+def test_one_last_decision_message_per_decision_with_presence_face_image_doorbell_and_counts(
+        tmp_path, analyzer, broker, monkeypatch):
+    from gpiozero.pins.mock import MockFactory
+
+    from edgeface.daemon.app import Daemon
+    from edgeface.events import hass_state
+    from edgeface.frames import FolderSource
+    from edgeface.types import Frame
+    from edgeface.vision.images import load_image
+
+    monkeypatch.setattr(hass_state, "GALLERY_EVERY_S", 0.0)  # re-read the gallery on every frame
+    cfg = daemon_config(tmp_path, broker, remote_unlock=False, remote_unlock_totp=False, ha_presence=True,
+                        ha_face_image=True)
+    obama = load_image(sorted((FACES / "barack_obama").glob("*.jpg"))[3])
+    kit = load_image(FACES / "kit_harington" / "kit_harington_02.jpg")
+    with Collector(broker.host, broker.port, ["edgeface/front/#", "homeassistant/#"]) as sub:
+        with Daemon(cfg, analyzer=analyzer, source=FolderSource(FACES), pin_factory=MockFactory()) as daemon:
+            pid = _enroll(daemon, analyzer, "barack_obama")
+            daemon.start()
+            assert daemon.mqtt.wait_connected(10)
+            t = time.time()
+            actions = [daemon.process_frame(Frame(image=obama, timestamp=t + i * 0.2)).action for i in range(3)]
+            actions += [daemon.process_frame(Frame(image=kit, timestamp=t + 10 + i * 0.2)).action for i in range(3)]
+            assert actions == ["none", "none", "grant", "none", "none", "unknown"]
+            assert wait_until(lambda: len(sub.on_topic("edgeface/front/last_decision")) >= 2)
+            assert wait_until(lambda: sub.on_topic("edgeface/front/doorbell"))
+            assert wait_until(lambda: len(sub.on_topic("edgeface/front/face_image")) >= 2)
+            assert wait_until(lambda: sub.on_topic(f"edgeface/front/presence/{pid}"))
+            time.sleep(0.5)
+            events = sub.json_on("edgeface/front/event")
+            decisions = sub.json_on("edgeface/front/last_decision")
+            discovery = json.loads(sub.on_topic("homeassistant/device/edgeface_front/config")[-1])
+            gallery = json.loads(sub.last("edgeface/front/gallery"))
+    assert [(d["name"], d["result"]) for d in decisions] == [("barack_obama", "granted"), ("stranger", "unknown")]
+    assert [d["event_id"] for d in decisions] == [e["event_id"] for e in events]  # one message each, in order
+    ring, = sub.json_on("edgeface/front/doorbell")
+    assert ring["event_type"] == "ring" and ring["access_event_id"] == events[1]["event_id"]
+    assert sub.on_topic(f"edgeface/front/presence/{pid}") == [events[0]["timestamp"].encode()]
+    assert all(img[:2] == b"\xff\xd8" for img in sub.on_topic("edgeface/front/face_image"))  # JPEG crops
+    assert discovery["cmps"][f"edgeface_front_presence_{pid}"]["name"] == "barack_obama arrived"
+    assert gallery == {"people": 1, "enabled": 1}
+
+
+@pytest.mark.broker
+@needs_broker
+def test_a_refused_code_and_the_lockout_show_on_the_refusal_sensor(tmp_path, analyzer, broker, monkeypatch):
+    from gpiozero.pins.mock import MockFactory
+
+    from edgeface.daemon.app import Daemon
+    from edgeface.frames import FolderSource
+
+    monkeypatch.setenv("EDGEFACE_UNLOCK_TOTP", TOTP_SECRET)
+    monkeypatch.delenv("EDGEFACE_UNLOCK_SECRET", raising=False)
+    cfg = daemon_config(tmp_path, broker)
+    now = time.time()
+    right = code_now(TOTP_SECRET, now)
+    wrong = next(c for c in ("123456", "654321", "111111") if c not in
+                 {code_now(TOTP_SECRET, now + k * 30) for k in (-1, 0, 1, 2)})
+    topic = "edgeface/front/unlock/refused"
+    with Collector(broker.host, broker.port, "edgeface/front/#") as sub:
+        with Daemon(cfg, analyzer=analyzer, source=FolderSource(FACES), pin_factory=MockFactory()) as daemon:
+            daemon.start()
+            assert daemon.mqtt.wait_connected(10)
+            time.sleep(0.3)
+            sub.client.publish("edgeface/front/unlock/set", json.dumps({"action": "UNLOCK", "code": wrong}), qos=1)
+            assert wait_until(lambda: sub.on_topic(topic))
+            first = json.loads(sub.on_topic(topic)[0])
+            for _ in range(4):  # five wrong in a row: codes are refused for a while
+                sub.client.publish("edgeface/front/unlock/set", json.dumps({"action": "UNLOCK", "code": wrong}),
+                                   qos=1)
+            sub.client.publish("edgeface/front/unlock/set", json.dumps({"action": "UNLOCK", "code": right}), qos=1)
+            assert wait_until(lambda: len(sub.on_topic(topic)) >= 6)
+            last = json.loads(sub.on_topic(topic)[-1])
+    assert (first["reason"], first["method"], first["locked_out_until"]) == ("wrong code", "totp", None)
+    assert "locked out" in last["reason"] and last["locked_out_until"] is not None

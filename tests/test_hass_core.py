@@ -67,6 +67,26 @@ api:
 config:
 logger:
   default: warning
+input_text:
+  last_person_changes:
+    max: 255
+automation:
+  - alias: "Record every Last person state change"
+    mode: queued
+    triggers:
+      - trigger: state
+        entity_id: sensor.edgeface_front_last_person
+    conditions:
+      - condition: template
+        value_template: "{{{{ trigger.to_state.state not in ['unavailable', 'unknown'] }}}}"
+    actions:
+      - action: input_text.set_value
+        target:
+          entity_id: input_text.last_person_changes
+        data:
+          value: >-
+            {{{{ states('input_text.last_person_changes') }}}};{{{{ trigger.to_state.state }}}}/{{{{
+            trigger.to_state.attributes.result }}}}
 """)
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
@@ -247,19 +267,27 @@ def test_edgeface_in_a_real_home_assistant(hass, broker, obama_gallery_file, ana
             "outbox": "sensor.edgeface_front_outbox", "relay": "binary_sensor.edgeface_front_relay",
             "door": "binary_sensor.edgeface_front_door", "lock": "lock.edgeface_front_remote_unlock",
             "switch": "switch.edgeface_front_access_enabled",
+            "people": "sensor.edgeface_front_people", "people_enabled": "sensor.edgeface_front_people_enabled",
+            "doorbell": "event.edgeface_front_doorbell", "refused": "sensor.edgeface_front_last_refused_unlock",
+            "locked_out": "sensor.edgeface_front_unlock_codes_locked_out_until",
         }
+        off_by_default = ("image.edgeface_front_last_face", "sensor.edgeface_front_barack_obama_arrived")
         for entity in entities.values():
             hass.wait_state(entity, lambda s: s["state"] != "unavailable", timeout=60)
         states = hass.states()
         ours = sorted(e for e in states if "edgeface_front" in e)
         assert ours == sorted(entities.values()), ours  # nothing else, nothing missing
+        assert not any(e in states for e in off_by_default)  # presence and the face image only when asked for
+        assert (states[entities["people"]]["state"], states[entities["people_enabled"]]["state"]) == ("1", "1")
+        assert states[entities["doorbell"]]["attributes"]["device_class"] == "doorbell"
         assert states[entities["lock"]]["state"] == "locked"
         assert states[entities["relay"]]["state"] == "off" and states[entities["door"]]["state"] == "off"
         assert states[entities["switch"]]["state"] == "on" and states[entities["outbox"]]["state"] == "0"
         assert states[entities["access"]]["attributes"]["event_types"] == ["granted", "denied", "unknown"]
         assert "door_forced_open" in states[entities["door_event"]]["attributes"]["event_types"]
 
-        # a granted and an unknown event
+        # a granted and an unknown event; Last person changes ONCE per decision, name and result together
+        hass.call("input_text", "set_value", entity_id="input_text.last_person_changes", value="")
         show(FACES / "barack_obama" / "barack_obama_04.jpg", 4)
         ev = hass.wait_state(entities["access"], lambda s: s["attributes"].get("event_type") == "granted")
         assert ev["attributes"]["person_name"] == "barack_obama" and "queued" not in ev["attributes"]
@@ -270,6 +298,11 @@ def test_edgeface_in_a_real_home_assistant(hass, broker, obama_gallery_file, ana
         assert ev["attributes"]["person_name"] is None
         last = hass.wait_state(entities["last_person"], lambda s: s["state"] == "stranger")
         assert last["attributes"]["result"] == "unknown" and last["attributes"]["timestamp"] == ev["attributes"]["timestamp"]
+        hass.wait_state(entities["doorbell"], lambda s: s["attributes"].get("event_type") == "ring")
+        changes = hass.wait_state("input_text.last_person_changes", lambda s: s["state"].count(";") >= 2)
+        time.sleep(1.0)  # a late extra change would show now
+        assert hass.state("input_text.last_person_changes")["state"] == ";barack_obama/granted;stranger/unknown", \
+            changes
         assert wait_until(lambda: relay.state is False, 5)
 
         # the door forced open (nobody was let in for a while), then held open
@@ -299,12 +332,15 @@ def test_edgeface_in_a_real_home_assistant(hass, broker, obama_gallery_file, ana
         ev = hass.wait_state(entities["door_event"],
                              lambda s: s["attributes"].get("event_type") == "remote_unlock_refused")
         assert "already used" in ev["attributes"]["detail"]["reason"]
+        refused = hass.wait_state(entities["refused"], lambda s: "already used" in s["state"])  # beside the lock
+        assert refused["attributes"]["method"] == "totp" and refused["attributes"]["locked_out_until"] is None
         time.sleep(0.5)
         assert rising_edges(relay, mark) == 0 and relay.state is False
         # a wrong code is refused; HA itself refuses a code of the wrong format before sending anything
         hass.call("lock", "unlock", entity_id=entities["lock"], code="000000" if code != "000000" else "111111")
         hass.wait_state(entities["door_event"], lambda s: "wrong code" in s["attributes"].get("detail", {})
                         .get("reason", ""))
+        hass.wait_state(entities["refused"], lambda s: s["state"] == "wrong code")
         with pytest.raises(urllib.error.HTTPError):
             hass.call("lock", "unlock", entity_id=entities["lock"], code="12")
         # LOCK needs no code and is acknowledged
@@ -332,6 +368,60 @@ def test_edgeface_in_a_real_home_assistant(hass, broker, obama_gallery_file, ana
                 if ("WARNING" in line or "ERROR" in line) and ("mqtt" in line.lower() or "edgeface" in line)]
     assert problems == []
     print(f"integration test body: {time.monotonic() - t_start:.1f} s")
+
+
+def test_presence_and_face_image_entities_appear_when_enabled(hass, broker, obama_gallery_file, analyzer, tmp_path):
+    """mqtt.ha_presence and mqtt.ha_face_image (both off by default): an *arrived* sensor per enrolled person that
+    takes the time of the grant, and an image entity whose picture is the JPEG face crop."""
+    from gpiozero.pins.mock import MockFactory
+
+    from edgeface.config import parse_config
+    from edgeface.daemon.app import Daemon
+    from edgeface.frames import FolderSource
+
+    state = tmp_path / "state"
+    state.mkdir()
+    shutil.copyfile(obama_gallery_file, state / "gallery.db")
+    cfg = parse_config({
+        "state_dir": str(state), "camera": {"source": str(FACES)},
+        "policy": {"min_frames": 3, "window_frames": 5, "window_s": 5.0, "cooldown_s": 3.0},
+        "door": {"door_id": "side", "relay_pin": 17, "pulse_s": 1.0, "pin_factory": "mock"},
+        "mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 5, "ha_presence": True,
+                 "ha_face_image": True, "configuration_url": "http://door.local:8080"},
+    })
+    pins = MockFactory()
+    clock = {"t": time.time()}
+
+    def tick() -> float:
+        clock["t"] += 0.2
+        return clock["t"]
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    shutil.copyfile(FACES / "barack_obama" / "barack_obama_04.jpg", folder / "barack_obama_04.jpg")
+    daemon = Daemon(cfg, analyzer=analyzer, source=FolderSource(folder, repeat=4, clock=tick), pin_factory=pins)
+    try:
+        daemon.start()
+        assert daemon.mqtt.wait_connected(10)
+        arrived, image = "sensor.edgeface_side_barack_obama_arrived", "image.edgeface_side_last_face"
+        hass.wait_state(arrived, lambda s: s["state"] != "unavailable", timeout=60)
+        hass.wait_state(image, lambda s: s["state"] != "unavailable", timeout=60)
+        daemon.run()
+        ev = hass.wait_state("event.edgeface_side_access", lambda s: s["attributes"].get("event_type") == "granted")
+        st = hass.wait_state(arrived, lambda s: s["state"] not in ("unknown", "unavailable"))
+        assert st["attributes"]["device_class"] == "timestamp"
+        import datetime as dt
+
+        granted_at = dt.datetime.fromisoformat(ev["attributes"]["timestamp"])
+        assert dt.datetime.fromisoformat(st["state"]) == granted_at.replace(microsecond=0)  # HA keeps whole seconds
+        pic = hass.wait_state(image, lambda s: s["state"] not in ("unknown", "unavailable"))
+        req = urllib.request.Request(hass.url + pic["attributes"]["entity_picture"],
+                                     headers={"Authorization": f"Bearer {hass.token}"})
+        with urllib.request.urlopen(req, timeout=30) as resp:  # 127.0.0.1 only
+            assert resp.headers["Content-Type"] == "image/jpeg" and resp.read()[:2] == b"\xff\xd8"
+    finally:
+        daemon.close()
+        pins.close()
 
 
 def test_the_automation_examples_in_docs_pass_home_assistants_config_check(tmp_path):

@@ -103,3 +103,24 @@ def test_photo_over_16_mp_is_decoded_at_half_size_and_still_holds_the_face(analy
     assert big_face is not None and small_face is not None
     distance = 1.0 - float(np.dot(big_face.embedding, small_face.embedding))
     assert distance < 0.1
+
+
+def test_tiff_size_tags_given_twice_count_with_the_largest() -> None:
+    """libtiff decodes the first width/height; a smaller pair after it must not pass the size check."""
+    from edgeface.testing import tiff_image
+    from edgeface.vision.images import image_header_size
+
+    assert image_header_size(tiff_image(9000, 9000, hidden_by=(100, 100), truncated=True)) == ("TIFF", 9000, 9000)
+    assert image_header_size(tiff_image(100, 100, hidden_by=(9000, 9000), truncated=True)) == ("TIFF", 9000, 9000)
+    with pytest.raises(ImageError, match=r"is 9000x9000 \(81000000 pixels, says its TIFF header\)"):
+        decode_image(tiff_image(9000, 9000, hidden_by=(100, 100), truncated=True), name="twice.tif")
+    assert decode_image(tiff_image(640, 480, hidden_by=(640, 480)), name="same.tif").shape == (480, 640, 3)
+
+
+def test_tiff_over_16_mp_is_refused_and_smaller_ones_decode() -> None:
+    """OpenCV decodes a TIFF at full size whatever the flags (a 49 MP one peaked at 370 MB, bench/image_bombs.py)."""
+    from edgeface.testing import tiff_image
+
+    with pytest.raises(ImageError, match="TIFF image is 7000x7000 .*convert it to JPEG or PNG"):
+        decode_image(tiff_image(7000, 7000, channels=3), name="big.tif")
+    assert decode_image(tiff_image(4000, 4000, channels=3), name="ok.tif").shape == (4000, 4000, 3)

@@ -66,3 +66,47 @@ def _config(tmp_path, models):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"models_dir: {models}\n")
     return cfg
+
+
+def test_loading_a_model_prints_no_delegate_notice_but_keeps_other_stderr() -> None:
+    """The TFLite runtime's 'Created TensorFlow Lite XNNPACK delegate' INFO line came before every command's
+    output; it is dropped where interpreters are made, and anything else written to stderr meanwhile still shows."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os\n"
+        "from edgeface.vision.runtime import load_interpreter, without_delegate_notice, DELEGATE_NOTICE\n"
+        f"load_interpreter({str(REPO / 'models' / 'face_detection_short_range.tflite')!r}, 1)\n"
+        "with without_delegate_notice():\n"
+        "    os.write(2, b'ERROR: a real problem\\n' + DELEGATE_NOTICE + b'\\nWARNING: another\\n')\n"
+        "print('done')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "done\n"
+    assert run.stderr == "ERROR: a real problem\nWARNING: another\n"
+
+
+def test_convert_help_names_the_options_that_made_the_shipped_embedder(capsys) -> None:
+    """`convert --help` said float16 was what models/ ships; the shipped default embedder is sface_int8, and the
+    help now gives the options its report says it was made with."""
+    import json
+    import shlex
+
+    from edgeface.config import EmbedderConfig
+
+    shipped = EmbedderConfig().model
+    command = shlex.split(json.loads((REPO / "models" / f"{shipped}.report.json").read_text())["command"])
+    from edgeface.cli.model import convert_cmd
+
+    main(["convert", "--help"])
+    assert "--quantization" in capsys.readouterr().out
+    help_text = next(p.help for p in convert_cmd.params if p.name == "quantization")  # unwrapped
+    assert "what models/ ships" not in help_text
+    assert f"The shipped embedder, {shipped}, is" in help_text
+    for flag in ("--model", "--quantization", "--equalise"):
+        value = command[command.index(flag) + 1]
+        assert f"{flag} {value}" in help_text, (flag, value)
+    assert "--float-prelu" in command and "--float-prelu (models/" in help_text

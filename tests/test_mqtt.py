@@ -198,3 +198,69 @@ def test_ha_discovery_off_removes_the_retained_device_config(broker, tmp_path):
     with Collector(broker.host, broker.port, "homeassistant/device/#") as sub:
         time.sleep(0.5)
         assert [t for t, _p, _r in sub.messages] == ["homeassistant/device/garage_front/config"]
+
+
+def test_an_unreachable_broker_is_a_warning_with_address_reason_and_backlog(tmp_path, caplog):
+    """Nothing listens on the port: the first failed attempt says where, why and how much waits; connecting later
+    says so too."""
+    import logging
+
+    from edgeface.events.mqtt import MqttPublisher
+    from edgeface.testing import free_port
+
+    caplog.set_level(logging.INFO, logger="edgeface.events.mqtt")
+    port = free_port()
+    cfg = MqttConfig(host="127.0.0.1", port=port, keepalive_s=5, outbox_path=str(tmp_path / "o.db"))
+    box = Outbox(cfg.outbox_path, max_events=1000)
+    for i in range(3):
+        box.add(f"id{i}", "edgeface/front/event", "{}")
+    pub = MqttPublisher(cfg, door_id="front", outbox=box, reconnect_min_s=1, reconnect_max_s=1)
+    pub.start()
+    try:
+        assert wait_until(lambda: any("unreachable" in r.getMessage() for r in caplog.records), timeout=15)
+        first = next(r for r in caplog.records if "unreachable" in r.getMessage())
+        assert first.levelno == logging.WARNING
+        text = first.getMessage()
+        assert f"127.0.0.1:{port}" in text and "refused" in text.lower() and "3 event(s) waiting" in text
+        assert pub.backlog()["last_error"].startswith("broker unreachable")
+        with MosquittoBroker(port=port):
+            assert pub.wait_connected(20)
+            assert wait_until(lambda: any("connected" in r.getMessage() and "after" in r.getMessage()
+                                          for r in caplog.records))
+            assert wait_until(lambda: len(box) == 0)
+            caplog.clear()
+            pub.stop()
+        # a requested disconnect is no warning
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        assert any(r.getMessage() == "MQTT disconnected (stopping)" for r in caplog.records)
+    finally:
+        pub.stop()
+        box.close()
+
+
+def test_broker_outage_reminders_are_bounded():
+    """Hundreds of failed reconnects in an hour give one warning a minute, not one each."""
+    import logging
+
+    from edgeface.events.mqtt import BrokerOutageLog
+
+    records: list[str] = []
+
+    class ListHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("outage-test")
+    logger.addHandler(ListHandler())
+    logger.setLevel(logging.INFO)
+    now = [0.0]
+    outage = BrokerOutageLog(logger, "broker:1883", every_s=60.0, clock=lambda: now[0])
+    for i in range(3600 // 5):
+        now[0] = i * 5.0
+        outage.failed("Connection refused", i)
+    assert len(records) == 60
+    assert records[0] == "MQTT broker broker:1883 unreachable (Connection refused); 0 event(s) waiting in the outbox, retrying"
+    assert "still unreachable after 60 s" in records[1]
+    outage.connected(7)
+    assert records[-1] == ("MQTT connected to broker:1883 after 3595 s unreachable; 7 event(s) waiting in the outbox "
+                           "are sent now")

@@ -345,6 +345,21 @@ def test_gallery_files_are_private(tmp_path):
         g.close()
 
 
+def test_a_pre_existing_access_switch_file_is_made_private_and_still_read(tmp_path, caplog):
+    """An access.json from an older install or a copy (0644) is tightened like the databases, its state kept."""
+    from edgeface.events.access import AccessSwitch
+
+    state = ensure_private_dir(tmp_path / "state")
+    path = state / "access.json"
+    path.write_text('{"enabled": false, "changed": 0, "by": "mqtt"}')
+    os.chmod(path, 0o644)
+    with caplog.at_level(logging.WARNING):
+        switch = AccessSwitch(path)
+    assert _mode(path) == 0o600
+    assert not switch.on and switch.reason_off() == "access switched off"
+    assert "tightened permissions" in caplog.text
+
+
 def _chip(rng: np.random.Generator) -> Chip:
     img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     return Chip(img, Face(box=(8.0, 8.0, 48.0, 48.0), score=0.9, keypoints=np.full((6, 2), 32.0, np.float32)))

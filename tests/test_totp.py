@@ -259,3 +259,32 @@ def test_one_time_codes_need_remote_unlock_and_a_valid_secret(tmp_path, analyzer
         build()
     monkeypatch.setenv("EDGEFACE_UNLOCK_TOTP", SECRET)
     build()  # the signing secret is optional with one-time codes
+
+
+def test_totp_init_needs_only_the_door_id_and_checks_before_writing(tmp_path, capsys):
+    """An unrelated config error is a warning, not a stop after the secret was written; a bad door id or an
+    unusable output stops it before anything is written."""
+    from edgeface.cli import main
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("door:\n  door_id: back\npolicy:\n  timezone: Mars/Olympus\n")
+    out = tmp_path / "etc" / "unlock-totp"
+    assert main(["--config", str(cfg), "door", "totp-init", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    secret = out.read_text().strip()
+    assert captured.out.strip() == otpauth_uri(secret, account="back")
+    assert "warning: the config has other problems" in captured.err and "timezone" in captured.err
+
+    cfg.write_text("door:\n  door_id: 'no spaces allowed'\n")
+    other = tmp_path / "other"
+    assert main(["--config", str(cfg), "door", "totp-init", "--out", str(other)]) == 2
+    assert "door.door_id = 'no spaces allowed'" in capsys.readouterr().err and not other.exists()
+    assert main(["--config", str(cfg), "door", "totp-init", "--door-id", "side", "--out", str(other)]) == 0
+    assert capsys.readouterr().out.strip() == otpauth_uri(other.read_text().strip(), account="side")
+
+    cfg.write_text("door: [unclosed\n")
+    third = tmp_path / "third"
+    assert main(["--config", str(cfg), "door", "totp-init", "--out", str(third)]) == 2
+    assert "give --door-id" in capsys.readouterr().err and not third.exists()
+    assert main(["--config", str(cfg), "door", "totp-init", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err  # click says so, before anything is written

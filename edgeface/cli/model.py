@@ -20,7 +20,9 @@ import click
               help="Folder for the .tflite, its report, and manifest.json (updated in place).")
 @click.option("--quantization", type=click.Choice(["int8", "dynamic", "float16", "float"]), default=None,
               help="int8: int8 weights+activations, int8 input/output; dynamic: int8 weights only; float16: float16 "
-                   "weights. Default: int8 for FaceNet, float16 for SFace (what models/ ships; see models/MODELS.md).")
+                   "weights. Default: int8 for FaceNet, float16 for SFace. The shipped embedder, sface_int8, is "
+                   "--model sface --quantization int8 --equalise 0.5 --float-prelu (models/sface_int8.report.json has "
+                   "its whole command).")
 @click.option("--representative", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Face photos (<person>/*.jpg or *.jpg) to calibrate int8; aligned with edgeface's own pipeline.")
 @click.option("--max-representative", type=click.IntRange(1, 5000), default=200, show_default=True,

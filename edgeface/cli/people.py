@@ -34,7 +34,21 @@ _GATE = QualityGate()
 
 
 def embedder_identity(cfg: EdgefaceConfig) -> tuple[str, int]:
-    """(model_id, embedding_dim) of the configured embedder without loading it (people commands need no model)."""
+    """(model_id, embedding_dim) of the configured embedder (and head) without loading it (people commands need no
+    model)."""
+    model_id, dim = _backbone_identity(cfg)
+    if not cfg.embedder.head:
+        return model_id, dim
+    from edgeface.vision.head import resolve_head
+
+    head = resolve_head(cfg.embedder.head, cfg.models_dir)[1]
+    if head.backbone != model_id:
+        raise ConfigError(f"embedder.head {cfg.embedder.head!r} was trained on {head.backbone} embeddings, "
+                          f"embedder.model is {model_id}")
+    return f"{model_id}+{head.head_id}", head.output_dim
+
+
+def _backbone_identity(cfg: EdgefaceConfig) -> tuple[str, int]:
     from edgeface.vision.embed import EmbedderSpec
     from edgeface.models import MANIFEST_NAME, default_models_dir, load_manifest
 
@@ -57,8 +71,26 @@ def gallery_path(cfg: EdgefaceConfig) -> Path:
     return p if p.is_absolute() else Path(cfg.state_dir).expanduser() / p
 
 
+def make_gallery_dirs(cfg: EdgefaceConfig) -> None:
+    """Create the missing folders leading to the gallery file (state_dir among them, usually) as 0700 each, as the
+    daemon wants them: mkdir(parents=True) made every level but the last 0755, so an enroll before the first
+    `edgeface run` left a state folder others could list (the daemon tightened it later, with a warning)."""
+    path = gallery_path(cfg)
+    missing = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise GalleryError(f"cannot create the gallery folder {folder}: {exc.strerror or exc}") from None
+
+
 def open_gallery(cfg: EdgefaceConfig, *, create: bool = False, model: Optional[tuple[str, int]] = None,
-                 allow_model_change: bool = False):
+                 allow_model_change: bool = False, read_only: bool = False):
+    """The configured gallery; `read_only` for the commands that only read (a read-only state folder is fine)."""
     from edgeface.gallery.store import Gallery, resolve_max_distance
 
     model_id, dim = model or embedder_identity(cfg)
@@ -66,7 +98,7 @@ def open_gallery(cfg: EdgefaceConfig, *, create: bool = False, model: Optional[t
     return Gallery.open(gallery_path(cfg), model_id=model_id, embedding_dim=dim,
                         max_distance=resolve_max_distance(g, cfg.embedder, cfg.models_dir), create=create,
                         keep_crops=g.keep_crops, match_mode=g.match_mode, top_k=g.top_k,
-                        allow_model_change=allow_model_change)
+                        allow_model_change=allow_model_change, read_only=read_only)
 
 
 def make_analyzer(cfg: EdgefaceConfig):
@@ -211,6 +243,7 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
                 batches = [(n, enroll_images(analyzer, paths, gate=gate, keep_chips=keep,
                                              progress=lambda: bar.update(1)))
                            for n, paths in batches_paths]
+    make_gallery_dirs(cfg)
     with open_gallery(cfg, create=True, model=model) as gallery:
         reports = gallery.enroll_many(batches, external_id=external_id)
     _report_enrollment(reports, as_json)
@@ -244,7 +277,9 @@ def _annotate(rgb: Any, answers: list[tuple[Any, str, Optional[float]]], out: Pa
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--annotate", "annotate_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write each image with boxes and names into this folder.")
-@click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of CSV lines.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON on stdout instead of CSV lines: one entry per image, in order, with its faces and its error "
+                   "(null when it was read).")
 @pass_ctx
 def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Optional[Path], as_json: bool) -> int:
     """Who is in IMAGE...? One line per face: image,name,distance (name 'unknown' or 'no_face').
@@ -258,7 +293,7 @@ def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Option
         annotate_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     rows: list[dict] = []
-    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer)) as gallery:
+    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer), read_only=True) as gallery:
         people = gallery.people()
         if not any(p.enabled and p.n_embeddings for p in people):
             _warn(f"warning: gallery {gallery.path} has nobody enabled with {gallery.model_id} embeddings "
@@ -269,6 +304,7 @@ def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Option
             except ImageError as exc:
                 _warn(f"error: {exc}")
                 failed += 1
+                rows.append({"image": str(path), "faces": [], "error": str(exc)})  # every input gets its entry
                 continue
             results = analyzer.analyze(rgb)
             answers = []
@@ -284,7 +320,7 @@ def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Option
                                   "candidate": m.candidate_name, "box": res.face.as_dict()["box"]})
                 if not as_json:
                     click.echo(_csv_line(path, label, f"{m.distance:.3f}"))
-            rows.append({"image": str(path), "faces": faces_out})
+            rows.append({"image": str(path), "faces": faces_out, "error": None})
             if annotate_dir is not None:
                 _annotate(rgb, answers, annotate_dir / (path.stem + ".jpg"))
     if as_json:
@@ -303,7 +339,7 @@ def verify_cmd(obj: CliContext, image: Path, person: str, as_json: bool) -> int:
 
     cfg = obj.config
     rgb = load_image(image)
-    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer)) as gallery:
+    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer), read_only=True) as gallery:
         gallery.person(person)  # unknown name: one-line error before any work
         res, _n = analyzer.analyze_main(rgb)
         if res is None:
@@ -330,7 +366,7 @@ def people_group() -> None:
 @pass_ctx
 def people_list(obj: CliContext, as_json: bool) -> None:
     """Every enrolled person: name, enabled/disabled, number of embeddings, external id."""
-    with open_gallery(obj.config) as g:
+    with open_gallery(obj.config, read_only=True) as g:
         people = g.people()
     if as_json:
         click.echo(json.dumps([p.as_dict() for p in people], indent=2))
@@ -345,7 +381,7 @@ def people_list(obj: CliContext, as_json: bool) -> None:
 @pass_ctx
 def people_show(obj: CliContext, name: str, as_json: bool) -> None:
     """Details of one person."""
-    with open_gallery(obj.config) as g:
+    with open_gallery(obj.config, read_only=True) as g:
         d = g.person(name).as_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -438,7 +474,7 @@ def gallery_export(obj: CliContext, file: Path, force: bool) -> None:
     """Write every person and embedding to FILE (portable JSON, mode 0600; it is biometric data)."""
     if file.exists() and not force:  # an older export may be the only backup: never replace it silently
         raise GalleryError(f"export file {file} exists; give --force to replace it")
-    with open_gallery(obj.config) as g:
+    with open_gallery(obj.config, read_only=True) as g:
         n = g.export(file)
     _warn(f"exported {n} people to {file}")
 
@@ -449,6 +485,7 @@ def gallery_export(obj: CliContext, file: Path, force: bool) -> None:
 @pass_ctx
 def gallery_import(obj: CliContext, file: Path, merge: bool) -> None:
     """Load an export FILE into the gallery (one transaction: all or nothing)."""
+    make_gallery_dirs(obj.config)
     with open_gallery(obj.config, create=True) as g:
         n = g.import_(file, merge=merge)
     _warn(f"imported {n} people from {file}")
@@ -459,7 +496,7 @@ def gallery_import(obj: CliContext, file: Path, merge: bool) -> None:
 @pass_ctx
 def gallery_stats(obj: CliContext, as_json: bool) -> None:
     """Counts, model, threshold and file size of the gallery."""
-    with open_gallery(obj.config) as g:
+    with open_gallery(obj.config, read_only=True) as g:
         s = g.stats()
     if as_json:
         click.echo(json.dumps(s, indent=2))

@@ -80,16 +80,23 @@ def register(group: click.Group) -> None:
     @door_group.command("totp-init")
     @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="/etc/edgeface/unlock-totp",
                   show_default=True, help="Secret file to create (0600; the systemd credential EDGEFACE_UNLOCK_TOTP).")
+    @click.option("--door-id", default=None,
+                  help="The account name in the authenticator app (default: door.door_id of the config).")
     @click.option("--force", is_flag=True, help="Replace an existing secret (codes from the old one stop working).")
     @pass_ctx
-    def door_totp_init(obj: CliContext, out_path: str, force: bool) -> None:
-        """Create the one-time-code secret and print the otpauth:// URI for the owner's authenticator app."""
-        from edgeface.security import ensure_private_dir, write_private_atomic
-        from edgeface.events.totp import new_secret, otpauth_uri
+    def door_totp_init(obj: CliContext, out_path: str, door_id: Optional[str], force: bool) -> None:
+        """Create the one-time-code secret and print the otpauth:// URI for the owner's authenticator app.
 
-        out = Path(out_path)
-        if out.exists() and out.stat().st_size > 0 and not force:
-            raise ConfigError(f"{out} already exists (use --force to replace it, or `edgeface door totp-uri`)")
+        Needs only the door id and the output file: every check comes before the secret is written, and an
+        error elsewhere in the config is a warning, not a stop."""
+        from edgeface.events.totp import new_secret, otpauth_uri
+        from edgeface.events.totp_setup import plan_totp_init
+        from edgeface.security import ensure_private_dir, write_private_atomic
+
+        plan = plan_totp_init(obj.resolved_config_path(), door_id=door_id, out=Path(out_path), force=force)
+        if plan.note:
+            click.echo(f"warning: {plan.note}", err=True)
+        out = plan.out
         secret = new_secret()
         try:
             if not out.parent.exists():
@@ -98,10 +105,10 @@ def register(group: click.Group) -> None:
         except OSError as exc:
             raise ConfigError(f"{out}: cannot write the secret: {exc.strerror or exc}") from None
         click.echo(f"wrote the TOTP secret to {out} (0600); add it to the service as a credential:", err=True)
-        click.echo(f"  LoadCredential={obj.config.mqtt.totp_secret_env}:{out}   (systemd/edgeface.service)", err=True)
+        click.echo(f"  LoadCredential={plan.secret_env}:{out}   (systemd/edgeface.service)", err=True)
         click.echo("and set mqtt.remote_unlock: true and mqtt.remote_unlock_totp: true. Scan this URI as a QR code "
                    "(e.g. `qrencode -t ansiutf8 URI`) or type the secret into the app:", err=True)
-        click.echo(otpauth_uri(secret, account=obj.config.door.door_id))
+        click.echo(otpauth_uri(secret, account=plan.door_id))
 
     @door_group.command("totp-uri")
     @click.option("--secret-file", type=click.Path(dir_okay=False, exists=True), default=None,

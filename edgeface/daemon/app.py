@@ -134,6 +134,7 @@ class Daemon:
         self.mqtt: Any = None
         self.outbox: Any = None
         self.commands: Any = None
+        self.hass: Any = None  # HA entity states beyond the events (edgeface.events.hass_state)
         self.liveness: Any = None
         try:
             self._build(analyzer, gallery, source, pin_factory, event_sink)
@@ -162,7 +163,8 @@ class Daemon:
 
         # the door first and released: nothing may leave the relay in an unknown state
         factory = pin_factory if pin_factory is not None else make_pin_factory(cfg.door.pin_factory)
-        self.door = self._own(Door.from_config(cfg.door, pin_factory=factory, on_change=self._on_relay))
+        self.door = self._own(Door.from_config(cfg.door, pin_factory=factory, on_change=self._on_relay,
+                                              state_dir=state))
         if cfg.door.contact_pin is not None:
             grace = cfg.door.pulse_s + 2.0
             self.contact = self._own(DoorContact(
@@ -210,6 +212,7 @@ class Daemon:
     def _build_mqtt(self) -> None:
         from edgeface.daemon.commands import RemoteCommands
         from edgeface.events.hass import discovery_messages
+        from edgeface.events.hass_state import HassStates
         from edgeface.events.mqtt import MqttPublisher
         from edgeface.events.outbox import Outbox
 
@@ -221,12 +224,20 @@ class Daemon:
                                                        door=self.door, access=self.access, recorder=self.events,
                                                        clock=self._clock)
             on_command = self.commands.on_command
+
+        def discovery() -> list[tuple[str, str]]:
+            people, removed = self.hass.discovery_people() if self.hass is not None else ([], [])
+            return discovery_messages(cfg, people=people, removed_people=removed)
+
         self.mqtt = MqttPublisher(cfg.mqtt, door_id=self.door_id, outbox=self.outbox,
                                   password=read_secret(cfg.mqtt.password_env) if cfg.mqtt.username else None,
-                                  discovery=lambda: discovery_messages(cfg), on_command=on_command)
+                                  discovery=discovery, on_command=on_command)
+        self.hass = HassStates(cfg.mqtt, self.mqtt, door_id=self.door_id, tz=self.tz, clock=self._clock)
+        self.hass.gallery(self.gallery, force=True)
         self.events.mqtt = self.mqtt
+        self.events.hass = self.pipeline.hass = self.hass
         if self.commands is not None:
-            self.commands.mqtt = self.mqtt
+            self.commands.mqtt, self.commands.hass = self.mqtt, self.hass
         self.mqtt.set_state(self.mqtt.topics.relay, self.door.state)
         self.mqtt.set_state(self.mqtt.topics.access, "ON" if self.access.on else "OFF")
         if self.contact is not None:

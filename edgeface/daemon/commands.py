@@ -31,6 +31,7 @@ class RemoteCommands:
         self.audit = recorder.audit
         self.verifier, self.totp, self.refusals = verifier, totp, refusals
         self.mqtt: Any = None
+        self.hass: Any = None  # HA's Last refused unlock sensor
         self._refusal_timer: Optional[threading.Timer] = None
 
     @classmethod
@@ -124,6 +125,7 @@ class RemoteCommands:
             self.audit.record("remote_unlock", result="refused", reason=verdict.reason, nonce=verdict.nonce,
                               method=method)
             self.recorder.door_event("remote_unlock_refused", {"method": method, "reason": verdict.reason})
+            self._refusal_state(verdict.reason, method)
         elif self._refusal_timer is None:
             self._refusal_timer = threading.Timer(self.refusals.window_s, self.flush_refusals)
             self._refusal_timer.daemon = True
@@ -144,6 +146,13 @@ class RemoteCommands:
         log.warning("remote unlock refused: %s: %s", reason, ", ".join(f"{k} x{v}" for k, v in counts.items()))
         self.audit.record("remote_unlock", result="refused", reason=reason, count=n, reasons=counts)
         self.recorder.door_event("remote_unlock_refused", {"reason": reason, "count": n, "reasons": counts})
+        self._refusal_state(reason, "rate-limited", count=n)
+
+    def _refusal_state(self, reason: str, method: str, *, count: int = 1) -> None:
+        """The Last refused unlock sensor beside HA's lock, with when one-time codes are accepted again."""
+        if self.hass is not None:
+            wait = self.totp.locked_out_for(self._clock()) if self.totp is not None else 0.0
+            self.hass.refusal(reason, method, locked_out_s=wait, count=count)
 
     def close(self) -> None:
         """The last window's refusal count (before the events are flushed to the broker)."""

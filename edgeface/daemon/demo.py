@@ -20,11 +20,11 @@ from edgeface.errors import EdgefaceError, ModelError
 
 log = logging.getLogger(__name__)
 
-#: These fixture people are enrolled from their first photos; everyone else is a stranger. Chosen so that every
-#: stranger is >= 0.75 cosine distance from every enrolled person with sface_int8 (>= 0.68 with facenet_int8; guido
-#: and steve_wozniak are the closest pair of different people, 0.68 apart with sface_int8 and 0.46 with
-#: facenet_int8, so they are both strangers here).
-DEMO_KNOWN = ("barack_obama", "kit_harington", "paul_allen")
+#: These fixture people are enrolled from their first two photos; everyone else is a stranger. Chosen for margins
+#: that hold on a Pi (arm64 and x86 distances differ by up to 0.016): with sface_int8 (blend, threshold 0.49) every
+#: demo grant and every demo stranger is at least 0.22 from the threshold on x86 (paul_allen, enrolled before, was
+#: granted at 0.48: 0.01 under it). tests/test_daemon.py checks a 0.03 margin on every decision.
+DEMO_KNOWN = ("barack_obama", "kit_harington", "steve_wozniak")
 DEMO_ENROLL_PHOTOS = 2
 
 

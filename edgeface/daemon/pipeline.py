@@ -107,10 +107,14 @@ class Pipeline:
                  liveness: Any = None) -> None:
         self.analyzer, self.rules, self.policy, self.door = analyzer, rules, policy, door
         self.recorder, self.liveness = recorder, liveness
+        self.hass: Any = None  # the HA entity states (People sensors, face image), set with the broker client
 
     def process_frame(self, frame: Frame) -> Decision:
         """One frame through the whole pipeline; returns the policy's decision (and acts on it)."""
         result, _n = self.analyzer.analyze_main(frame.image)
+        if self.hass is not None:
+            self.recorder.frame_image = frame.image  # the face image entity's crop, should this frame decide
+            self.hass.gallery(self.rules.gallery)  # the People sensors (at most every few seconds)
         if result is None:
             decision = self.policy.observe(frame.timestamp, None)
         else:

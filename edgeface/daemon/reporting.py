@@ -7,7 +7,6 @@ are committed, so the caller can withhold the opening. A failing sink is logged,
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Callable, Optional
 from zoneinfo import ZoneInfo
@@ -29,6 +28,8 @@ class EventRecorder:
                  sink: Optional[EventSink] = None) -> None:
         self.audit, self.door_id, self.tz, self._clock, self._sink_fn = audit, door_id, tz, clock, sink
         self.mqtt: Any = None
+        self.hass: Any = None  # HA entity states beyond the events (edgeface.events.hass_state)
+        self.frame_image: Any = None  # the frame being decided (the face image entity's crop)
         self.model_id = ""
 
     def access(self, d: Decision, *, durable: bool = False) -> Optional[str]:
@@ -49,11 +50,8 @@ class EventRecorder:
                 self.audit.record("access", result="withheld", person_id=ev.person_id, person_name=ev.person_name,
                                   event_id=ev.event_id, reason="the outbox cannot be written")
                 return "the outbox cannot be written"
-            # HA reserves the state `unknown`: a stranger is `stranger`; result and time are attributes
-            mqtt.set_state(mqtt.topics.last_person_attributes, json.dumps(
-                {"result": ev.result, "person_name": ev.person_name, "timestamp": ev.timestamp,
-                 "event_id": ev.event_id, "distance": ev.distance}, sort_keys=True))
-            mqtt.set_state(mqtt.topics.last_person, ev.person_name or "stranger")
+            if self.hass is not None:  # last person (one message), doorbell, presence, face image
+                self.hass.decision(ev, frame=self.frame_image, box=d.box)
         log.info("%s %s (distance %s, %d frames%s)", ev.result, ev.person_name or "stranger", ev.distance,
                  ev.frames_used, f", {ev.reason}" if ev.result == "denied" else "")
         self._sink(payload)

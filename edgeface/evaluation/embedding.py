@@ -14,7 +14,7 @@ import os
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -61,8 +61,8 @@ def face_models_key(det_cfg: Any) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """One --model argument: `NAME|PATH[:TEMPLATE:PREPROCESSING][+flip][+lm|-lm][+mesh2][+full|+short]`, or
-    `face_recognition`.
+    """One --model argument: `NAME|PATH[:TEMPLATE:PREPROCESSING][+flip][+lm|-lm][+mesh2][+full|+short][+head=HEAD]`,
+    or `face_recognition`. `+head=HEAD` (last): the embeddings go through a head from `edgeface train-head`.
 
     `landmarks` None follows the config (detector.refine_landmarks); +lm / -lm force the face mesh on / off;
     +mesh2 runs it twice per face (detector.landmark_passes 2)."""
@@ -77,6 +77,8 @@ class ModelChoice:
     detector: Optional[str] = None
     #: True: two face-mesh passes per face (None follows the config's detector.landmark_passes).
     mesh2: Optional[bool] = None
+    #: An embedding head (manifest name or .tflite path) applied after the embedder.
+    head: Optional[str] = None
 
     def mesh_passes(self, detector: Any) -> int:
         """Face-mesh runs per face for this choice under a DetectorConfig: 0 (mesh off), 1 or 2."""
@@ -98,12 +100,13 @@ class ModelChoice:
     def label(self) -> str:
         lm = {None: "", True: "+lm", False: "-lm"}[self.landmarks]
         return (self.base_label + lm + ("+mesh2" if self.mesh2 else "") + (f"+{self.detector}" if self.detector else "")
-                + ("+flip" if self.flip else ""))
+                + ("+flip" if self.flip else "") + (f"+head={Path(self.head).stem}" if self.head else ""))
 
     @property
     def shipped(self) -> bool:
-        """An embedder listed in models/manifest.json (what the daemon can be configured to run as it is)."""
-        if self.is_peer:
+        """An embedder listed in models/manifest.json (what the daemon can be configured to run as it is); a choice
+        with a head is not (no head ships: the heads measured are trained on non-commercial data, docs/training.md)."""
+        if self.is_peer or self.head:
             return False
         from edgeface.models import resolve_model
         try:
@@ -119,6 +122,11 @@ class ModelChoice:
     @staticmethod
     def parse(text: str) -> "ModelChoice":
         raw = text.strip()
+        head = None
+        if "+head=" in raw:
+            raw, head = raw.split("+head=", 1)
+            if not head:
+                raise ConfigError(f"--model {text}: +head= names no head")
         flags = set()
         while True:
             for flag in ("+flip", "+lm", "-lm", "+mesh2", "+full", "+short"):
@@ -150,7 +158,10 @@ class ModelChoice:
                               "contradict each other")
         lm = True if "+lm" in flags else (False if "-lm" in flags else None)
         detector = "full" if "+full" in flags else ("short" if "+short" in flags else None)
-        return ModelChoice(raw, template, preprocessing, "+flip" in flags, lm, detector, True if "+mesh2" in flags else None)
+        if raw == PEER_NAME and head:
+            raise ConfigError(f"--model {text}: +head= applies to edgeface's embedders only")
+        return ModelChoice(raw, template, preprocessing, "+flip" in flags, lm, detector, True if "+mesh2" in flags else None,
+                           head)
 
 
 @dataclass
@@ -237,6 +248,10 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     """Detect, align and embed every photo (the main face of each); cached in `cache_dir` when given."""
     if choice.is_peer:
         return _embed_peer(ds, cache_dir=cache_dir, peer_python=peer_python)
+    if choice.head:
+        return _through_head(embed_dataset(ds, replace(choice, head=None), cache_dir=cache_dir,
+                                           detector_config=detector_config, num_threads=num_threads, progress=progress),
+                             choice)
     from edgeface.config import DetectorConfig
     from edgeface.vision.detect import build_detector
     from edgeface.vision.embed import EmbedderSpec, TFLiteEmbedder, enrollment_embeddings
@@ -311,6 +326,30 @@ def embed_dataset(ds: Dataset, choice: ModelChoice, *, cache_dir: Optional[Path]
     return result
 
 
+def _through_head(es: EmbeddedSet, choice: ModelChoice) -> EmbeddedSet:
+    """The backbone's embeddings of a data set through the choice's head, as HeadedEmbedder does at the door
+    (enrollment: crop and mirror averaged in the backbone's space, then projected)."""
+    from edgeface.vision.head import EmbeddingHead, resolve_head
+
+    path, info = resolve_head(str(choice.head))
+    if info.backbone != es.label.split("+", 1)[0] and info.backbone != Path(choice.model).stem:
+        raise ConfigError(f"--model {choice.label}: head {info.name} was trained on {info.backbone} embeddings")
+    head = EmbeddingHead(path, info)
+
+    def project(x: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        if x is None:
+            return None
+        out = np.full((len(x), info.output_dim), np.nan, np.float32)
+        ok = np.isfinite(x).all(axis=1)
+        out[ok] = head.project(x[ok])
+        return out
+
+    result = EmbeddedSet(choice.label, es.metric, project(es.emb), es.n_faces, es.timings, es.from_cache, es.face_px,
+                         project(es.enroll_emb))
+    head.close()
+    return result
+
+
 def peer_script() -> Path:
     script = Path(__file__).resolve().parents[2] / "bench" / "peer_face_recognition.py"
     if not script.is_file():
@@ -374,6 +413,11 @@ def default_threshold(choice: ModelChoice, gallery_max_distance: Optional[float]
         return PEER_DEFAULT_TOLERANCE
     if gallery_max_distance is not None:
         return float(gallery_max_distance)
+    if choice.head:
+        from edgeface.vision.head import head_threshold
+        value = head_threshold(choice.head)
+        if value is not None:
+            return float(value)
     from edgeface.gallery.store import default_max_distance
     return default_max_distance(choice.model, match_mode=match_mode)
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Union
 
-from edgeface.security import write_private_atomic
+from edgeface.security import make_private, write_private_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ class AccessSwitch:
         self._on = self._load()
 
     def _load(self) -> bool:
+        try:
+            make_private(self.path)  # a file from an older install or a copy may be 0644 (tightening is logged)
+        except OSError as exc:
+            log.warning("access switch state %s: cannot make it private: %s", self.path, exc.strerror or exc)
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, Sequence
 
 from edgeface import __version__
 from edgeface.config import EdgefaceConfig
@@ -28,6 +28,7 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "lock": ("command_topic",),
     "button": ("command_topic",),
     "switch": ("command_topic",),
+    "image": ("image_topic",),
 }
 QOS = 1
 
@@ -46,8 +47,11 @@ def discovery_topic(cfg: EdgefaceConfig) -> str:
     return f"{cfg.mqtt.ha_prefix}/device/{node_id(cfg)}/config"
 
 
-def device_discovery(cfg: EdgefaceConfig) -> dict[str, Any]:
-    """The device-level discovery payload (abbreviated keys as HA documents them: dev, o, cmps, p)."""
+def device_discovery(cfg: EdgefaceConfig, *, people: Sequence[tuple[int, str]] = (),
+                     removed_people: Sequence[int] = ()) -> dict[str, Any]:
+    """The device-level discovery payload (abbreviated keys as HA documents them: dev, o, cmps, p). `people`
+    ((id, name) of the enrolled) get a presence sensor each when mqtt.ha_presence is on; `removed_people` ids (and
+    everyone when it is off) get removal entries."""
     t = Topics(cfg.mqtt.topic_prefix, cfg.door.door_id, cfg.mqtt.ha_prefix)
     nid = node_id(cfg)
     door = cfg.door.door_id
@@ -63,8 +67,15 @@ def device_discovery(cfg: EdgefaceConfig) -> dict[str, Any]:
              icon="mdi:face-recognition"),
         comp("door_event", "event", "Door event", state_topic=t.door_event, event_types=list(DOOR_EVENT_TYPES),
              icon="mdi:door-closed-lock"),
-        comp("last_person", "sensor", "Last person", state_topic=t.last_person,
-             json_attributes_topic=t.last_person_attributes, icon="mdi:account"),
+        # state and attributes from ONE retained JSON message: one state change per decision
+        comp("last_person", "sensor", "Last person", state_topic=t.last_decision,
+             value_template="{{ value_json.name }}", json_attributes_topic=t.last_decision, icon="mdi:account"),
+        comp("people", "sensor", "People", state_topic=t.gallery, value_template="{{ value_json.people }}",
+             unit_of_measurement="people", state_class="measurement", entity_category="diagnostic",
+             icon="mdi:account-group"),
+        comp("people_enabled", "sensor", "People enabled", state_topic=t.gallery,
+             value_template="{{ value_json.enabled }}", unit_of_measurement="people", state_class="measurement",
+             entity_category="diagnostic", icon="mdi:account-check"),
         comp("camera", "sensor", "Camera", state_topic=t.camera, device_class="enum",
              options=["ok", "reconnecting", "frozen", "stopped"], entity_category="diagnostic", icon="mdi:cctv"),
         comp("outbox", "sensor", "Outbox", state_topic=t.outbox, value_template="{{ value_json.waiting }}",
@@ -88,6 +99,34 @@ def device_discovery(cfg: EdgefaceConfig) -> dict[str, Any]:
         # No lock HA could use (remote unlock off, or signed commands only, which HA cannot make).
         key, value = removed("lock", "lock")
     cmps[key] = value
+    if cfg.mqtt.remote_unlock:
+        # a refused unlock leaves HA's lock locked with no word why: this sensor says it (docs/mqtt.md)
+        for key, value in (
+            comp("unlock_refused", "sensor", "Last refused unlock", state_topic=t.unlock_refusal,
+                 value_template="{{ value_json.reason }}", json_attributes_topic=t.unlock_refusal,
+                 entity_category="diagnostic", icon="mdi:lock-alert"),
+            comp("unlock_locked_out_until", "sensor", "Unlock codes locked out until", state_topic=t.unlock_refusal,
+                 value_template="{{ value_json.locked_out_until or 'None' }}", device_class="timestamp",
+                 entity_category="diagnostic", icon="mdi:lock-clock")):
+            cmps[key] = value
+    else:
+        for key, value in (removed("unlock_refused", "sensor"), removed("unlock_locked_out_until", "sensor")):
+            cmps[key] = value
+    key, value = (comp("doorbell", "event", "Doorbell", state_topic=t.doorbell, event_types=["ring"],
+                       device_class="doorbell", icon="mdi:doorbell")
+                  if cfg.mqtt.ha_doorbell else removed("doorbell", "event"))
+    cmps[key] = value
+    key, value = (comp("face_image", "image", "Last face", image_topic=t.face_image, content_type="image/jpeg")
+                  if cfg.mqtt.ha_face_image else removed("face_image", "image"))
+    cmps[key] = value
+    for pid, pname in people:
+        key, value = (comp(f"presence_{pid}", "sensor", f"{pname} arrived", state_topic=t.presence(pid),
+                           device_class="timestamp", icon="mdi:account-arrow-right")
+                      if cfg.mqtt.ha_presence else removed(f"presence_{pid}", "sensor"))
+        cmps[key] = value
+    for pid in removed_people:
+        key, value = removed(f"presence_{pid}", "sensor")
+        cmps[key] = value
     if cfg.mqtt.access_switch:
         key, value = comp("access_enabled", "switch", "Access enabled", command_topic=t.access_command,
                           state_topic=t.access, payload_on="ON", payload_off="OFF", optimistic=False,
@@ -98,7 +137,8 @@ def device_discovery(cfg: EdgefaceConfig) -> dict[str, Any]:
     name = f"edgeface {door}" if cfg.mqtt.topic_prefix == "edgeface" else f"edgeface {door} ({cfg.mqtt.topic_prefix})"
     return {
         "dev": {"identifiers": [nid], "name": name, "manufacturer": "edgeface",
-                "model": "face-recognition door", "sw_version": __version__},
+                "model": "face-recognition door", "sw_version": __version__,
+                **({"cu": cfg.mqtt.configuration_url} if cfg.mqtt.configuration_url else {})},
         "o": {"name": "edgeface", "sw_version": __version__, "support_url": "https://github.com/edgeface/edgeface"},
         "availability": [{"topic": t.availability, "payload_available": "online", "payload_not_available": "offline"}],
         "qos": QOS,
@@ -106,12 +146,14 @@ def device_discovery(cfg: EdgefaceConfig) -> dict[str, Any]:
     }
 
 
-def discovery_messages(cfg: EdgefaceConfig) -> list[tuple[str, str]]:
+def discovery_messages(cfg: EdgefaceConfig, *, people: Sequence[tuple[int, str]] = (),
+                       removed_people: Sequence[int] = ()) -> list[tuple[str, str]]:
     """(topic, payload) pairs to publish retained; with ha_discovery off, the empty payload that removes the
     device (and clears the retained config on the broker)."""
     if not cfg.mqtt.ha_discovery:
         return [(discovery_topic(cfg), "")]
-    return [(discovery_topic(cfg), json.dumps(device_discovery(cfg), separators=(",", ":")))]
+    payload = device_discovery(cfg, people=people, removed_people=removed_people)
+    return [(discovery_topic(cfg), json.dumps(payload, separators=(",", ":")))]
 
 
 def validate_discovery(payload: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import ssl
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -48,6 +49,41 @@ def mark_queued(payload: str, waited_s: float, *, queued_after_s: float = QUEUED
     return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
+class BrokerOutageLog:
+    """Says that the broker cannot be reached without flooding the journal: paho retries every few seconds and is
+    silent about it, so events piled up in the outbox for minutes with nothing logged. The first failed attempt is
+    a WARNING naming host:port, the reason and the backlog; while it lasts one reminder per `every_s`; the connect
+    that ends it is an INFO line with how long it took and what is waiting."""
+
+    def __init__(self, logger: logging.Logger, where: str, *, every_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log, self.where, self.every_s, self._clock = logger, where, every_s, clock
+        self.failing_since: Optional[float] = None
+        self._reported_at = 0.0
+        self._attempts = 0
+
+    def failed(self, reason: str, waiting: int) -> None:
+        now = self._clock()
+        self._attempts += 1
+        if self.failing_since is None:
+            self.failing_since, self._reported_at, self._attempts = now, now, 1
+            self._log.warning("MQTT broker %s unreachable (%s); %d event(s) waiting in the outbox, retrying",
+                              self.where, reason, waiting)
+        elif now - self._reported_at >= self.every_s:
+            self._reported_at = now
+            self._log.warning("MQTT broker %s still unreachable after %.0f s and %d attempts (%s); %d event(s) "
+                              "waiting in the outbox", self.where, now - self.failing_since, self._attempts, reason,
+                              waiting)
+
+    def connected(self, waiting: int) -> None:
+        if self.failing_since is None:
+            self._log.info("MQTT connected to %s", self.where)
+        else:
+            self._log.info("MQTT connected to %s after %.0f s unreachable; %d event(s) waiting in the outbox are "
+                           "sent now", self.where, self._clock() - self.failing_since, waiting)
+        self.failing_since = None
+
+
 class Topics:
     """Every topic of one door (docs/mqtt.md lists them with payloads)."""
 
@@ -60,13 +96,21 @@ class Topics:
         self.relay = f"{base}/relay"
         self.contact = f"{base}/contact"
         self.last_person = f"{base}/last_person"
-        self.last_person_attributes = f"{base}/last_person/attributes"
+        self.last_decision = f"{base}/last_decision"
+        self.unlock_refusal = f"{base}/unlock/refused"
+        self.gallery = f"{base}/gallery"
+        self.doorbell = f"{base}/doorbell"
+        self.face_image = f"{base}/face_image"
         self.camera = f"{base}/camera"
         self.outbox = f"{base}/outbox"
         self.unlock_command = f"{base}/unlock/set"
         self.access = f"{base}/access"
         self.access_command = f"{base}/access/set"
         self.ha_status = f"{ha_prefix}/status"
+
+    def presence(self, person_id: int) -> str:
+        """When person `person_id` was last let in (retained ISO timestamp; mqtt.ha_presence)."""
+        return f"{self.base}/presence/{person_id}"
 
 
 class MqttPublisher:
@@ -99,6 +143,8 @@ class MqttPublisher:
         self._sender: Optional[threading.Thread] = None
         self.delivered = 0
         self.last_error: Optional[str] = None
+        self._stopping = False  # stop() asked for the disconnect: it is no warning
+        self.outage_log = BrokerOutageLog(log, f"{cfg.host}:{cfg.port}")
 
         client_id = cfg.client_id or f"edgeface-{door_id}"
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
@@ -112,6 +158,7 @@ class MqttPublisher:
         c.reconnect_delay_set(min_delay=max(1, int(reconnect_min_s)), max_delay=max(1, int(reconnect_max_s)))
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
         c.on_publish = self._on_publish
         c.on_message = self._on_message
         self.client = c
@@ -122,7 +169,7 @@ class MqttPublisher:
             self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         except Exception as exc:  # noqa: BLE001  (bad host name etc.: keep running, paho retries)
             self.last_error = str(exc)
-            log.warning("MQTT connect to %s:%s failed: %s", self.cfg.host, self.cfg.port, exc)
+            self.outage_log.failed(str(exc), self._waiting())
         self.client.loop_start()
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-outbox", daemon=True)
         self._sender.start()
@@ -142,6 +189,7 @@ class MqttPublisher:
         while self.connected and time.monotonic() < deadline and len(self.outbox) > 0:
             time.sleep(0.05)
         self._stop.set()
+        self._stopping = True
         with self._ack_cond:
             self._ack_cond.notify_all()
         if self._sender is not None:
@@ -224,7 +272,7 @@ class MqttPublisher:
             log.error("MQTT %s:%s refused the connection: %s (check mqtt.username / password)",
                       self.cfg.host, self.cfg.port, reason_code)
             return
-        log.info("MQTT connected to %s:%s", self.cfg.host, self.cfg.port)
+        self.outage_log.connected(self._waiting())
         self.last_error = None
         subs = []
         if self.cfg.ha_discovery:
@@ -247,10 +295,26 @@ class MqttPublisher:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._connected.is_set():
-            log.warning("MQTT disconnected (%s); events wait in the outbox", reason_code)
-            self.disconnects += 1
+            if self._stopping:
+                log.info("MQTT disconnected (stopping)")
+            else:
+                log.warning("MQTT disconnected (%s); events wait in the outbox", reason_code)
+                self.disconnects += 1
         self._states_synced = False  # no lock: paho may call this from inside a publish() that set_state makes
         self._connected.clear()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its `except OSError` around the connect: the exception is the reason
+        exc = sys.exc_info()[1]
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "connection failed"
+        self.last_error = f"broker unreachable: {reason}"
+        self.outage_log.failed(reason, self._waiting())
+
+    def _waiting(self) -> int:
+        try:
+            return len(self.outbox)
+        except Exception:  # noqa: BLE001  (closed outbox at shutdown)
+            return 0
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         with self._ack_cond:
@@ -274,6 +338,11 @@ class MqttPublisher:
                 self._on_command(msg.topic, bytes(msg.payload), bool(msg.retain))
         except Exception:  # noqa: BLE001
             log.exception("MQTT message handler failed for %s", msg.topic)
+
+    def resend_discovery(self) -> None:
+        """Publish the discovery config again now (its components changed, e.g. a person was enrolled)."""
+        if self.connected:
+            self._send_discovery()
 
     def _send_discovery(self) -> None:
         # also with ha_discovery off: then it is the empty config that removes the device from HA

@@ -243,6 +243,10 @@ def resolve_max_distance(gallery_cfg: Any, embedder_cfg: Any, models_dir: Option
     """gallery.max_distance when set, else the embedder model's manifest default."""
     if getattr(gallery_cfg, "max_distance", None) is not None:
         return float(gallery_cfg.max_distance)
+    if getattr(embedder_cfg, "head", None):  # a head has its own distance scale, calibrated when it was trained
+        from edgeface.vision.head import head_threshold
+        value = head_threshold(embedder_cfg.head, models_dir)
+        return float(value) if value is not None else FALLBACK_MAX_DISTANCE
     return default_max_distance(embedder_cfg.model, models_dir, getattr(gallery_cfg, "match_mode", None))
 
 
@@ -394,6 +398,8 @@ def _no_nan(dist: np.ndarray) -> np.ndarray:
 class Gallery:
     """An open gallery file. Thread-safe (one lock); several processes may open the same file."""
 
+    read_only = False  # opened by Gallery.open(read_only=True): nothing is written
+
     def __init__(self, conn: sqlite3.Connection, path: Path, *, model_id: str, embedding_dim: int,
                  max_distance: float, keep_crops: bool, match_mode: str, top_k: int) -> None:
         self._conn = conn
@@ -416,10 +422,12 @@ class Gallery:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, model_id: str, embedding_dim: int = 128,
              max_distance: float, create: bool = True, keep_crops: bool = False, match_mode: str = "best",
-             top_k: int = 3, allow_model_change: bool = False) -> "Gallery":
+             top_k: int = 3, allow_model_change: bool = False, read_only: bool = False) -> "Gallery":
         """Open (or create) a gallery file; refuses foreign, corrupt, newer-schema and other-model files.
 
-        `allow_model_change=True` opens a gallery enrolled with another model so `reembed` can convert it."""
+        `allow_model_change=True` opens a gallery enrolled with another model so `reembed` can convert it.
+        `read_only=True` (people list, identify, ...) writes nothing, not even the file mode, so a read-only state
+        folder or file system does not stop a command that only reads (see _connect_read_only)."""
         if not (0 < float(max_distance) <= MAX_COSINE_DISTANCE):
             raise GalleryError(f"max_distance {max_distance!r} is out of range; expected 0 < d <= 2 (cosine distance)")
         path = Path(path)
@@ -428,8 +436,9 @@ class Gallery:
             _check_header(path)
             from edgeface.security import make_private
 
-            make_private(path)  # an existing 0644 gallery (older install, a copy) is tightened, with a log line
-        elif not create:
+            if not read_only:
+                make_private(path)  # an existing 0644 gallery (older install, a copy) is tightened, with a log line
+        elif not create or read_only:
             raise GalleryError(f"gallery {path} does not exist (enroll someone first: edgeface enroll NAME IMAGE...)")
         else:
             parent = path.parent
@@ -441,12 +450,14 @@ class Gallery:
             except OSError as exc:
                 raise GalleryError(f"cannot create gallery {path}: {exc.strerror or exc}") from None
         try:
-            conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
+            conn = (_connect_read_only(path) if read_only else
+                    sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False))
         except sqlite3.Error as exc:
             raise GalleryError(f"cannot open gallery {path}: {exc}") from None
         try:
             gallery = cls(conn, path, model_id=model_id, embedding_dim=int(embedding_dim),
                           max_distance=max_distance, keep_crops=keep_crops, match_mode=match_mode, top_k=top_k)
+            gallery.read_only = read_only
             gallery._prepare(allow_model_change)
             return gallery
         except sqlite3.DatabaseError as exc:
@@ -506,12 +517,17 @@ class Gallery:
         if version > SCHEMA_VERSION:
             raise GalleryError(f"gallery {self.path} has schema version {version}, newer than this edgeface "
                                f"supports ({SCHEMA_VERSION}); upgrade edgeface")
-        if c.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        if self.read_only:
+            if version < SCHEMA_VERSION:
+                raise GalleryError(f"gallery {self.path} has schema version {version} and needs an upgrade to "
+                                   f"{SCHEMA_VERSION}, which writes: run a command that changes it (or the daemon) "
+                                   "once with write access to its folder")
+        elif c.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise GalleryError(f"gallery {self.path}: cannot switch to WAL journal mode (got {mode})")
         c.execute("PRAGMA synchronous = NORMAL")
-        if version < SCHEMA_VERSION:
+        if version < SCHEMA_VERSION and not self.read_only:
             self._migrate(version)
         meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
         stored_model, stored_dim = meta.get("model_id"), int(meta.get("embedding_dim", self.embedding_dim))
@@ -523,7 +539,7 @@ class Gallery:
                         else "re-enroll everyone (edgeface enroll --folder DIR) into a new gallery file")
                 raise GalleryError(f"gallery {self.path} was enrolled with model {stored_model!r} but the embedder is "
                                    f"{self.model_id!r}; embeddings of different models cannot be compared: {hint}")
-            if not n_other:
+            if not n_other and not self.read_only:  # read-only: the embedder's identity is used as it is
                 with self._write():
                     self._set_meta("model_id", self.model_id)
                     self._set_meta("embedding_dim", str(self.embedding_dim))
@@ -1051,6 +1067,30 @@ class Gallery:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that never writes. `mode=ro` first: it shares the daemon's WAL when the folder lets SQLite read
+    or make the -shm file. In a folder nobody can write to (a read-only mount) SQLite cannot make it and refuses
+    a WAL database; then, and only when no write-ahead log is waiting (no -wal file, or an empty one: every commit
+    is in the main file), it is opened `immutable` (no locks: nothing can write there). A non-empty -wal that
+    cannot be read is an error that says what to do."""
+    from urllib.parse import quote
+
+    uri = "file:" + quote(str(path.resolve()))
+    connect = dict(uri=True, timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(uri + "?mode=ro", **connect)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise GalleryError(f"gallery {path}: its folder is read-only and changes are still in {wal.name} (the daemon "
+                           "or a write was interrupted); run the command as the daemon's user or with the folder "
+                           "writable")
+    return sqlite3.connect(uri + "?immutable=1", **connect)
 
 
 def _check_header(path: Path) -> None:

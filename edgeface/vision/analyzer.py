@@ -13,6 +13,7 @@ from edgeface.vision.align import align_face
 from edgeface.config import DetectorConfig, EmbedderConfig
 from edgeface.vision.detect import Detector, build_detector
 from edgeface.vision.embed import Embedder, EmbedderSpec, TFLiteEmbedder, enrollment_embeddings
+from edgeface.vision.head import with_head
 from edgeface.vision.landmarks import LandmarkRefiner
 from edgeface.types import Face
 
@@ -76,6 +77,7 @@ class FaceAnalyzer:
                                 preprocessing=embedder.preprocessing)
         emb = TFLiteEmbedder(embedder.model, spec=spec, num_threads=embedder.num_threads,
                              flip_augment=embedder.flip_augment, models_dir=models_dir)
+        emb = with_head(emb, embedder.head, models_dir=models_dir)
         refiner = LandmarkRefiner(num_threads=detector.num_threads, models_dir=models_dir,
                                   passes=detector.landmark_passes) if detector.refine_landmarks else None
         return cls(det, emb, refiner=refiner, min_presence=detector.min_presence)

@@ -78,6 +78,9 @@ def enrollment_embeddings(embedder: Embedder, crops: np.ndarray, plain: Optional
     crops = np.asarray(crops)
     if crops.ndim == 3:
         crops = crops[None]
+    project = getattr(embedder, "project", None)
+    if project is not None:  # an embedder followed by a head: average in the backbone's space, then project
+        return project(enrollment_embeddings(embedder.backbone, crops))  # type: ignore[attr-defined]
     if len(crops) == 0:
         return embedder.embed(crops)
     if plain is not None:

@@ -1,9 +1,9 @@
 """Read images and frames into the one pixel format every stage uses: RGB, uint8, HxWx3, C-contiguous.
 
 Decompression bombs (a few MB that decode to GB): the width and height are read from the file's own header
-(PNG IHDR, JPEG SOF, BMP, WebP, TIFF) and checked against MAX_IMAGE_PIXELS BEFORE OpenCV sees the data;
-any other format is refused. OpenCV's own cap (OPENCV_IO_MAX_IMAGE_PIXELS, set in edgeface/__init__.py) is
-only a second line: it is read when OpenCV loads, and edgeface cannot promise to be imported first.
+(PNG IHDR, JPEG SOF, BMP, WebP, TIFF) and checked against MAX_IMAGE_PIXELS (a TIFF: MAX_TIFF_PIXELS) BEFORE
+OpenCV sees the data; any other format is refused. OpenCV's own cap (OPENCV_IO_MAX_IMAGE_PIXELS, set in
+edgeface/__init__.py) is only a second line: it is read when OpenCV loads, and edgeface cannot promise to be imported first.
 Images over LARGE_IMAGE_PIXELS are decoded at half size, straight to 8-bit (libjpeg scales while it decodes, so
 a 49 MP JPEG never exists at full size in memory): a face in such a photo is still far larger than any crop the
 embedders take, and the peak memory of the largest accepted image stays under 300 MB (bench/image_bombs.py).
@@ -31,6 +31,9 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Above this many pixels an image is decoded at half size, straight to 8-bit (no 16-bit or alpha copy first).
 LARGE_IMAGE_PIXELS = 16_000_000
+#: OpenCV decodes a TIFF at full size whatever the flags (then scales it), ~7 bytes per pixel at the peak: a 49 MP
+#: TIFF peaked at 370 MB RSS (bench/image_bombs.py). Larger TIFFs are refused; JPEG/PNG take up to 50 MP.
+MAX_TIFF_PIXELS = LARGE_IMAGE_PIXELS
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -100,14 +103,20 @@ def _webp_size(data: bytes) -> Optional[tuple[str, int, int]]:
 
 
 def _tiff_size(data: bytes) -> Optional[tuple[str, int, int]]:
+    """Width and height from the first IFD. A tag given more than once counts with its largest value: libtiff
+    uses one of them (the first), so the check must bound every one (a small later width hid a 9000x9000 image
+    behind a 100x100 one). A width or height that is not one SHORT or LONG is refused."""
     end = "<" if data[:2] == b"II" else ">"
     (ifd,) = struct.unpack(end + "I", data[4:8])
     (count,) = struct.unpack(end + "H", data[ifd:ifd + 2])
     size: dict[int, int] = {}
     for k in range(count):
-        tag, typ, _n, value = struct.unpack(end + "HHI4s", data[ifd + 2 + 12 * k:ifd + 14 + 12 * k])
+        tag, typ, n, value = struct.unpack(end + "HHI4s", data[ifd + 2 + 12 * k:ifd + 14 + 12 * k])
         if tag in (256, 257):
-            size[tag] = struct.unpack(end + ("H" if typ == 3 else "I"), value[:2] if typ == 3 else value)[0]
+            if typ not in (3, 4) or n != 1:
+                return None
+            v = struct.unpack(end + ("H" if typ == 3 else "I"), value[:2] if typ == 3 else value)[0]
+            size[tag] = max(size.get(tag, 0), v)
     if 256 in size and 257 in size:
         return "TIFF", size[256], size[257]
     return None
@@ -123,6 +132,9 @@ def check_image_header(data: bytes, name: str) -> tuple[str, int, int]:
     if w * h > MAX_IMAGE_PIXELS:
         raise ImageError(f"{name}: image is {w}x{h} ({w * h} pixels, says its {fmt.split()[0]} header); the limit is "
                          f"{MAX_IMAGE_PIXELS} pixels")
+    if fmt == "TIFF" and w * h > MAX_TIFF_PIXELS:
+        raise ImageError(f"{name}: TIFF image is {w}x{h} ({w * h} pixels); TIFF is decoded at full size, so its limit "
+                         f"is {MAX_TIFF_PIXELS} pixels (convert it to JPEG or PNG, which take up to {MAX_IMAGE_PIXELS})")
     if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
         raise ImageError(f"{name}: image is {w}x{h}; expected at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels")
     return fmt, w, h
