@@ -2,7 +2,7 @@
 
 Run by hand: python bench/bench_matching.py   (writes bench/results/matching.json)
 
-float32 uses the gallery's own in-memory index (edgeface.gallery.store._Index: one matrix-vector product, then the
+float32 uses the gallery's own in-memory index (edgeface.gallery.index._Index: one matrix-vector product, then the
 per-person minimum), 3 embeddings per person. float16 stores the same matrix at half the size and computes in
 float32 chunks of 65,536 rows (numpy has no fast float16 matrix product), which is what a float16 gallery would
 have to do. Embeddings are random unit vectors: matching time does not depend on their values.
@@ -49,7 +49,7 @@ def measure(fn, repeats: int) -> dict[str, float]:
 
 def main() -> int:
     from edgeface.evaluation.embedding import machine_description
-    from edgeface.gallery.store import _Index
+    from edgeface.gallery.index import _Index
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100,1000,10000,100000,1000000")

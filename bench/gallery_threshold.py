@@ -35,7 +35,7 @@ def main() -> None:
     from edgeface.vision.analyzer import FaceAnalyzer
     from edgeface.config import EdgefaceConfig
     from edgeface.enroll import enroll_images
-    from edgeface.gallery.store import Gallery, default_max_distance
+    from edgeface.gallery import Gallery, default_max_distance
     from edgeface.vision.images import list_images, load_image
 
     cfg = EdgefaceConfig()

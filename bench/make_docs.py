@@ -150,6 +150,22 @@ def pi_section(pipe: dict, ref: dict) -> list[str]:
     return lines
 
 
+def doorway_section(door: dict) -> list[str]:
+    """The replayed doorway (bench/bench_doorway.py): empty-doorway CPU and face-to-relay latency, gate off and on."""
+    from bench_doorway import render
+
+    return ["## An empty doorway and face-to-relay latency (replayed sequences, presence gate off and on)", "",
+            "Replayed with `bench/bench_doorway.py` (edgeface.replay: the fixture faces composited into a synthetic "
+            "doorway with lighting flicker and camera noise, 1280x720) through the real daemon, fed as a live camera "
+            "would: a frame every 1/fps s, the daemon taking the newest whenever it is free. Face to relay = relay on "
+            "minus the first frame with half the face in view. Empty-doorway CPU = process CPU time per second of empty doorway. The Pi 4 "
+            "figures convert CPU time here with the reference networks (published Pi 4 ms / their CPU ms here, timed in "
+            "turns with the replays, under the same load); an empty doorway's Pi 4 CPU is that busy time x 1 to 4 "
+            "busy cores (XNNPACK's 4 threads; the upper end is compared with the target). Wall-time figures here "
+            "suffer from other processes on this shared machine (see the load average); the granting frame does not. "
+            "Estimates from ratios, not measurements.", ""] + render(door, title=False).splitlines() + [""]
+
+
 def matching_section(match: dict) -> list[str]:
     rows = []
     for r in match["rows"]:
@@ -160,7 +176,7 @@ def matching_section(match: dict) -> list[str]:
                      "yes" if r["same_answer"] else "no"])
     return ["## 1:N matching as the gallery grows", "",
             f"Random {match['dim']}-D unit embeddings, {match['per_person']} per person; one query = distances to every "
-            "embedding + per-person minimum + argmin. float32 is the gallery's own index (edgeface.gallery.store); float16 "
+            "embedding + per-person minimum + argmin. float32 is the gallery's own index (edgeface.gallery.index); float16 "
             "halves the memory but numpy must convert it back to float32 in chunks to multiply, so it is slower here. "
             f"Measured {match['when']}.", "",
             md_table(["embeddings", "people", "float32 ms (median / p95)", "float32 MiB", "float16 ms (median / p95)",
@@ -313,6 +329,9 @@ def main() -> int:
     lines += summary(pipe, ev)
     if pipe:
         lines += pipeline_section(pipe, ref)
+    door = load("doorway.json")
+    if door:
+        lines += doorway_section(door)
     if ev:
         lines += accuracy_section(ev)
     acc = load("accuracy.json")

@@ -39,10 +39,13 @@ SI8F="$SFACE_INT8_FULL:arcface112:arcface"
     --embedder facenet_int8 --embedder sface_int8,facenet_int8 --threads 2 --passes 2 --peer-python "$PEER_PY"
 "$PY" bench/bench_reference.py --threads 2 --embedder sface_int8 --embedder "$SF16" --embedder "$SF32" \
     --embedder "$SI8F" --embedder facenet_int8
+# The replayed doorway (presence gate off and on): empty-doorway CPU and face-to-relay latency, here and for a Pi 4
+# (reference networks timed in turns with the replays).
+"$PY" bench/bench_doorway.py
 
 # 2. Accuracy on the same photos and pairs, ours (default sface_int8, its float32 reference, facenet_int8) next to
 #    face_recognition. The float32 SFace is not in the manifest: it gets the shipped model's threshold.
-THR="$("$PY" -c "from edgeface.config import EdgefaceConfig as C; from edgeface.gallery.store import default_max_distance as d; print(d('sface_int8', match_mode=C().gallery.match_mode))")"
+THR="$("$PY" -c "from edgeface.config import EdgefaceConfig as C; from edgeface.gallery import default_max_distance as d; print(d('sface_int8', match_mode=C().gallery.match_mode))")"
 "$PY" -m edgeface eval "$SHARED/data/faces" --model sface_int8 --model "$SF32" --model facenet_int8 \
     --model face_recognition --peer-python "$PEER_PY" --threshold "sface_float32=$THR" --report bench/results/eval_faces.md \
     --json bench/results/eval_faces.json --plots-dir docs/img --quiet

@@ -14,118 +14,15 @@ not been seen for cooldown_s (the cooldown restarts while they keep standing the
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from edgeface.config import PolicyConfig
 from edgeface.errors import ConfigError
-from edgeface.types import Match
-
-Action = Literal["grant", "deny", "unknown", "none"]
-DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-
-
-@dataclass(frozen=True)
-class TimeWindow:
-    """Weekdays (0 = Monday) and a local time range [start, end); end <= start wraps past midnight."""
-
-    days: frozenset[int]
-    start: dt.time
-    end: dt.time
-
-    def contains(self, local: dt.datetime) -> bool:
-        t = local.time()
-        if self.start < self.end:
-            return local.weekday() in self.days and self.start <= t < self.end
-        # wraps midnight: the part after midnight belongs to the previous day's window
-        if t >= self.start:
-            return local.weekday() in self.days
-        return t < self.end and (local.weekday() - 1) % 7 in self.days
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """When a person may enter: any of the windows (an empty schedule never allows)."""
-
-    windows: tuple[TimeWindow, ...]
-
-    def allows(self, local: dt.datetime) -> bool:
-        return any(w.contains(local) for w in self.windows)
-
-    @staticmethod
-    def parse(spec: Any) -> Optional["Schedule"]:
-        """None/"" -> no restriction. A string "mon-fri 07:00-19:00; sat 09:00-12:00", a list of such strings,
-        or a list of {"days": "mon-fri" | ["mon", ...], "start": "07:00", "end": "19:00"}."""
-        if spec is None or spec == "" or spec == []:
-            return None
-        if isinstance(spec, Schedule):
-            return spec
-        items: list[Any]
-        if isinstance(spec, dict) and "windows" in spec:  # the gallery's form: {"days": [...], "windows": [[s, e]]}
-            days = spec.get("days") or list(DAY_NAMES)
-            return Schedule(tuple(TimeWindow(_parse_days(days), _parse_time(s), _parse_time(e))
-                                  for s, e in spec["windows"]))
-        if isinstance(spec, str):
-            items = [p for p in (s.strip() for s in spec.split(";")) if p]
-        elif isinstance(spec, dict):
-            items = [spec]
-        elif isinstance(spec, (list, tuple)):
-            items = list(spec)
-        else:
-            raise ConfigError(f"schedule: expected a string or a list, got {type(spec).__name__}")
-        windows = []
-        for item in items:
-            if isinstance(item, str):
-                m = re.fullmatch(r"\s*([a-zA-Z,\-\s]+?)\s+(\d{1,2}:\d{2})\s*-\s*(\d{1,2}:\d{2})\s*", item)
-                if not m:
-                    raise ConfigError(f"schedule {item!r}: expected 'mon-fri 07:00-19:00'")
-                days, start, end = m.group(1), m.group(2), m.group(3)
-            elif isinstance(item, dict):
-                try:
-                    days, start, end = item["days"], item["start"], item["end"]
-                except KeyError as exc:
-                    raise ConfigError(f"schedule {item!r}: missing key {exc.args[0]!r} (days, start, end)") from None
-            else:
-                raise ConfigError(f"schedule entry {item!r}: expected a string or a mapping")
-            windows.append(TimeWindow(_parse_days(days), _parse_time(start), _parse_time(end)))
-        return Schedule(tuple(windows))
-
-
-def _parse_days(days: Any) -> frozenset[int]:
-    parts = days if isinstance(days, (list, tuple)) else re.split(r"[,\s]+", str(days).strip())
-    out: set[int] = set()
-    for part in parts:
-        part = str(part).strip().lower()[:7]
-        if not part:
-            continue
-        if part in ("daily", "all", "*"):
-            return frozenset(range(7))
-        if "-" in part:
-            a, b = (p.strip()[:3] for p in part.split("-", 1))
-            if a not in DAY_NAMES or b not in DAY_NAMES:
-                raise ConfigError(f"schedule days {days!r}: expected names like mon-fri")
-            i, j = DAY_NAMES.index(a), DAY_NAMES.index(b)
-            out.update((i + k) % 7 for k in range((j - i) % 7 + 1))
-        elif part[:3] in DAY_NAMES:
-            out.add(DAY_NAMES.index(part[:3]))
-        else:
-            raise ConfigError(f"schedule days {days!r}: unknown day {part!r} (mon..sun)")
-    if not out:
-        raise ConfigError(f"schedule days {days!r}: no day given")
-    return frozenset(out)
-
-
-def _parse_time(value: Any) -> dt.time:
-    if isinstance(value, dt.time):
-        return value
-    m = re.fullmatch(r"(\d{1,2}):(\d{2})", str(value).strip())
-    if not m or int(m.group(1)) > 24 or int(m.group(2)) > 59:
-        raise ConfigError(f"schedule time {value!r}: expected HH:MM")
-    hour, minute = int(m.group(1)), int(m.group(2))
-    return dt.time(23, 59, 59, 999999) if hour == 24 else dt.time(hour, minute)
+from edgeface.gallery.records import Schedule
+from edgeface.types import Action, Decision, Match
 
 
 @dataclass(frozen=True)
@@ -141,22 +38,19 @@ class PersonRule:
 RuleLookup = Callable[[int], PersonRule]
 
 
-@dataclass(frozen=True)
-class Decision:
-    action: Action
-    person_id: Optional[int] = None
-    person_name: Optional[str] = None
-    reason: str = ""
-    distance: Optional[float] = None
-    threshold: Optional[float] = None
-    frames_used: int = 0
-    box: Optional[tuple[float, float, float, float]] = None
-    timestamp: float = 0.0
-
-    @property
-    def result(self) -> Optional[str]:
-        """The event word: granted / denied / unknown (None for action 'none')."""
-        return {"grant": "granted", "deny": "denied", "unknown": "unknown"}.get(self.action)
+def person_rule(person: Any) -> PersonRule:
+    """The rule of one gallery Person. Fails secure: a rule the gallery cannot vouch for (rule_error: a schedule
+    that cannot be read, a damaged row) or cannot parse gives a rule that denies."""
+    error = getattr(person, "rule_error", None)
+    schedule = None
+    if error is None:
+        try:
+            schedule = Schedule.parse(person.schedule)
+        except Exception as exc:  # noqa: BLE001  (GalleryError, or a shape the parser never expected)
+            error = f"schedule unreadable ({exc})"
+    if error is not None:
+        return PersonRule(enabled=False, error=error)
+    return PersonRule(enabled=bool(person.enabled), schedule=schedule)
 
 
 @dataclass

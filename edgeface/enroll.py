@@ -20,7 +20,7 @@ import numpy as np
 from edgeface.vision.align import align_face
 from edgeface.vision.analyzer import FaceAnalyzer
 from edgeface.errors import GalleryError, ImageError
-from edgeface.gallery.store import Chip, EnrollItem, EnrollReport, image_sha256, validate_name
+from edgeface.gallery import Chip, EnrollItem, EnrollReport, image_sha256, validate_name
 from edgeface.vision.images import decode_image, list_images
 from edgeface.types import Face, Frame
 

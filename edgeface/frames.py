@@ -149,10 +149,21 @@ def list_images_recursive(path: Path) -> list[Path]:
     return out
 
 
+#: What a camera read gives: the RGB image, or (image, low-resolution RGB copy of the same instant).
+Captured = Union[np.ndarray, tuple[np.ndarray, Optional[np.ndarray]]]
+
+
+def split_capture(captured: Captured) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(image, lores or None) of one camera read."""
+    if isinstance(captured, tuple):
+        return captured
+    return captured, None
+
+
 class _LiveSource(_Health):
     """Common loop of a live camera: open -> grabber thread keeps the newest frame -> yield at <= max_fps.
 
-    Subclasses implement `_open()`, `_read() -> np.ndarray | None` (None = camera lost) and `_release()`.
+    Subclasses implement `_open()`, `_read() -> Captured | None` (None = camera lost) and `_release()`.
     """
 
     live = True
@@ -166,7 +177,7 @@ class _LiveSource(_Health):
         self.frozen_after_s = frozen_after_s
         self.loop = loop
         self._cond = threading.Condition()
-        self._latest: Optional[np.ndarray] = None
+        self._latest: Optional[Captured] = None  # one-frame buffer: the newest read replaces an unused one
         self._latest_t = 0.0
         self._seq = 0
         self._lost = False
@@ -178,7 +189,7 @@ class _LiveSource(_Health):
     def _open(self) -> None:
         raise NotImplementedError
 
-    def _read(self) -> Optional[np.ndarray]:
+    def _read(self) -> Optional[Captured]:
         raise NotImplementedError
 
     def _release(self) -> None:
@@ -250,8 +261,8 @@ class _LiveSource(_Health):
                 while not self._stop.is_set():
                     if not self._rate.wait():
                         return
-                    image = self._next_image(seen)
-                    if image is None:
+                    captured = self._next_image(seen)
+                    if captured is None:
                         if not self.live and not self._lost:  # end of a video file
                             self._release_quietly()
                             if self.loop:
@@ -266,6 +277,7 @@ class _LiveSource(_Health):
                         self._lose("frozen")
                         break
                     seen = self._seq
+                    image, lores = split_capture(captured)
                     digest = hashlib.blake2b(np.ascontiguousarray(image[::16, ::16]).tobytes(), digest_size=8).digest()
                     now = time.monotonic()
                     if digest != last_digest:
@@ -276,12 +288,12 @@ class _LiveSource(_Health):
                         break
                     self._backoff.reset()
                     self._set_health("ok", "")
-                    yield Frame(image=image, timestamp=time.time(), index=index, source=self.name)
+                    yield Frame(image=image, timestamp=time.time(), index=index, source=self.name, lores=lores)
                     index += 1
         finally:
             self._release_quietly()
 
-    def _next_image(self, seen: int) -> Optional[np.ndarray]:
+    def _next_image(self, seen: int) -> Optional[Captured]:
         if not self.live:
             image = self._read()
             return image
@@ -377,33 +389,45 @@ def import_picamera2() -> type:
 
 
 class PiCameraSource(_LiveSource):
-    """Raspberry Pi camera through picamera2 (imported here only: it exists on a Pi only)."""
+    """Raspberry Pi camera through picamera2 (imported here only: it exists on a Pi only).
 
-    def __init__(self, *, width: int = 1280, height: int = 720, max_fps: Optional[float] = None,
+    With `lores_width` > 0 the camera also delivers its low-resolution stream (the ISP scales it, free for the
+    CPU): both are captured from the same request with `capture_arrays`, the gate and the detector use the small
+    one, the face is cropped from the main one. The low-resolution stream is YUV420 (the only format a Pi 4's ISP
+    gives it); it is converted to RGB here."""
+
+    def __init__(self, *, width: int = 1280, height: int = 720, lores_width: int = 0, max_fps: Optional[float] = None,
                  reconnect_min_s: float = 1.0, reconnect_max_s: float = 30.0, frozen_after_s: float = 10.0,
                  on_health: Optional[HealthCallback] = None) -> None:
         super().__init__(max_fps=max_fps, reconnect_min_s=reconnect_min_s, reconnect_max_s=reconnect_max_s,
                          frozen_after_s=frozen_after_s, on_health=on_health)
         self._Picamera2 = import_picamera2()
         self.width, self.height = width, height
+        self.lores_size = lores_size(width, height, lores_width)
         self.name = "picamera"
         self._cam = None
 
     def _open(self) -> None:
         cam = self._Picamera2()
-        config = cam.create_video_configuration(main={"size": (self.width, self.height), "format": "RGB888"},
-                                                buffer_count=2)
+        streams: dict = {"main": {"size": (self.width, self.height), "format": "RGB888"}}
+        if self.lores_size is not None:
+            streams["lores"] = {"size": self.lores_size, "format": "YUV420"}
+        config = cam.create_video_configuration(**streams, buffer_count=2)
         cam.configure(config)
         cam.start()
         self._cam = cam
 
-    def _read(self) -> Optional[np.ndarray]:
+    def _read(self) -> Optional[Captured]:
         cam = self._cam
         if cam is None:
             return None
-        array = cam.capture_array("main")
-        # picamera2's "RGB888" is B,G,R in memory (libcamera naming); flip to RGB.
-        return np.ascontiguousarray(array[:, :, 2::-1])
+        if self.lores_size is None:
+            array = cam.capture_array("main")
+            # picamera2's "RGB888" is B,G,R in memory (libcamera naming); flip to RGB.
+            return np.ascontiguousarray(array[:, :, 2::-1])
+        arrays, _metadata = cam.capture_arrays(["main", "lores"])  # one request: the same instant
+        main = np.ascontiguousarray(arrays[0][:, :, 2::-1])
+        return main, yuv420_to_rgb(arrays[1], self.lores_size)
 
     def _release(self) -> None:
         cam, self._cam = self._cam, None
@@ -414,13 +438,41 @@ class PiCameraSource(_LiveSource):
                 cam.close()
 
 
+def lores_size(width: int, height: int, lores_width: int) -> Optional[tuple[int, int]]:
+    """(w, h) of the low-resolution stream: lores_width (even) and the main stream's aspect ratio (even height),
+    or None when it is off or not smaller than the main stream."""
+    if lores_width <= 0 or lores_width >= width:
+        return None
+    w = lores_width - lores_width % 2
+    h = max(2, round(height * w / width / 2) * 2)
+    return w, h
+
+
+def yuv420_to_rgb(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """picamera2's YUV420 array (h * 3/2 rows, rows maybe padded to the stride) as RGB of `size` (w, h)."""
+    import cv2
+
+    w, h = size
+    if array.ndim != 2 or array.shape[0] != h * 3 // 2 or array.shape[1] < w:
+        raise CameraError(f"picamera lores stream: expected a YUV420 array of {h * 3 // 2} rows x >= {w}, got "
+                          f"shape {array.shape}")
+    if array.shape[1] != w:  # padded rows: Y is (h, stride); U and V follow as (h/4, stride) halves each
+        stride = array.shape[1]
+        y = array[:h, :w]
+        chroma = array[h:].reshape(-1)[: h * stride // 2].reshape(h, stride // 2)
+        u = chroma[: h // 2, : w // 2]
+        v = chroma[h // 2:, : w // 2]
+        array = np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)]).reshape(h * 3 // 2, w)
+    return cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_YUV2RGB_I420)
+
+
 def open_source(cfg: CameraConfig, *, on_health: Optional[HealthCallback] = None) -> FrameSource:
     """The frame source that camera.source names (see CameraConfig.source)."""
     src = cfg.source.strip()
     common = dict(max_fps=cfg.max_fps, reconnect_min_s=cfg.reconnect_min_s, reconnect_max_s=cfg.reconnect_max_s,
                   frozen_after_s=cfg.frozen_after_s, on_health=on_health)
     if src == "picamera":
-        return PiCameraSource(width=cfg.width, height=cfg.height, **common)  # type: ignore[arg-type]
+        return PiCameraSource(width=cfg.width, height=cfg.height, lores_width=cfg.lores_width, **common)  # type: ignore[arg-type]
     if src == "demo":
         if not DEMO_FACES.is_dir():
             raise CameraError(f"camera.source 'demo' needs the sample faces in {DEMO_FACES} (installed with the "

@@ -2,22 +2,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 
 #: Keypoint order of BlazeFace (the subject's right eye appears on the image's left).
 KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_center", "right_ear", "left_ear")
 
+#: What the policy decided for one frame (see edgeface.decide).
+Action = Literal["grant", "deny", "unknown", "none"]
+
 
 @dataclass(frozen=True)
 class Frame:
-    """One camera image: RGB uint8 HxWx3, with the wall-clock time (seconds since the epoch) it was taken."""
+    """One camera image: RGB uint8 HxWx3, with the wall-clock time (seconds since the epoch) it was taken.
+
+    `lores` is an optional smaller RGB copy of the same instant (the Pi camera's low-resolution stream): the
+    presence gate and the detector look at it, faces are cropped from `image` (coordinates scaled up)."""
 
     image: np.ndarray = field(repr=False)
     timestamp: float
     index: int = 0
     source: str = ""
+    lores: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -65,3 +72,23 @@ class Match:
     @property
     def known(self) -> bool:
         return self.person_id is not None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The policy's answer for one frame: the action, for whom, why, and the evidence (distance, frames, box)."""
+
+    action: Action
+    person_id: Optional[int] = None
+    person_name: Optional[str] = None
+    reason: str = ""
+    distance: Optional[float] = None
+    threshold: Optional[float] = None
+    frames_used: int = 0
+    box: Optional[tuple[float, float, float, float]] = None
+    timestamp: float = 0.0
+
+    @property
+    def result(self) -> Optional[str]:
+        """The event word: granted / denied / unknown (None for action 'none')."""
+        return {"grant": "granted", "deny": "denied", "unknown": "unknown"}.get(self.action)

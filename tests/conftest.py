@@ -53,7 +53,7 @@ def obama_gallery_file(analyzer, tmp_path_factory) -> Path:
     change it."""
     from edgeface.config import parse_config
     from edgeface.enroll import enroll_images
-    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.gallery import Gallery, resolve_max_distance
 
     cfg = parse_config({})
     path = tmp_path_factory.mktemp("gallery") / "gallery.db"

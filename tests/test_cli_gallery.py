@@ -14,7 +14,7 @@ import yaml
 
 from conftest import FIXTURES, SHARED, run_cli as run
 from edgeface.cli import main
-from edgeface.gallery.store import EnrollItem, Gallery
+from edgeface.gallery import EnrollItem, Gallery
 
 FACES = FIXTURES / "faces"
 NONFACE = FIXTURES / "nonfaces" / "pilatus_mountain.jpg"
@@ -63,7 +63,7 @@ def fresh(tmp_path, enrolled) -> Path:
 
 
 def _model_id(cfg: Path) -> str:
-    from edgeface.cli.people import embedder_identity
+    from edgeface.gallery import embedder_identity
     from edgeface.config import load_config
 
     return embedder_identity(load_config(cfg))[0]

@@ -51,7 +51,7 @@ STRANGER = FACES / "kit_harington" / "kit_harington_02.jpg"
 def enrolled_gallery(analyzer, tmp_path_factory):
     """A gallery file with the KNOWN people (enrolled once per module; each test copies it)."""
     from edgeface.enroll import enroll_images
-    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.gallery import Gallery, resolve_max_distance
 
     cfg = parse_config({})
     path = tmp_path_factory.mktemp("gallery") / "gallery.db"
@@ -220,7 +220,7 @@ def test_k_of_n_and_cooldown_with_real_frames(tmp_path, analyzer, enrolled_galle
 
 
 def test_disabled_person_is_denied_and_the_relay_stays(tmp_path, analyzer, enrolled_gallery, pins):
-    from edgeface.gallery.store import Gallery
+    from edgeface.gallery import Gallery
 
     cfg = make_config(tmp_path, enrolled_gallery, None)
     g = Gallery.open(Path(cfg.state_dir) / "gallery.db", model_id=analyzer.embedder.model_id,
@@ -401,7 +401,7 @@ def test_demo_prints_granted_and_unknown_events(tmp_path, caplog):
 
     from edgeface.daemon.demo import run_demo
     from edgeface.config import EdgefaceConfig
-    from edgeface.gallery.store import default_max_distance
+    from edgeface.gallery import default_max_distance
 
     out = StringIO()
     with caplog.at_level(logging.INFO):

@@ -16,7 +16,7 @@ from edgeface.config import EdgefaceConfig
 from edgeface.errors import GalleryError, NoFaceError
 from edgeface.enroll import (QualityGate, assess_image, capture_from_frames, enroll_images, scan_people_folder,
                              sharpness)
-from edgeface.gallery.store import Gallery, image_sha256, resolve_max_distance
+from edgeface.gallery import Gallery, image_sha256, resolve_max_distance
 from edgeface.vision.images import list_images, load_image
 from edgeface.types import Frame
 

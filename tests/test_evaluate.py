@@ -217,7 +217,7 @@ def test_open_set_scores_are_what_the_gallery_answers(tmp_path, template, mode) 
     from edgeface.evaluation.dataset import Dataset
     from edgeface.evaluation.embedding import EmbeddedSet
     from edgeface.evaluation.openset import OpenSetSettings, _draw_gallery, open_set
-    from edgeface.gallery.store import EnrollItem, Gallery
+    from edgeface.gallery import EnrollItem, Gallery
 
     rng = np.random.default_rng(3)
     persons = [f"p{i}" for i in range(8)]

@@ -147,7 +147,7 @@ def test_binary_config_file_is_a_config_error(tmp_path):
 # ------------------------------------------------------------------------------------------------ gallery
 
 def test_gallery_from_a_newer_schema_is_refused_untouched(tmp_path):
-    from edgeface.gallery.store import Gallery
+    from edgeface.gallery import Gallery
 
     path = tmp_path / "g.db"
     Gallery.open(path, model_id="m", max_distance=0.4).close()
@@ -161,7 +161,7 @@ def test_gallery_from_a_newer_schema_is_refused_untouched(tmp_path):
 
 @pytest.mark.parametrize("content", [b"SQLite format 3\0" + b"\x00" * 50, os.urandom(4096)])
 def test_corrupt_or_foreign_gallery_is_a_gallery_error(tmp_path, content):
-    from edgeface.gallery.store import Gallery
+    from edgeface.gallery import Gallery
 
     path = tmp_path / "g.db"
     path.write_bytes(content)

@@ -184,7 +184,7 @@ def test_door_release_works_when_everything_else_is_broken(tmp_path):
 _KILL_IN_TRANSACTION = textwrap.dedent("""
     import os, sys, signal
     import numpy as np
-    from edgeface.gallery.store import Gallery, EnrollItem, Chip
+    from edgeface.gallery import Gallery, EnrollItem, Chip
     from edgeface.types import Face
     path, keep, kill_after = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
     g = Gallery.open(path, model_id="m", max_distance=0.4, keep_crops=keep)
@@ -210,7 +210,7 @@ _KILL_IN_TRANSACTION = textwrap.dedent("""
 @pytest.mark.parametrize("keep_crops", [False, True])
 @pytest.mark.parametrize("kill_after", [1, 5])
 def test_sigkill_inside_the_enrollment_transaction_leaves_no_half_person(tmp_path, keep_crops, kill_after):
-    from edgeface.gallery.store import EnrollItem, Gallery
+    from edgeface.gallery import EnrollItem, Gallery
 
     path = tmp_path / "gallery.db"
     g = Gallery.open(path, model_id="m", max_distance=0.4, keep_crops=keep_crops)

@@ -17,7 +17,7 @@ import pytest
 
 from edgeface.decide import PersonRule
 from edgeface.errors import GalleryError
-from edgeface.gallery.store import EnrollItem, Gallery, SCHEMA_VERSION
+from edgeface.gallery import EnrollItem, Gallery, SCHEMA_VERSION
 
 DIM = 128
 
@@ -94,14 +94,16 @@ def test_damage_written_while_the_daemon_runs_is_never_a_match(tmp_path):
 def test_old_gallery_is_migrated_with_checksums_and_stays_usable(tmp_path):
     path = tmp_path / "gallery.db"
     people, stranger = _enrolled(path)
-    with sqlite3.connect(path) as db:  # what an edgeface with schema 1 wrote: no checksum column
+    with sqlite3.connect(path) as db:  # what an edgeface with schema 1 wrote: no checksum columns
         db.execute("ALTER TABLE embeddings DROP COLUMN checksum")
+        db.execute("ALTER TABLE people DROP COLUMN checksum")
         db.execute("PRAGMA user_version = 1")
     with _gallery(path) as g:
         assert g.match(people["alice"][0]).name == "alice" and not g.match(stranger).known
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.execute("SELECT count(*) FROM embeddings WHERE checksum IS NULL").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM people WHERE checksum IS NULL").fetchone()[0] == 0
 
 
 def test_old_gallery_with_a_nan_is_refused_by_the_migration(tmp_path):
@@ -109,6 +111,7 @@ def test_old_gallery_with_a_nan_is_refused_by_the_migration(tmp_path):
     people, stranger = _enrolled(path)
     with sqlite3.connect(path) as db:
         db.execute("ALTER TABLE embeddings DROP COLUMN checksum")
+        db.execute("ALTER TABLE people DROP COLUMN checksum")
         db.execute("PRAGMA user_version = 1")
         bad = people["alice"][2].copy()
         bad[0] = np.nan
@@ -233,7 +236,7 @@ def test_edgeface_run_refuses_to_start_on_a_damaged_gallery_with_one_line(tmp_pa
 
     from edgeface.enroll import enroll_images
     from edgeface.config import parse_config
-    from edgeface.gallery.store import resolve_max_distance
+    from edgeface.gallery import resolve_max_distance
 
     faces = Path(__file__).parent / "fixtures" / "faces"
     state = tmp_path / "state"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgeface.errors import GalleryError, NoFaceError
-from edgeface.gallery.store import (Chip, EnrollItem, Gallery, SCHEMA_VERSION, default_max_distance, schedule_allows,
+from edgeface.gallery import (Chip, EnrollItem, Gallery, SCHEMA_VERSION, Schedule, default_max_distance,
                               validate_name, validate_schedule)
 from edgeface.types import Face
 
@@ -362,10 +362,11 @@ def test_schedule_validation_and_evaluation():
     s = validate_schedule({"days": ["sat", "mon"], "windows": [["08:00", "12:00"], ["13:00", "24:00"]]})
     assert s["days"] == ["mon", "sat"]
     monday = dt.datetime(2026, 11, 23, 9, 30)
-    assert schedule_allows(s, monday)
-    assert not schedule_allows(s, monday.replace(hour=12, minute=30))
-    assert not schedule_allows(s, monday + dt.timedelta(days=1))
-    assert schedule_allows(None, monday)
+    sched = Schedule.parse(s)
+    assert sched.allows(monday)
+    assert not sched.allows(monday.replace(hour=12, minute=30))
+    assert not sched.allows(monday + dt.timedelta(days=1))
+    assert Schedule.parse(None) is None  # no schedule: any time
     for bad in [{"days": ["funday"]}, {"windows": [["18:00", "08:00"]]}, {"windows": [["8:00", "9:00"]]},
                 {"hours": 3}, "not json"]:
         with pytest.raises(GalleryError, match="invalid schedule"):
@@ -373,7 +374,7 @@ def test_schedule_validation_and_evaluation():
 
 
 def test_default_threshold_falls_back_without_manifest_entry(tmp_path):
-    from edgeface.gallery.store import FALLBACK_MAX_DISTANCE
+    from edgeface.gallery import FALLBACK_MAX_DISTANCE
 
     assert default_max_distance("no_such_model", tmp_path) == FALLBACK_MAX_DISTANCE
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 1, "models": [

@@ -276,7 +276,7 @@ def test_daemon_with_liveness_refuses_a_moved_photo_of_an_enrolled_person(tmp_pa
     from edgeface.daemon.app import Daemon
     from edgeface.enroll import enroll_images
     from edgeface.frames import FolderSource
-    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.gallery import Gallery, resolve_max_distance
     from edgeface.vision.images import save_image
 
     obama = sorted((fixture_faces / "barack_obama").glob("*.jpg"))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from edgeface.config import MqttConfig, parse_config
-from edgeface.gallery.store import Chip, EnrollItem, Gallery
+from edgeface.gallery import Chip, EnrollItem, Gallery
 from edgeface.events.outbox import Outbox
 from edgeface.events.remote import CommandVerifier, NonceStore, make_command, sign
 from edgeface.security import (SecretRedactor, create_private_file, ensure_private_dir, install_redaction,
@@ -430,7 +430,7 @@ def test_daemon_run_keeps_secrets_out_of_logs_and_state_private(tmp_path, caplog
     from edgeface.daemon.app import Daemon
     from edgeface.enroll import enroll_images
     from edgeface.frames import FolderSource
-    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.gallery import Gallery, resolve_max_distance
 
     password = "mqtt-Pa55-daemon-run-x9"
     pwfile = tmp_path / "passwd"

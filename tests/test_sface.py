@@ -81,7 +81,7 @@ def test_default_embedder_is_the_shipped_sface_and_separates_fixture_people() ->
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     same, diff = _pairs(emb, labels)
     assert np.mean(same[:, None] < diff[None, :]) >= 0.99
-    from edgeface.gallery.store import resolve_max_distance
+    from edgeface.gallery import resolve_max_distance
     thr = resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir)
     assert thr == info.extra["default_max_distance_by_mode"]["blend"] == info.extra["default_max_distance"]
     assert np.mean(same <= thr) >= 0.85
@@ -99,7 +99,7 @@ def test_default_embedder_separates_the_shared_faces_at_its_threshold() -> None:
     assert len(same) >= 300 and len(diff) >= 6000
     assert np.mean(same[:, None] < diff[None, :]) >= 0.999
     cfg = EdgefaceConfig()
-    from edgeface.gallery.store import resolve_max_distance
+    from edgeface.gallery import resolve_max_distance
     thr = resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir)
     assert np.mean(same <= thr) >= 0.88
     assert np.mean(diff <= thr) == 0.0
@@ -112,7 +112,7 @@ def test_facenet_gallery_is_refused_by_the_sface_default_until_reembedded(tmp_pa
     from edgeface.vision.analyzer import FaceAnalyzer
     from edgeface.config import parse_config
     from edgeface.enroll import enroll_images
-    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.gallery import Gallery, resolve_max_distance
     from edgeface.vision.images import list_images, load_image
 
     old = parse_config({"embedder": {"model": "facenet_int8"}})

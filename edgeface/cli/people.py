@@ -23,7 +23,8 @@ import click
 from edgeface.cli import CliContext, pass_ctx
 from edgeface.config import EdgefaceConfig
 from edgeface.enroll import QualityGate
-from edgeface.errors import CameraError, ConfigError, ExitStatus, GalleryError, ImageError, NoFaceError
+from edgeface.errors import CameraError, ExitStatus, GalleryError, ImageError, NoFaceError
+from edgeface.gallery import analyzer_model, gallery_path, open_gallery
 
 UNKNOWN = "unknown"
 NO_FACE = "no_face"
@@ -31,44 +32,6 @@ _GATE = QualityGate()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def embedder_identity(cfg: EdgefaceConfig) -> tuple[str, int]:
-    """(model_id, embedding_dim) of the configured embedder (and head) without loading it (people commands need no
-    model)."""
-    model_id, dim = _backbone_identity(cfg)
-    if not cfg.embedder.head:
-        return model_id, dim
-    from edgeface.vision.head import resolve_head
-
-    head = resolve_head(cfg.embedder.head, cfg.models_dir)[1]
-    if head.backbone != model_id:
-        raise ConfigError(f"embedder.head {cfg.embedder.head!r} was trained on {head.backbone} embeddings, "
-                          f"embedder.model is {model_id}")
-    return f"{model_id}+{head.head_id}", head.output_dim
-
-
-def _backbone_identity(cfg: EdgefaceConfig) -> tuple[str, int]:
-    from edgeface.vision.embed import EmbedderSpec
-    from edgeface.models import MANIFEST_NAME, default_models_dir, load_manifest
-
-    model = str(cfg.embedder.model)
-    if cfg.embedder.preprocessing and cfg.embedder.template:  # same rule as FaceAnalyzer.from_config
-        return model.rsplit("/", 1)[-1].removesuffix(".tflite"), 128
-    mdir = Path(cfg.models_dir) if cfg.models_dir else default_models_dir()
-    manifest = load_manifest(mdir) if (mdir / MANIFEST_NAME).is_file() else {}
-    info = manifest.get(model) or next((m for m in manifest.values() if m.file == Path(model).name), None)
-    if info is None:
-        raise ConfigError(f"embedder.model {model!r} is not in {mdir / MANIFEST_NAME}: set embedder.preprocessing "
-                          "and embedder.template for your own model")
-    spec = EmbedderSpec.from_manifest(info)
-    return spec.model_id, spec.embedding_dim
-
-
-def gallery_path(cfg: EdgefaceConfig) -> Path:
-    """gallery.path; a relative one is relative to state_dir (the daemon's rule, so both open the same file)."""
-    p = Path(cfg.gallery.path).expanduser()
-    return p if p.is_absolute() else Path(cfg.state_dir).expanduser() / p
 
 
 def make_gallery_dirs(cfg: EdgefaceConfig) -> None:
@@ -88,28 +51,10 @@ def make_gallery_dirs(cfg: EdgefaceConfig) -> None:
             raise GalleryError(f"cannot create the gallery folder {folder}: {exc.strerror or exc}") from None
 
 
-def open_gallery(cfg: EdgefaceConfig, *, create: bool = False, model: Optional[tuple[str, int]] = None,
-                 allow_model_change: bool = False, read_only: bool = False):
-    """The configured gallery; `read_only` for the commands that only read (a read-only state folder is fine)."""
-    from edgeface.gallery.store import Gallery, resolve_max_distance
-
-    model_id, dim = model or embedder_identity(cfg)
-    g = cfg.gallery
-    return Gallery.open(gallery_path(cfg), model_id=model_id, embedding_dim=dim,
-                        max_distance=resolve_max_distance(g, cfg.embedder, cfg.models_dir), create=create,
-                        keep_crops=g.keep_crops, match_mode=g.match_mode, top_k=g.top_k,
-                        allow_model_change=allow_model_change, read_only=read_only)
-
-
 def make_analyzer(cfg: EdgefaceConfig):
     from edgeface.vision.analyzer import FaceAnalyzer
 
     return FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir)
-
-
-def _analyzer_model(analyzer: Any) -> tuple[str, int]:
-    spec = getattr(analyzer.embedder, "spec", None)
-    return analyzer.embedder.model_id, int(spec.embedding_dim) if spec is not None else 128
 
 
 def _progress(total: int, desc: str):
@@ -183,7 +128,7 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
     Every photo passes a quality gate (one face, large enough, sharp, roughly frontal); rejected photos are
     listed with the reason. Nothing is written unless the whole enrollment succeeds."""
     from edgeface.enroll import capture_from_frames, enroll_images, scan_people_folder
-    from edgeface.gallery.store import validate_name
+    from edgeface.gallery import validate_name
 
     cfg = obj.config
     gate = QualityGate(min_face_size=min_face_size, min_sharpness=min_sharpness, max_nose_offset=max_nose_offset,
@@ -205,7 +150,7 @@ def enroll_cmd(obj: CliContext, name: Optional[str], images: tuple[Path, ...], f
             raise NoFaceError(f"no image files found in {', '.join(map(str, images))}")
     keep = cfg.gallery.keep_crops
     with make_analyzer(cfg) as analyzer:
-        model = _analyzer_model(analyzer)
+        model = analyzer_model(analyzer)
         if gallery_path(cfg).exists():  # a foreign/other-model gallery fails now, not after all the photos
             open_gallery(cfg, model=model).close()
         if camera:
@@ -293,7 +238,7 @@ def identify_cmd(obj: CliContext, images: tuple[Path, ...], annotate_dir: Option
         annotate_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
     rows: list[dict] = []
-    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer), read_only=True) as gallery:
+    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=analyzer_model(analyzer), read_only=True) as gallery:
         people = gallery.people()
         if not any(p.enabled and p.n_embeddings for p in people):
             _warn(f"warning: gallery {gallery.path} has nobody enabled with {gallery.model_id} embeddings "
@@ -339,7 +284,7 @@ def verify_cmd(obj: CliContext, image: Path, person: str, as_json: bool) -> int:
 
     cfg = obj.config
     rgb = load_image(image)
-    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=_analyzer_model(analyzer), read_only=True) as gallery:
+    with make_analyzer(cfg) as analyzer, open_gallery(cfg, model=analyzer_model(analyzer), read_only=True) as gallery:
         gallery.person(person)  # unknown name: one-line error before any work
         res, _n = analyzer.analyze_main(rgb)
         if res is None:
@@ -373,6 +318,8 @@ def people_list(obj: CliContext, as_json: bool) -> None:
         return
     for p in people:
         click.echo(_csv_line(p.name, "enabled" if p.enabled else "disabled", p.n_embeddings, p.external_id or ""))
+        if p.rule_error is not None:
+            _warn(f"{p.name!r} is denied by the daemon: {p.rule_error}")
 
 
 @people_group.command("show")
@@ -386,7 +333,9 @@ def people_show(obj: CliContext, name: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
-    for key in ("name", "id", "external_id", "enabled", "embeddings", "schedule", "created", "updated"):
+    for key in ("name", "id", "external_id", "enabled", "embeddings", "schedule", "created", "updated", "rule_error"):
+        if key not in d:
+            continue
         value = d[key]
         click.echo(f"{key}: {json.dumps(value) if isinstance(value, (dict, bool)) or value is None else value}")
 
@@ -511,7 +460,7 @@ def gallery_reembed(obj: CliContext) -> None:
     """After a model change: re-embed the kept face chips with the configured embedder (needs keep_crops)."""
     cfg = obj.config
     with make_analyzer(cfg) as analyzer:
-        with open_gallery(cfg, model=_analyzer_model(analyzer), allow_model_change=True) as g:
+        with open_gallery(cfg, model=analyzer_model(analyzer), allow_model_change=True) as g:
             n = g.reembed(analyzer.embedder)
     _warn(f"re-embedded {n} face chips with {analyzer.embedder.model_id}")
 
@@ -521,4 +470,4 @@ def register(group: click.Group) -> None:
         group.add_command(cmd)
 
 
-__all__ = ["register", "embedder_identity", "gallery_path", "open_gallery", "UNKNOWN", "NO_FACE"]
+__all__ = ["register", "UNKNOWN", "NO_FACE"]

@@ -19,14 +19,15 @@ from zoneinfo import ZoneInfo
 from edgeface.config import EdgefaceConfig, read_secret
 from edgeface.daemon.pipeline import AccessRules, Pipeline
 from edgeface.daemon.reporting import EventRecorder, EventSink
-from edgeface.decide import Decision, Policy
+from edgeface.decide import Policy
 from edgeface.door import Door, DoorContact, make_pin_factory
 from edgeface.errors import ConfigError
 from edgeface.events.access import AccessSwitch
 from edgeface.events.audit import AuditLog
 from edgeface.frames import FrameSource, open_source
 from edgeface.security import ensure_private_dir
-from edgeface.types import Frame
+from edgeface.types import Decision, Frame
+from edgeface.vision.presence import PresenceGate
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +179,13 @@ class Daemon:
 
             analyzer = self._own(FaceAnalyzer.from_config(cfg.detector, cfg.embedder, cfg.models_dir))
         self.analyzer = analyzer
+        self.presence = PresenceGate(cfg.presence)
         self.model_id = self.events.model_id = str(analyzer.embedder.model_id)
 
         if gallery is None:
-            from edgeface.gallery.store import Gallery, resolve_max_distance
+            from edgeface.gallery import analyzer_model, open_gallery
 
-            dim = int(getattr(getattr(analyzer.embedder, "spec", None), "embedding_dim", 128))
-            gallery = self._own(Gallery.open(
-                state_path(cfg, cfg.gallery.path), model_id=self.model_id, embedding_dim=dim,
-                max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir),
-                keep_crops=cfg.gallery.keep_crops, match_mode=cfg.gallery.match_mode, top_k=cfg.gallery.top_k))
+            gallery = self._own(open_gallery(cfg, model=analyzer_model(analyzer), create=True))
         self.gallery = gallery
         self.rules = AccessRules(gallery, refresh_s=self.PEOPLE_REFRESH_S)
         # the runtime switch (HA's Access enabled): an unreadable state means OFF
@@ -201,7 +199,7 @@ class Daemon:
             self.liveness = self._own(MeshLiveness.from_config(cfg.liveness, models_dir=cfg.models_dir,
                                                                num_threads=cfg.detector.num_threads))
             self.policy = LivenessPolicy(self.policy, self.liveness)
-        self.pipeline = Pipeline(analyzer=analyzer, rules=self.rules, policy=self.policy, door=self.door,
+        self.pipeline = Pipeline(analyzer=analyzer, presence=self.presence, rules=self.rules, policy=self.policy, door=self.door,
                                  recorder=self.events, liveness=self.liveness)
 
         if cfg.mqtt.enabled:

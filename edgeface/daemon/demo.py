@@ -84,7 +84,7 @@ def run_demo(*, loop: bool = False, mqtt_host: str = "127.0.0.1", mqtt_port: int
     from edgeface.daemon.service import run_daemon
     from edgeface.enroll import enroll_images
     from edgeface.frames import DEMO_FACES, FolderSource
-    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.gallery import analyzer_model, open_gallery
 
     stream = out or sys.stdout
     if not DEMO_FACES.is_dir():
@@ -95,10 +95,7 @@ def run_demo(*, loop: bool = False, mqtt_host: str = "127.0.0.1", mqtt_port: int
         cfg = demo_config(tmp, loop=loop, mqtt_host=mqtt_host, mqtt_port=mqtt_port)
         cfg, analyzer = demo_analyzer(cfg)
         # Matched as the service matches: the config's mode with the threshold calibrated for that mode.
-        gallery = Gallery.open(tmp / "gallery.db", model_id=analyzer.embedder.model_id,
-                               embedding_dim=analyzer.embedder.spec.embedding_dim,
-                               max_distance=resolve_max_distance(cfg.gallery, cfg.embedder, cfg.models_dir),
-                               match_mode=cfg.gallery.match_mode, top_k=cfg.gallery.top_k)
+        gallery = open_gallery(cfg, model=analyzer_model(analyzer), create=True)  # state_dir/gallery.db
         frames_dir = tmp / "frames"
         for person in sorted(p for p in DEMO_FACES.iterdir() if p.is_dir()):
             photos = sorted(person.glob("*.jpg"))

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from edgeface.decide import Decision, PersonRule, Schedule
+from edgeface.decide import PersonRule, person_rule
 from edgeface.daemon.reporting import EventRecorder
-from edgeface.types import Frame, Match
+from edgeface.types import Decision, Frame, Match
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,10 @@ class AccessRules:
             people = []
             errors["*"] = f"the gallery's people cannot be read ({exc}); everyone is denied"
         for p in people:
-            error = getattr(p, "schedule_error", None)
-            sched = None
-            if error is None:
-                try:
-                    sched = Schedule.parse(p.schedule)
-                except Exception as exc:  # noqa: BLE001  (ConfigError, or a shape the parser never expected)
-                    error = str(exc)
-            if error is not None:
-                errors[p.name] = f"person {p.name!r}: schedule unreadable ({error}); access denied"
-                rules[p.id] = PersonRule(enabled=False, error=f"schedule unreadable ({error})")
+            rules[p.id] = rule = person_rule(p)
+            if rule.error is not None:
+                errors[p.name] = f"person {p.name!r}: {rule.error}; access denied"
                 continue
-            rules[p.id] = PersonRule(enabled=bool(p.enabled), schedule=sched)
             if not p.enabled:
                 disabled.append((p.id, p.name))
         for key, line in errors.items():  # once per problem, not every refresh
@@ -103,15 +95,15 @@ class AccessRules:
 class Pipeline:
     """The per-frame path; owns none of its parts (the daemon builds and closes them)."""
 
-    def __init__(self, *, analyzer: Any, rules: AccessRules, policy: Any, door: Any, recorder: EventRecorder,
+    def __init__(self, *, analyzer: Any, presence: Any, rules: AccessRules, policy: Any, door: Any, recorder: EventRecorder,
                  liveness: Any = None) -> None:
-        self.analyzer, self.rules, self.policy, self.door = analyzer, rules, policy, door
+        self.analyzer, self.presence, self.rules, self.policy, self.door = analyzer, presence, rules, policy, door
         self.recorder, self.liveness = recorder, liveness
         self.hass: Any = None  # the HA entity states (People sensors, face image), set with the broker client
 
     def process_frame(self, frame: Frame) -> Decision:
         """One frame through the whole pipeline; returns the policy's decision (and acts on it)."""
-        result, _n = self.analyzer.analyze_main(frame.image)
+        result = self.presence.analyze(self.analyzer, frame)  # the detector only when something may be there
         if self.hass is not None:
             self.recorder.frame_image = frame.image  # the face image entity's crop, should this frame decide
             self.hass.gallery(self.rules.gallery)  # the People sensors (at most every few seconds)

@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable, Optional
 from zoneinfo import ZoneInfo
 
-from edgeface.decide import Decision
+from edgeface.types import Decision
 from edgeface.events.audit import AuditError, AuditLog
 from edgeface.events.records import CRITICAL_KINDS, AccessEvent, DoorEvent
 

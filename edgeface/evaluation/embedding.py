@@ -418,7 +418,7 @@ def default_threshold(choice: ModelChoice, gallery_max_distance: Optional[float]
         value = head_threshold(choice.head)
         if value is not None:
             return float(value)
-    from edgeface.gallery.store import default_max_distance
+    from edgeface.gallery import default_max_distance
     return default_max_distance(choice.model, match_mode=match_mode)
 
 

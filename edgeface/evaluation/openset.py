@@ -12,7 +12,7 @@ from edgeface.errors import ConfigError
 from edgeface.evaluation.dataset import Dataset, split_persons
 from edgeface.evaluation.embedding import EmbeddedSet, fuse, machine_description
 from edgeface.evaluation.metrics import distances, far_name, threshold_at_far
-from edgeface.gallery.store import blend_distances
+from edgeface.gallery import blend_distances
 
 OPEN_SET_FAR_TARGETS = (1e-2, 1e-3)
 

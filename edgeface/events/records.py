@@ -11,7 +11,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from edgeface.decide import Decision
+from edgeface.types import Decision
 
 #: Access results and the door events that are never dropped from a full outbox before `unknown`.
 CRITICAL_KINDS = frozenset({"granted", "denied", "door_forced_open", "door_held_open", "remote_unlock"})

@@ -1,4 +1,5 @@
-"""The access list: people and their face embeddings in one SQLite file, and the in-memory 1:N index over it.
+"""The access list on disk: people and their face embeddings in one SQLite file (`Gallery`), and `open_gallery`,
+the one way the daemon, the CLI and the demo open it from a config.
 
 Why SQLite: one file, transactions (an enrollment is all-or-nothing), WAL so the CLI can edit the gallery
 while the daemon reads it, and `PRAGMA data_version` so the daemon notices another process's commit with
@@ -6,393 +7,84 @@ one cheap query per match and reloads its index (no restart after `edgeface peop
 
 Embeddings are only ever compared with embeddings of the same model: the gallery records its model id and
 refuses to open with another one (re-enroll, or `reembed` from kept face chips when keep_crops is on).
-
-Portable export format (see docs/gallery.md): one UTF-8 JSON document, vectors as base64 little-endian float32.
 """
 from __future__ import annotations
 
-import base64
-import datetime as _dt
-import hashlib
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
 import unicodedata
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from edgeface.errors import GalleryError, NoFaceError
-from edgeface.types import Face, Match
-from edgeface.security import SQLITE_SUFFIXES, write_private_atomic
+from edgeface.errors import ConfigError, GalleryError, NoFaceError
+from edgeface.gallery.index import (MATCH_MODES, MAX_COSINE_DISTANCE, _Index, _unit, embedding_checksum,
+                                    resolve_max_distance, stored_vector_problem)
+from edgeface.gallery.records import (Chip, EnrollItem, EnrollReport, Person, _encode_png, _face_json,
+                                      person_checksum, validate_name, validate_schedule)
+from edgeface.gallery.schema import APPLICATION_ID, SCHEMA_VERSION, check_header, connect_read_only, create_file, migrate
+from edgeface.types import Match
 
-#: PRAGMA application_id of an edgeface gallery ("EDGF"): tells our file from any other SQLite database.
-APPLICATION_ID = 0x45444746
-#: Current schema; a file with a higher user_version was written by a newer edgeface.
-SCHEMA_VERSION = 2
-#: A stored vector is unit length; float32 rounding stays far below this. A larger error means damage.
-NORM_TOLERANCE = 1e-3
-#: Used only when neither the config nor the model's manifest entry gives a threshold (see docs/gallery.md).
-FALLBACK_MAX_DISTANCE = 0.40
-#: Largest cosine distance (opposite vectors): reported when the gallery is empty.
-MAX_COSINE_DISTANCE = 2.0
-#: Export file format tag and version.
-EXPORT_FORMAT = "edgeface-gallery"
-EXPORT_VERSION = 1
-NAME_MAX = 64
+def embedder_identity(cfg: Any) -> tuple[str, int]:
+    """(model_id, embedding_dim) of the configured embedder (and head) without loading it (people commands need no
+    model)."""
+    model_id, dim = _backbone_identity(cfg)
+    if not cfg.embedder.head:
+        return model_id, dim
+    from edgeface.vision.head import resolve_head
 
-# Each entry migrates user_version i -> i + 1. Never edit a released entry; append a new one.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    CREATE TABLE people (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        external_id TEXT UNIQUE,
-        enabled INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
-        schedule TEXT,
-        created REAL NOT NULL,
-        updated REAL NOT NULL
-    );
-    CREATE TABLE embeddings (
-        id INTEGER PRIMARY KEY,
-        person_id INTEGER NOT NULL REFERENCES people(id) ON DELETE CASCADE,
-        model_id TEXT NOT NULL,
-        dim INTEGER NOT NULL,
-        vector BLOB NOT NULL,
-        image_sha256 TEXT NOT NULL,
-        quality REAL NOT NULL,
-        created REAL NOT NULL,
-        UNIQUE (model_id, image_sha256)
-    );
-    CREATE INDEX embeddings_person ON embeddings(person_id);
-    CREATE TABLE crops (
-        embedding_id INTEGER PRIMARY KEY REFERENCES embeddings(id) ON DELETE CASCADE,
-        image BLOB NOT NULL,
-        face TEXT NOT NULL
-    );
-    """,
-    # 1 -> 2: a sha256 per embedding (see embedding_checksum); Gallery._migrate fills it for existing rows once,
-    # after checking each stored vector (finite, unit length, dimension).
-    """
-    ALTER TABLE embeddings ADD COLUMN checksum TEXT;
-    """,
-]
-
-_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_TIME_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$|^24:00$")
+    head = resolve_head(cfg.embedder.head, cfg.models_dir)[1]
+    if head.backbone != model_id:
+        raise ConfigError(f"embedder.head {cfg.embedder.head!r} was trained on {head.backbone} embeddings, "
+                          f"embedder.model is {model_id}")
+    return f"{model_id}+{head.head_id}", head.output_dim
 
 
-# ----------------------------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class Person:
-    """One enrolled person as listed by `people()`; `schedule` is None (any time) or {"days", "windows"}."""
-
-    id: int
-    name: str
-    external_id: Optional[str]
-    enabled: bool
-    schedule: Optional[dict]
-    created: float
-    updated: float
-    n_embeddings: int
-    #: Why the stored schedule cannot be read (damaged or hand-edited row), else None. Such a person is denied.
-    schedule_error: Optional[str] = None
-
-    def as_dict(self) -> dict:
-        d = {"id": self.id, "name": self.name, "external_id": self.external_id, "enabled": self.enabled,
-             "schedule": self.schedule, "embeddings": self.n_embeddings,
-             "created": _iso(self.created), "updated": _iso(self.updated)}
-        if self.schedule_error is not None:
-            d["schedule_error"] = self.schedule_error
-        return d
-
-
-@dataclass(frozen=True)
-class Chip:
-    """A loose face region kept for re-embedding: an RGB image around the face and the face in its pixels.
-
-    Loose (not the aligned crop) so a later model with another alignment template can still be fed."""
-
-    image: np.ndarray = field(repr=False)
-    face: Face
-
-
-@dataclass(frozen=True)
-class EnrollItem:
-    """One enrollment input after the quality gate: accepted (embedding set, reason None) or rejected."""
-
-    source: str
-    image_sha256: str
-    embedding: Optional[np.ndarray] = field(default=None, repr=False)
-    quality: float = 0.0
-    reason: Optional[str] = None
-    chip: Optional[Chip] = field(default=None, repr=False)
-
-    @property
-    def accepted(self) -> bool:
-        return self.reason is None and self.embedding is not None
-
-
-@dataclass
-class EnrollReport:
-    """What one person's enrollment did: added sources, rejected (source, reason), skipped duplicates, warnings."""
-
-    name: str
-    person_id: int
-    created: bool
-    added: list[str] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)
-    duplicates: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "person_id": self.person_id, "created": self.created, "added": self.added,
-                "rejected": [{"source": s, "reason": r} for s, r in self.rejected],
-                "duplicates": self.duplicates, "warnings": self.warnings}
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-def _iso(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def validate_name(name: Any) -> str:
-    """A display name: 1-64 printable characters, no control characters or path separators, no outer spaces."""
-    if not isinstance(name, str):
-        raise GalleryError(f"invalid person name {name!r}: expected a string")
-    shown = repr(name)
-    if not name or len(name) > NAME_MAX:
-        raise GalleryError(f"invalid person name {shown}: expected 1-{NAME_MAX} characters, got {len(name)}")
-    if name != name.strip():
-        raise GalleryError(f"invalid person name {shown}: leading or trailing whitespace")
-    for ch in name:
-        if ch in "/\\" or ch == "\x00":
-            raise GalleryError(f"invalid person name {shown}: path separators are not allowed")
-        if unicodedata.category(ch)[0] in ("C", "Z") and ch != " ":
-            raise GalleryError(f"invalid person name {shown}: control or non-printable character U+{ord(ch):04X}")
-    if name in (".", ".."):
-        raise GalleryError(f"invalid person name {shown}")
-    return unicodedata.normalize("NFC", name)
-
-
-def validate_schedule(schedule: Any) -> Optional[dict]:
-    """Access schedule: None (always) or {"days": ["mon", ...], "windows": [["08:00", "18:00"], ...]} (local time)."""
-    if schedule is None:
-        return None
-    if isinstance(schedule, str):
-        try:
-            schedule = json.loads(schedule)
-        except json.JSONDecodeError as exc:
-            raise GalleryError(f"invalid schedule {schedule!r}: not JSON ({exc.msg})") from None
-    if not isinstance(schedule, dict) or set(schedule) - {"days", "windows"}:
-        raise GalleryError(f"invalid schedule {schedule!r}: expected {{'days': [...], 'windows': [[start, end]]}}")
-    days = schedule.get("days", list(_WEEKDAYS))
-    if not isinstance(days, list) or not days or any(d not in _WEEKDAYS for d in days):
-        raise GalleryError(f"invalid schedule days {days!r}: expected a non-empty list of {', '.join(_WEEKDAYS)}")
-    windows = schedule.get("windows", [["00:00", "24:00"]])
-    if not isinstance(windows, list) or not windows:
-        raise GalleryError(f"invalid schedule windows {windows!r}: expected a list of [\"HH:MM\", \"HH:MM\"]")
-    for w in windows:
-        if (not isinstance(w, (list, tuple)) or len(w) != 2 or not all(isinstance(t, str) and _TIME_RE.match(t)
-                                                                        for t in w) or w[0] >= w[1]):
-            raise GalleryError(f"invalid schedule window {w!r}: expected [\"HH:MM\", \"HH:MM\"] with start < end")
-    return {"days": [d for d in _WEEKDAYS if d in days], "windows": [list(w) for w in windows]}
-
-
-def schedule_allows(schedule: Optional[dict], when: _dt.datetime) -> bool:
-    """True if `when` (already in the schedule's local time zone) is inside the schedule; None allows always."""
-    if schedule is None:
-        return True
-    if _WEEKDAYS[when.weekday()] not in schedule["days"]:
-        return False
-    hm = f"{when.hour:02d}:{when.minute:02d}"
-    return any(start <= hm < end for start, end in schedule["windows"])
-
-
-def default_max_distance(model: str, models_dir: Optional[str | os.PathLike[str]] = None,
-                         match_mode: Optional[str] = None) -> float:
-    """The embedder's calibrated threshold: manifest "default_max_distance_by_mode"[match_mode] (per-person scores
-    differ by match mode, so each has its own operating point), else "default_max_distance", else
-    FALLBACK_MAX_DISTANCE."""
+def _backbone_identity(cfg: Any) -> tuple[str, int]:
     from edgeface.models import MANIFEST_NAME, default_models_dir, load_manifest
+    from edgeface.vision.embed import EmbedderSpec
 
-    mdir = Path(models_dir) if models_dir else default_models_dir()
-    if not (mdir / MANIFEST_NAME).is_file():
-        return FALLBACK_MAX_DISTANCE
-    manifest = load_manifest(mdir)
-    key = str(model)
-    info = manifest.get(key) or next((m for m in manifest.values() if m.file == Path(key).name), None)
-    value = info.extra.get("default_max_distance") if info is not None else None
-    by_mode = info.extra.get("default_max_distance_by_mode") if info is not None else None
-    if match_mode and isinstance(by_mode, dict) and match_mode in by_mode:
-        value = by_mode[match_mode]
-    return float(value) if isinstance(value, (int, float)) and 0 < value <= 2 else FALLBACK_MAX_DISTANCE
-
-
-def resolve_max_distance(gallery_cfg: Any, embedder_cfg: Any, models_dir: Optional[str] = None) -> float:
-    """gallery.max_distance when set, else the embedder model's manifest default."""
-    if getattr(gallery_cfg, "max_distance", None) is not None:
-        return float(gallery_cfg.max_distance)
-    if getattr(embedder_cfg, "head", None):  # a head has its own distance scale, calibrated when it was trained
-        from edgeface.vision.head import head_threshold
-        value = head_threshold(embedder_cfg.head, models_dir)
-        return float(value) if value is not None else FALLBACK_MAX_DISTANCE
-    return default_max_distance(embedder_cfg.model, models_dir, getattr(gallery_cfg, "match_mode", None))
+    model = str(cfg.embedder.model)
+    if cfg.embedder.preprocessing and cfg.embedder.template:  # same rule as FaceAnalyzer.from_config
+        return model.rsplit("/", 1)[-1].removesuffix(".tflite"), 128
+    mdir = Path(cfg.models_dir) if cfg.models_dir else default_models_dir()
+    manifest = load_manifest(mdir) if (mdir / MANIFEST_NAME).is_file() else {}
+    info = manifest.get(model) or next((m for m in manifest.values() if m.file == Path(model).name), None)
+    if info is None:
+        raise ConfigError(f"embedder.model {model!r} is not in {mdir / MANIFEST_NAME}: set embedder.preprocessing "
+                          "and embedder.template for your own model")
+    spec = EmbedderSpec.from_manifest(info)
+    return spec.model_id, spec.embedding_dim
 
 
-def _unit(vec: Any, dim: int, what: str = "embedding") -> np.ndarray:
-    v = np.asarray(vec, dtype=np.float32).reshape(-1)
-    if v.shape[0] != dim:
-        raise GalleryError(f"{what} has {v.shape[0]} values, the gallery stores {dim}-D embeddings")
-    if not np.isfinite(v).all():
-        raise GalleryError(f"{what} has NaN or infinite values")
-    n = float(np.linalg.norm(v))
-    if n < 1e-6:
-        raise GalleryError(f"{what} is all zeros")
-    if abs(n - 1.0) < 1e-5:
-        return v  # already unit: keep the exact bits (export -> import round-trips bit for bit)
-    return (v / n).astype(np.float32)
+def analyzer_model(analyzer: Any) -> tuple[str, int]:
+    """(model_id, embedding_dim) of a loaded analyzer's embedder."""
+    spec = getattr(analyzer.embedder, "spec", None)
+    return str(analyzer.embedder.model_id), int(spec.embedding_dim) if spec is not None else 128
 
 
-def embedding_checksum(person_id: int, model_id: str, blob: bytes) -> str:
-    """sha256 over the owner, the model and the vector bytes: a damaged byte (or a row moved to another person)
-    no longer matches. Protects against corruption, not against someone who can rewrite the file."""
-    h = hashlib.sha256(f"{int(person_id)}|{model_id}|".encode())
-    h.update(blob)
-    return h.hexdigest()
+def gallery_path(cfg: Any) -> Path:
+    """gallery.path; a relative one is relative to state_dir (the daemon, the CLI and the demo open the same file)."""
+    p = Path(cfg.gallery.path).expanduser()
+    return p if p.is_absolute() else Path(cfg.state_dir).expanduser() / p
 
 
-def vector_problem(blob: Any, dim: int) -> Optional[str]:
-    """Why a stored vector cannot be used (None if it can): wrong size, NaN/inf values, not unit length."""
-    if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) != 4 * dim:
-        size = len(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else type(blob).__name__
-        return f"{size} bytes, expected {4 * dim} ({dim} float32 values)"
-    v = np.frombuffer(blob, dtype="<f4")
-    if not np.isfinite(v).all():
-        return "NaN or infinite values"
-    n = float(np.linalg.norm(v.astype(np.float64)))
-    if abs(n - 1.0) > NORM_TOLERANCE:
-        return f"not unit length (norm {n:.6g})"
-    return None
-
-
-def _encode_png(image: np.ndarray) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise GalleryError("cannot encode a face chip as PNG")
-    return buf.tobytes()
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-    import cv2
-
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise GalleryError("a kept face chip cannot be decoded (corrupt gallery?)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def _face_json(face: Face) -> str:
-    d = {"box": [float(v) for v in face.box], "score": float(face.score),
-         "keypoints": np.asarray(face.keypoints, float).round(3).tolist()}
-    if face.landmarks5 is not None:
-        d["landmarks5"] = np.asarray(face.landmarks5, float).round(3).tolist()
-    return json.dumps(d)
-
-
-def _face_from_json(text: str) -> Face:
-    d = json.loads(text)
-    lm = d.get("landmarks5")
-    return Face(tuple(d["box"]), float(d["score"]), np.asarray(d["keypoints"], np.float32),
-                landmarks5=None if lm is None else np.asarray(lm, np.float32))
-
-
-
-# ----------------------------------------------------------------------------------------------- index
-
-
-#: Per-person scores: nearest enrolled embedding, mean of the k nearest, the person's mean template, or a blend of
-#: the last and the first.
-MATCH_MODES = ("best", "topk_mean", "centroid", "blend")
-#: blend = this x the centroid distance + the rest x the nearest-embedding distance. The centroid is robust to one odd
-#: enrollment photo; the nearest term rewards a face that closely matches one particular photo (glasses, beard).
-#: 0.75 was chosen on the open-set tuning half (0.25 / 0.5 / 0.75 tried over four seeds of galleries; docs/gallery.md).
-BLEND_CENTROID_WEIGHT = 0.75
-
-
-def blend_distances(centroid: np.ndarray, nearest: np.ndarray) -> np.ndarray:
-    """The blend match mode's per-person distance from the centroid and the nearest-embedding distances."""
-    return BLEND_CENTROID_WEIGHT * centroid + (1.0 - BLEND_CENTROID_WEIGHT) * nearest
-
-
-class _Index:
-    """All enabled people's embeddings as one (M, D) matrix, rows grouped by person (for reduceat)."""
-
-    def __init__(self, vectors: np.ndarray, owners: np.ndarray, ids: list[int], names: list[str]) -> None:
-        self.vectors = vectors            # (M, D) float32 unit rows, sorted by owner
-        self.owners = owners              # (M,) int: index into ids/names
-        self.ids = ids
-        self.names = names
-        self.starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(owners) else np.zeros(0, int)
-        self.counts = np.diff(np.r_[self.starts, len(owners)]) if len(owners) else np.zeros(0, int)
-        self._padded: Optional[np.ndarray] = None
-        self._centroids: Optional[np.ndarray] = None
-
-    def padded(self) -> np.ndarray:
-        """(P, max rows per person) row numbers padded with M (an +inf distance); built on first top-k use."""
-        if self._padded is None:
-            width = int(self.counts.max()) if len(self.counts) else 0
-            cols = np.arange(width)
-            self._padded = np.where(cols[None, :] < self.counts[:, None], self.starts[:, None] + cols[None, :],
-                                    len(self.owners))
-        return self._padded
-
-    def centroids(self) -> np.ndarray:
-        """(P, D) one unit template per person: the normalised mean of their embeddings; built on first use."""
-        if self._centroids is None:
-            sums = np.add.reduceat(self.vectors, self.starts, axis=0) if len(self.owners) else self.vectors[:0]
-            self._centroids = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-        return self._centroids
-
-    def person_distances(self, q: np.ndarray, mode: str, k: int) -> np.ndarray:
-        """Per-person distance of query q: best (min), mean of the k best embeddings, to the person's centroid, or
-        the blend of centroid and best."""
-        if mode == "centroid":
-            return _no_nan(1.0 - self.centroids() @ q)
-        d = 1.0 - self.vectors @ q
-        if mode == "blend":
-            return blend_distances(_no_nan(1.0 - self.centroids() @ q), _no_nan(np.minimum.reduceat(d, self.starts)))
-        if mode == "best" or k == 1:
-            return _no_nan(np.minimum.reduceat(d, self.starts))
-        # A person with any non-finite distance gets +inf (no match), whichever k of their rows are best.
-        bad = np.logical_or.reduceat(~np.isfinite(d), self.starts)
-        grid = np.append(d, np.inf)[self.padded()]
-        kk = min(k, grid.shape[1])
-        best = np.partition(grid, kk - 1, axis=1)[:, :kk] if kk < grid.shape[1] else grid
-        best = np.where(np.isposinf(best), 0.0, best)  # the padding (+inf) of people with fewer than k rows
-        out = best.sum(axis=1) / np.minimum(self.counts, kk)
-        out[bad] = np.inf
-        return _no_nan(out)
-
-
-def _no_nan(dist: np.ndarray) -> np.ndarray:
-    """NaN distances become +inf: a NaN must never compare as near (max(0.0, NaN) is 0.0, argmin picks NaN)."""
-    return np.where(np.isnan(dist), np.inf, dist)
-
-
-# ----------------------------------------------------------------------------------------------- gallery
+def open_gallery(cfg: Any, *, model: Optional[tuple[str, int]] = None, create: bool = False,
+                 allow_model_change: bool = False, read_only: bool = False) -> "Gallery":
+    """The gallery a config names: gallery_path(cfg), its match mode, top-k, keep_crops and threshold
+    (resolve_max_distance). `model` is (model_id, dim) of the embedder in use (analyzer_model), else the configured
+    one (embedder_identity). `create=False`: a missing file is an error (commands that only read or edit people);
+    `read_only`: writes nothing (people list, identify, ...: a read-only state folder is fine)."""
+    model_id, dim = model or embedder_identity(cfg)
+    g = cfg.gallery
+    return Gallery.open(gallery_path(cfg), model_id=model_id, embedding_dim=dim,
+                        max_distance=resolve_max_distance(g, cfg.embedder, cfg.models_dir), create=create,
+                        keep_crops=g.keep_crops, match_mode=g.match_mode, top_k=g.top_k,
+                        allow_model_change=allow_model_change, read_only=read_only)
 
 
 class Gallery:
@@ -427,13 +119,13 @@ class Gallery:
 
         `allow_model_change=True` opens a gallery enrolled with another model so `reembed` can convert it.
         `read_only=True` (people list, identify, ...) writes nothing, not even the file mode, so a read-only state
-        folder or file system does not stop a command that only reads (see _connect_read_only)."""
+        folder or file system does not stop a command that only reads (see schema.connect_read_only)."""
         if not (0 < float(max_distance) <= MAX_COSINE_DISTANCE):
             raise GalleryError(f"max_distance {max_distance!r} is out of range; expected 0 < d <= 2 (cosine distance)")
         path = Path(path)
         exists = path.exists()
         if exists:
-            _check_header(path)
+            check_header(path)
             from edgeface.security import make_private
 
             if not read_only:
@@ -450,7 +142,7 @@ class Gallery:
             except OSError as exc:
                 raise GalleryError(f"cannot create gallery {path}: {exc.strerror or exc}") from None
         try:
-            conn = (_connect_read_only(path) if read_only else
+            conn = (connect_read_only(path) if read_only else
                     sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False))
         except sqlite3.Error as exc:
             raise GalleryError(f"cannot open gallery {path}: {exc}") from None
@@ -470,37 +162,12 @@ class Gallery:
 
     @classmethod
     def _create(cls, path: Path, **kw: Any) -> None:
-        """A new gallery appears complete or not at all: the schema is written to a temporary file that is then
-        linked into place. (A file created empty first and killed before its schema was written would be a
-        0-byte gallery, which open() refuses as damaged.) Losing the race to another process is fine."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+        """A new gallery appears complete or not at all (see schema.create_file)."""
 
-        def remove_tmp() -> None:
-            for suffix in SQLITE_SUFFIXES:
-                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        def write_schema(conn: sqlite3.Connection, tmp: Path) -> None:
+            cls(conn, tmp, **kw)._prepare(False)
 
-        remove_tmp()
-        try:
-            # 0600 before SQLite opens it (its -wal/-shm files get the same mode); no umask games: the umask is
-            # process-wide and the daemon has other threads writing files.
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            conn = sqlite3.connect(str(tmp), timeout=10.0, isolation_level=None, check_same_thread=False)
-            try:
-                cls(conn, tmp, **kw)._prepare(False)
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                conn.close()
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process created it a moment ago: it is checked like any existing file
-            except OSError:  # a file system without hard links: rename, unless someone was faster
-                if not path.exists():
-                    os.replace(tmp, path)
-        finally:
-            remove_tmp()
+        create_file(path, write_schema)
 
     def _prepare(self, allow_model_change: bool) -> None:
         c = self._conn
@@ -528,7 +195,7 @@ class Gallery:
                 raise GalleryError(f"gallery {self.path}: cannot switch to WAL journal mode (got {mode})")
         c.execute("PRAGMA synchronous = NORMAL")
         if version < SCHEMA_VERSION and not self.read_only:
-            self._migrate(version)
+            migrate(c, model_id=self.model_id, embedding_dim=self.embedding_dim, damaged=self._damaged)
         meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
         stored_model, stored_dim = meta.get("model_id"), int(meta.get("embedding_dim", self.embedding_dim))
         n_other = c.execute("SELECT count(*) FROM embeddings WHERE model_id != ?", (self.model_id,)).fetchone()[0]
@@ -548,42 +215,6 @@ class Gallery:
                                f"{self.embedding_dim}-D")
         self.check_embeddings()
 
-    def _migrate(self, version: int) -> None:
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            current = c.execute("PRAGMA user_version").fetchone()[0]  # re-read under the lock (another process)
-            for i in range(current, SCHEMA_VERSION):
-                for stmt in MIGRATIONS[i].split(";"):
-                    if stmt.strip():
-                        c.execute(stmt)
-                if i == 1:
-                    self._fill_checksums()
-            if current == 0:
-                c.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                now = time.time()
-                c.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
-                              [("created", _iso(now)), ("model_id", self.model_id),
-                               ("embedding_dim", str(self.embedding_dim))])
-            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-
-    def _fill_checksums(self) -> None:
-        """Migration 1 -> 2: check every stored vector once and record its checksum (inside the migration's
-        transaction, so a damaged vector leaves the file as it was and the gallery is refused)."""
-        rows = self._conn.execute("SELECT e.id, e.person_id, p.name, e.model_id, e.dim, e.vector FROM embeddings e "
-                                  "LEFT JOIN people p ON p.id = e.person_id ORDER BY e.id").fetchall()
-        for eid, pid, name, model, dim, blob in rows:
-            why = vector_problem(blob, int(dim))
-            if why is not None:
-                raise GalleryError(self._damaged(eid, name, why))
-            self._conn.execute("UPDATE embeddings SET checksum = ? WHERE id = ?",
-                               (embedding_checksum(pid, model, bytes(blob)), eid))
-
     def _damaged(self, eid: int, name: Optional[str], why: str) -> str:
         who = repr(name) if name is not None else "no person"
         fix = f"remove {name!r} (edgeface people remove) and enroll again" if name is not None else "re-enroll"
@@ -593,9 +224,7 @@ class Gallery:
                         checksum: Optional[str]) -> np.ndarray:
         """The stored vector of one row, or GalleryError naming the file and row: a damaged vector must never
         take part in a match (a NaN became distance 0.0, i.e. everyone matched)."""
-        why = vector_problem(blob, self.embedding_dim)
-        if why is None and checksum != embedding_checksum(pid, model, bytes(blob)):
-            why = "checksum mismatch" if checksum else "no checksum"
+        why = stored_vector_problem(blob, self.embedding_dim, checksum, pid, model)
         if why is not None:
             raise GalleryError(self._damaged(eid, name, why))
         return np.frombuffer(blob, dtype="<f4")
@@ -668,7 +297,7 @@ class Gallery:
 
     def _person_row(self, name: str) -> tuple:
         name = unicodedata.normalize("NFC", name) if isinstance(name, str) else name
-        rows = self._query("SELECT id, name, external_id, enabled, schedule, created, updated FROM people "
+        rows = self._query("SELECT id, name, external_id, enabled, schedule, created, updated, checksum FROM people "
                            "WHERE name = ?", (name,))
         if not rows:
             raise GalleryError(f"no person named {name!r} in gallery {self.path} (see: edgeface people list)")
@@ -728,7 +357,9 @@ class Gallery:
     def verify(self, embedding: np.ndarray, person: str) -> Match:
         """1:1: is this face `person`? A disabled person never verifies (distance still reported)."""
         q = _unit(embedding, self.embedding_dim)
-        pid, name, _ext, enabled, *_ = self._person_row(person)
+        row = self._person_row(person)
+        pid, name = row[0], row[1]
+        enabled = row[3] == 1 and row[7] == person_checksum(*row[:5])  # a damaged row never verifies
         rows = self._query("SELECT id, model_id, vector, checksum FROM embeddings WHERE person_id = ? AND model_id = ? "
                            "ORDER BY id", (pid, self.model_id))
         if not rows:
@@ -753,17 +384,28 @@ class Gallery:
             return self._insert_person(c, name, external_id, schedule)
 
     def _insert_person(self, c: sqlite3.Connection, name: str, external_id: Optional[str],
-                       schedule: Optional[dict]) -> int:
+                       schedule: Optional[dict], *, enabled: bool = True, created: Optional[float] = None,
+                       updated: Optional[float] = None) -> int:
         now = time.time()
         try:
             cur = c.execute("INSERT INTO people(name, external_id, enabled, schedule, created, updated) "
-                            "VALUES (?, ?, 1, ?, ?, ?)",
-                            (name, external_id, json.dumps(schedule) if schedule else None, now, now))
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            (name, external_id, 1 if enabled else 0, json.dumps(schedule) if schedule else None,
+                             now if created is None else created, now if updated is None else updated))
         except sqlite3.IntegrityError:
             which = "name" if c.execute("SELECT 1 FROM people WHERE name = ?", (name,)).fetchone() else "external id"
             value = name if which == "name" else external_id
             raise GalleryError(f"a person with {which} {value!r} already exists in gallery {self.path}") from None
+        self._seal(c, int(cur.lastrowid))
         return int(cur.lastrowid)
+
+    @staticmethod
+    def _seal(c: sqlite3.Connection, person_id: int) -> None:
+        """Record the checksum of the row as written (inside the writing transaction): every write of a rule field
+        goes through here, so only a change made outside edgeface leaves a row that does not match."""
+        row = c.execute("SELECT id, name, external_id, enabled, schedule FROM people WHERE id = ?",
+                        (person_id,)).fetchone()
+        c.execute("UPDATE people SET checksum = ? WHERE id = ?", (person_checksum(*row), person_id))
 
     def add_embeddings(self, person_id: int, embeddings: Any, *, image_hashes: Sequence[str],
                        qualities: Sequence[float], crops: Optional[Sequence[Optional[Chip]]] = None) -> int:
@@ -873,8 +515,8 @@ class Gallery:
 
     def people(self) -> list[Person]:
         rows = self._query("SELECT p.id, p.name, p.external_id, p.enabled, p.schedule, p.created, p.updated, "
-                           "(SELECT count(*) FROM embeddings e WHERE e.person_id = p.id AND e.model_id = ?) "
-                           "FROM people p ORDER BY p.name", (self.model_id,))
+                           "(SELECT count(*) FROM embeddings e WHERE e.person_id = p.id AND e.model_id = ?), "
+                           "p.checksum FROM people p ORDER BY p.name", (self.model_id,))
         return [self._person(r) for r in rows]
 
     def person(self, name: str) -> Person:
@@ -883,20 +525,29 @@ class Gallery:
 
     @staticmethod
     def _person(r: tuple) -> Person:
-        """One row; a schedule that cannot be read is reported in schedule_error, so one bad row does not make
-        people() fail (the daemon then denies that person only)."""
+        """One row; a rule that cannot be trusted (a schedule that cannot be read, a row that does not match its
+        checksum) is reported in rule_error, so one bad row does not make people() fail: the daemon denies that
+        person only."""
         schedule, error = None, None
         if r[4]:
             try:
                 schedule = validate_schedule(r[4] if isinstance(r[4], str) else str(r[4]))
             except GalleryError as exc:
-                error = str(exc)
-        return Person(int(r[0]), r[1], r[2], bool(r[3]), schedule, float(r[5]), float(r[6]), int(r[7]), error)
+                error = f"schedule unreadable ({exc})"
+        if error is None and r[8] != person_checksum(*r[:5]):
+            error = (f"people row {r[0]} does not match its checksum ({'damaged' if r[8] else 'no checksum'}, or "
+                     "changed outside edgeface); restore a backup, or set the rule again (edgeface people ...)")
+        try:
+            created, updated = float(r[5]), float(r[6])
+        except (TypeError, ValueError):
+            created, updated, error = 0.0, 0.0, error or f"people row {r[0]} is damaged (unreadable timestamps)"
+        return Person(int(r[0]), r[1], r[2], bool(r[3]), schedule, created, updated, int(r[7]), error)
 
     def _update(self, name: str, sql: str, args: Sequence[Any]) -> None:
         pid = self._person_row(name)[0]
         with self._write() as c:
             c.execute(sql, (*args, time.time(), pid))
+            self._seal(c, pid)
 
     def rename(self, name: str, new_name: str) -> None:
         new_name = validate_name(new_name)
@@ -928,116 +579,25 @@ class Gallery:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return int(n)
 
-    # ------------------------------------------------------------------ model change
-
-    def reembed(self, embedder: Any) -> int:
-        """Re-embed every kept face chip with `embedder` (its model_id becomes the gallery's). One transaction.
-
-        Embeddings without a kept chip cannot be converted: they are dropped and their people must re-enroll."""
-        from edgeface.vision.align import align_face
-        from edgeface.vision.embed import enrollment_embeddings
-
-        spec = getattr(embedder, "spec", None)
-        if spec is not None and int(spec.embedding_dim) != self.embedding_dim:
-            raise GalleryError(f"reembed: {embedder.model_id} gives {spec.embedding_dim}-D embeddings, the gallery "
-                               f"stores {self.embedding_dim}-D")
-        rows = self._query("SELECT e.id, e.person_id, e.image_sha256, e.quality, c.image, c.face FROM embeddings e "
-                           "JOIN crops c ON c.embedding_id = e.id WHERE e.model_id != ?", (embedder.model_id,))
-        new_rows = []
-        for eid, pid, sha, q, img, face_json in rows:
-            chip = _decode_png(img)
-            crop = align_face(chip, _face_from_json(face_json), embedder.template)
-            new_rows.append((eid, pid, sha, q, enrollment_embeddings(embedder, crop)[0]))
-        with self._write() as c:
-            for eid, pid, sha, q, vec in new_rows:
-                blob = _unit(vec, self.embedding_dim).astype("<f4").tobytes()
-                c.execute("UPDATE embeddings SET model_id = ?, dim = ?, vector = ?, checksum = ? WHERE id = ?",
-                          (embedder.model_id, self.embedding_dim, blob, embedding_checksum(pid, embedder.model_id, blob),
-                           eid))
-            c.execute("DELETE FROM embeddings WHERE model_id != ?", (embedder.model_id,))
-            self._set_meta("model_id", embedder.model_id)
-        self.model_id = embedder.model_id
-        return len(new_rows)
-
-    # ------------------------------------------------------------------ export / import
+    # ------------------------------------------------------------------ export / import / model change (portable.py)
 
     def export(self, path: str | os.PathLike[str]) -> int:
         """Write the whole gallery as a portable JSON file (0600, atomic). Returns the number of people."""
-        path = Path(path)
-        people = []
-        for p in self.people():
-            embs = []
-            rows = self._query("SELECT e.vector, e.image_sha256, e.quality, e.created, c.image, c.face, e.id, "
-                               "e.checksum FROM embeddings e LEFT JOIN crops c ON c.embedding_id = e.id "
-                               "WHERE e.person_id = ? AND e.model_id = ? ORDER BY e.id", (p.id, self.model_id))
-            for vec, sha, q, created, img, face_json, eid, cs in rows:
-                self._checked_vector(eid, p.id, p.name, self.model_id, vec, cs)  # never export a damaged vector
-                e = {"vector": base64.b64encode(vec).decode("ascii"), "image_sha256": sha, "quality": q,
-                     "created": created}
-                if img is not None:
-                    e["chip"] = {"png": base64.b64encode(img).decode("ascii"), "face": json.loads(face_json)}
-                embs.append(e)
-            people.append({"name": p.name, "external_id": p.external_id, "enabled": p.enabled,
-                           "schedule": p.schedule, "created": p.created, "updated": p.updated, "embeddings": embs})
-        doc = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model_id": self.model_id,
-               "embedding_dim": self.embedding_dim, "vector_encoding": "base64 little-endian float32",
-               "exported": _iso(time.time()), "people": people}
-        try:
-            write_private_atomic(path, json.dumps(doc, indent=1).encode("utf-8"))
-        except OSError as exc:
-            raise GalleryError(f"cannot write export file {path}: {exc.strerror or exc}") from None
-        return len(people)
+        from edgeface.gallery.portable import export_gallery
+
+        return export_gallery(self, path)
 
     def import_(self, path: str | os.PathLike[str], *, merge: bool = False) -> int:
-        """Load an export file into this gallery in one transaction. Existing names are an error unless merge=True
-        (then new embeddings are added to the existing person). Returns the number of people imported."""
-        path = Path(path)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise GalleryError(f"import file not found: {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise GalleryError(f"cannot read import file {path}: not an edgeface gallery export ({exc})") from None
-        if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
-            raise GalleryError(f"{path} is not an edgeface gallery export (missing \"format\": \"{EXPORT_FORMAT}\")")
-        if doc.get("version") != EXPORT_VERSION:
-            raise GalleryError(f"{path}: export version {doc.get('version')!r} is not supported (expected "
-                               f"{EXPORT_VERSION})")
-        if doc.get("model_id") != self.model_id or int(doc.get("embedding_dim", -1)) != self.embedding_dim:
-            raise GalleryError(f"{path} holds embeddings of model {doc.get('model_id')!r} "
-                               f"({doc.get('embedding_dim')}-D) but this gallery uses {self.model_id!r}: re-enroll")
-        try:
-            with self._write() as c:
-                for p in doc["people"]:
-                    name = validate_name(p["name"])
-                    row = c.execute("SELECT id FROM people WHERE name = ?", (name,)).fetchone()
-                    if row and not merge:
-                        raise GalleryError(f"cannot import {path}: {name!r} already exists in gallery {self.path} "
-                                           "(use --merge to add to existing people)")
-                    if row:
-                        pid = int(row[0])
-                    else:
-                        schedule = validate_schedule(p.get("schedule"))
-                        cur = c.execute("INSERT INTO people(name, external_id, enabled, schedule, created, updated) "
-                                        "VALUES (?, ?, ?, ?, ?, ?)",
-                                        (name, p.get("external_id"), 1 if p.get("enabled", True) else 0,
-                                         json.dumps(schedule) if schedule else None,
-                                         float(p.get("created", time.time())), float(p.get("updated", time.time()))))
-                        pid = int(cur.lastrowid)
-                    embs = p.get("embeddings", [])
-                    vecs = [np.frombuffer(base64.b64decode(e["vector"], validate=True), dtype="<f4") for e in embs]
-                    chips = []
-                    for e in embs:
-                        ch = e.get("chip")
-                        chips.append(Chip(_decode_png(base64.b64decode(ch["png"])),
-                                          _face_from_json(json.dumps(ch["face"]))) if ch else None)
-                    if vecs:
-                        self._insert_embeddings(c, pid, np.stack(vecs), [e["image_sha256"] for e in embs],
-                                                [float(e.get("quality", 0.0)) for e in embs], chips)
-        except (KeyError, TypeError, ValueError, base64.binascii.Error) as exc:
-            raise GalleryError(f"cannot import {path}: malformed entry ({type(exc).__name__}: {exc}); "
-                               "nothing was imported") from None
-        return len(doc["people"])
+        """Load an export file in one transaction (existing names are an error unless merge). Returns people."""
+        from edgeface.gallery.portable import import_gallery
+
+        return import_gallery(self, path, merge=merge)
+
+    def reembed(self, embedder: Any) -> int:
+        """Re-embed every kept face chip with `embedder` (its model becomes the gallery's); see portable.py."""
+        from edgeface.gallery.portable import reembed_gallery
+
+        return reembed_gallery(self, embedder)
 
     # ------------------------------------------------------------------ misc
 
@@ -1069,57 +629,4 @@ class Gallery:
         self.close()
 
 
-def _connect_read_only(path: Path) -> sqlite3.Connection:
-    """A connection that never writes. `mode=ro` first: it shares the daemon's WAL when the folder lets SQLite read
-    or make the -shm file. In a folder nobody can write to (a read-only mount) SQLite cannot make it and refuses
-    a WAL database; then, and only when no write-ahead log is waiting (no -wal file, or an empty one: every commit
-    is in the main file), it is opened `immutable` (no locks: nothing can write there). A non-empty -wal that
-    cannot be read is an error that says what to do."""
-    from urllib.parse import quote
-
-    uri = "file:" + quote(str(path.resolve()))
-    connect = dict(uri=True, timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn = sqlite3.connect(uri + "?mode=ro", **connect)
-    try:
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        return conn
-    except sqlite3.OperationalError:
-        conn.close()
-    wal = Path(f"{path}-wal")
-    if wal.exists() and wal.stat().st_size > 0:
-        raise GalleryError(f"gallery {path}: its folder is read-only and changes are still in {wal.name} (the daemon "
-                           "or a write was interrupted); run the command as the daemon's user or with the folder "
-                           "writable")
-    return sqlite3.connect(uri + "?immutable=1", **connect)
-
-
-def _check_header(path: Path) -> None:
-    """A non-empty file must start with the SQLite header; otherwise it is not ours to touch."""
-    if not path.is_file():
-        raise GalleryError(f"gallery path {path} is not a regular file")
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(16)
-    except OSError as exc:
-        raise GalleryError(f"cannot read gallery {path}: {exc.strerror or exc}") from None
-    if not head:  # never silently re-created empty: that would look like "no people" instead of "file damaged"
-        raise GalleryError(f"gallery {path} is empty (0 bytes): truncated or damaged? Restore a backup, or delete the "
-                           "file to start a new, empty gallery")
-    if head != b"SQLite format 3\x00":
-        raise GalleryError(f"gallery {path} is not an SQLite database (corrupt or another kind of file); "
-                           "restore a backup or move it away")
-
-
-def image_sha256(data: bytes | np.ndarray) -> str:
-    """sha256 of an image file's bytes (or of a frame's pixels) used to skip duplicate enrollments."""
-    if isinstance(data, np.ndarray):
-        h = hashlib.sha256(str(data.shape).encode())
-        h.update(np.ascontiguousarray(data).tobytes())
-        return h.hexdigest()
-    return hashlib.sha256(data).hexdigest()
-
-
-__all__ = ["Gallery", "Person", "Chip", "EnrollItem", "EnrollReport", "validate_name", "validate_schedule",
-           "schedule_allows", "default_max_distance", "resolve_max_distance", "image_sha256", "embedding_checksum",
-           "vector_problem",
-           "FALLBACK_MAX_DISTANCE", "SCHEMA_VERSION", "MIGRATIONS"]
+__all__ = ["Gallery", "open_gallery", "gallery_path", "embedder_identity", "analyzer_model"]

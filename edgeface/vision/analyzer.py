@@ -4,7 +4,7 @@ this code, so what they measure is what the door runs."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -45,6 +45,13 @@ def main_face_index(faces: list[Face], image_shape: tuple[int, ...]) -> Optional
         return face.size * face.score * (1.0 - 0.5 * off_centre)
 
     return int(max(range(len(faces)), key=lambda i: weight(faces[i])))
+
+
+def scale_face(face: Face, sx: float, sy: float) -> Face:
+    """A detection made on a scaled copy, in the full image's pixels (box and keypoints)."""
+    x, y, w, h = face.box
+    return replace(face, box=(x * sx, y * sy, w * sx, h * sy),
+                   keypoints=np.asarray(face.keypoints, np.float32) * np.array([sx, sy], np.float32))
 
 
 class FaceAnalyzer:
@@ -88,10 +95,15 @@ class FaceAnalyzer:
             self.timer(stage, now - started)
         return now
 
-    def detect(self, image: np.ndarray) -> list[Face]:
-        """Detected faces; with a refiner, each gets five-point landmarks and non-faces are dropped."""
+    def detect(self, image: np.ndarray, *, detect_on: Optional[np.ndarray] = None) -> list[Face]:
+        """Detected faces; with a refiner, each gets five-point landmarks and non-faces are dropped. `detect_on`: a
+        smaller copy of `image` for the detector (boxes scaled back to `image`; the mesh runs on `image`)."""
         started = time.perf_counter()
-        faces = self.detector.detect(image)
+        if detect_on is None:
+            faces = self.detector.detect(image)
+        else:
+            sx, sy = image.shape[1] / detect_on.shape[1], image.shape[0] / detect_on.shape[0]
+            faces = [scale_face(f, sx, sy) for f in self.detector.detect(detect_on)]
         if self.refiner is None:
             self._timed("detect", started)
             return faces
@@ -100,9 +112,9 @@ class FaceAnalyzer:
         self._timed("mesh", meshed)
         return faces
 
-    def main_face(self, image: np.ndarray) -> tuple[Optional[Face], int]:
+    def main_face(self, image: np.ndarray, *, detect_on: Optional[np.ndarray] = None) -> tuple[Optional[Face], int]:
         """The face a door should care about (or None) and how many faces were seen."""
-        faces = self.detect(image)
+        faces = self.detect(image, detect_on=detect_on)
         idx = main_face_index(faces, image.shape)
         return (None if idx is None else faces[idx]), len(faces)
 
@@ -145,9 +157,12 @@ class FaceAnalyzer:
         """Every face in the image, embedded (detector order: most confident first)."""
         return self.embed_faces(image, self.detect(image))
 
-    def analyze_main(self, image: np.ndarray) -> tuple[Optional[FaceResult], int]:
-        """The main face embedded (or None) and how many faces were seen."""
-        face, n = self.main_face(image)
+    def analyze_main(self, image: np.ndarray, *, detect_on: Optional[np.ndarray] = None
+                     ) -> tuple[Optional[FaceResult], int]:
+        """The main face embedded (or None) and how many faces were seen. `detect_on`: a smaller copy of the same
+        image (a camera's low-resolution stream) to run the detector on; mesh, alignment and embedding still use
+        `image`, so the crop keeps the full resolution."""
+        face, n = self.main_face(image, detect_on=detect_on)
         if face is None:
             return None, 0
         return self.embed_faces(image, [face])[0], n

@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from edgeface.types import Decision
+
 #: Eye contour indices of the MediaPipe 468-point mesh: (outer corner, inner corner) and two upper/lower
 #: eyelid pairs per eye; the subject's right eye is on the image's left.
 RIGHT_EYE = {"corners": (33, 133), "lids": ((160, 144), (158, 153))}
@@ -287,8 +289,6 @@ class LivenessPolicy:
         self.policy.reset()
 
     def observe(self, now: float, match: Any, *, face_size: float = 0.0, box: Any = None) -> Any:
-        from edgeface.decide import Decision
-
         if self._last_face is not None and now - self._last_face > self.gap_s:
             self._end_track(now)  # the face left: a new track starts with this frame
         if match is None:
