@@ -78,7 +78,7 @@ def sequences(empty_frames: int) -> list[Replay]:
 def make_gallery(analyzer: Any, path: Path) -> None:
     from edgeface.config import parse_config
     from edgeface.enroll import enroll_images
-    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.gallery import Gallery, resolve_max_distance
 
     cfg = parse_config({})
     with Gallery.open(path, model_id=analyzer.embedder.model_id, embedding_dim=analyzer.embedder.spec.embedding_dim,

@@ -254,6 +254,23 @@ class LivenessConfig(Section):
     max_frames: int = Field(40, ge=2, le=500, description="At most this many recent frames are kept.")
 
 
+class FleetConfig(Section):
+    enabled: bool = Field(False, description="Share one access list between doors through the MQTT broker "
+                                             "(docs/fleet.md): signed person changes are applied to this door's gallery.")
+    public_key: str = Field("fleet_admin.pub", description="The fleet admin's Ed25519 public key (PEM; relative: under "
+                                                           "state_dir). Only the public key: the admin key never lives on a door.")
+    state_path: str = Field("fleet.db", description="SQLite file of applied versions and signed changes (relative: "
+                                                    "under state_dir).")
+    stale_after_s: float = Field(900.0, gt=0, le=30 * 86400,
+                                 description="Alarm when no signed admin heartbeat arrived for this long.")
+    deny_when_stale: bool = Field(False, description="While stale, deny everyone except allow_when_stale "
+                                                     "(a door cut off from revocations fails secure).")
+    allow_when_stale: list[str] = Field(default_factory=list, description="Names still let in while the fleet is "
+                                                                          "stale and deny_when_stale is true.")
+    applied_interval_s: float = Field(1.0, gt=0, le=3600, description="At most one applied-version report per this "
+                                                                      "many seconds.")
+
+
 class EdgefaceConfig(Section):
     state_dir: str = Field("/var/lib/edgeface", description="Directory for the gallery, outbox and audit files (0700).")
     models_dir: Optional[str] = Field(None, description="Directory with models and manifest.json; default: shipped models/.")
@@ -268,6 +285,7 @@ class EdgefaceConfig(Section):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
 
 
 def _line_of(text: str, loc: tuple[Any, ...]) -> Optional[int]:

@@ -54,8 +54,9 @@ def test_device_discovery_has_required_keys():
     assert (switch["command_topic"], switch["state_topic"]) == ("edgeface/front/access/set", "edgeface/front/access")
     assert payload["availability"][0]["topic"] == "edgeface/front/availability"
     uids = [c["unique_id"] for c in payload["cmps"].values() if "unique_id" in c]
-    # removal entries: the lock and the refusal sensors (remote unlock off), the face image (off by default)
-    assert len(uids) == len(set(uids)) == len(payload["cmps"]) - 4
+    # removal entries: the lock and the refusal sensors (remote unlock off), the face image (off by default),
+    # fleet_stale (fleet off)
+    assert len(uids) == len(set(uids)) == len(payload["cmps"]) - 5
 
 
 def test_every_component_has_qos_1():

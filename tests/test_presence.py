@@ -30,7 +30,7 @@ STRANGER = FACES / "kit_harington" / "kit_harington_02.jpg"
 @pytest.fixture(scope="module")
 def gallery_file(analyzer, tmp_path_factory) -> Path:
     from edgeface.enroll import enroll_images
-    from edgeface.gallery.store import Gallery, resolve_max_distance
+    from edgeface.gallery import Gallery, resolve_max_distance
 
     cfg = parse_config({})
     path = tmp_path_factory.mktemp("gallery") / "gallery.db"

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 #: Modules that add subcommands; each defines `register(group: click.Group) -> None`. They are imported when
 #: main() runs, not when this module is imported: `edgeface door release` (systemd ExecStopPost) must not
 #: import pydantic, numpy or OpenCV, and must not depend on anything but the door's pin settings.
-COMMAND_MODULES: list[str] = ["model", "eval", "people", "service", "train"]
+COMMAND_MODULES: list[str] = ["model", "eval", "people", "service", "train", "fleet"]
 #: Same as edgeface.config.DEFAULT_CONFIG_PATH (repeated here so the CLI can start without importing pydantic).
 DEFAULT_CONFIG_PATH = Path("/etc/edgeface/config.yaml")
 

@@ -381,6 +381,22 @@ def people_remove(obj: CliContext, name: str, yes: bool) -> None:
     _warn(f"removed {name!r} ({n} embeddings erased)")
 
 
+def schedule_from_options(days: Optional[str], windows: tuple[str, ...], always: bool) -> Optional[dict]:
+    """The stored schedule form of --days / --window / --always (None: any time); the gallery validates it."""
+    if always and (days or windows):
+        raise click.UsageError("--always takes no --days or --window")
+    if not always and not (days or windows):
+        raise click.UsageError("give --days and/or --window, or --always")
+    if always:
+        return None
+    schedule: dict = {}
+    if days:
+        schedule["days"] = [d.strip().lower() for d in days.split(",") if d.strip()]
+    if windows:
+        schedule["windows"] = [w.split("-", 1) if "-" in w else [w, ""] for w in windows]
+    return schedule
+
+
 @people_group.command("schedule")
 @click.argument("name")
 @click.option("--days", default=None, help="Comma-separated days, e.g. mon,tue,wed,thu,fri (default: every day).")
@@ -390,17 +406,7 @@ def people_remove(obj: CliContext, name: str, yes: bool) -> None:
 @pass_ctx
 def people_schedule(obj: CliContext, name: str, days: Optional[str], windows: tuple[str, ...], always: bool) -> None:
     """Set when NAME may enter (weekdays and time windows)."""
-    if always and (days or windows):
-        raise click.UsageError("--always takes no --days or --window")
-    if not always and not (days or windows):
-        raise click.UsageError("give --days and/or --window, or --always")
-    schedule = None
-    if not always:
-        schedule = {}
-        if days:
-            schedule["days"] = [d.strip().lower() for d in days.split(",") if d.strip()]
-        if windows:
-            schedule["windows"] = [w.split("-", 1) if "-" in w else [w, ""] for w in windows]
+    schedule = schedule_from_options(days, windows, always)
     with open_gallery(obj.config) as g:
         g.set_schedule(name, schedule)
         d = g.person(name).schedule

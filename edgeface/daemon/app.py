@@ -136,6 +136,7 @@ class Daemon:
         self.outbox: Any = None
         self.commands: Any = None
         self.hass: Any = None  # HA entity states beyond the events (edgeface.events.hass_state)
+        self.fleet: Any = None
         self.liveness: Any = None
         try:
             self._build(analyzer, gallery, source, pin_factory, event_sink)
@@ -206,6 +207,12 @@ class Daemon:
             self._build_mqtt()
         self.source = self._own(source if source is not None
                                 else open_source(cfg.camera, on_health=self._on_camera_health))
+        if cfg.fleet.enabled:  # the fleet's shared access list, synced through the broker (edgeface.fleet)
+            from edgeface.fleet.door import attach_to_daemon
+
+            self.fleet = attach_to_daemon(self)
+            if self.fleet is not None:
+                self.rules.guard = self.fleet.guard
 
     def _build_mqtt(self) -> None:
         from edgeface.daemon.commands import RemoteCommands

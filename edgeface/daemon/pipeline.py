@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from edgeface.decide import PersonRule, person_rule
 from edgeface.daemon.reporting import EventRecorder
@@ -35,6 +35,8 @@ class AccessRules:
         self.gallery, self.refresh_s = gallery, refresh_s
         self._people = _PeopleCache()
         self._errors: dict[str, str] = {}
+        #: A last say over a known person's rule (the fleet's staleness and signature checks), when set.
+        self.guard: Optional[Callable[[int, PersonRule], PersonRule]] = None
 
     def refresh(self, *, force: bool = False) -> None:
         """Re-read every person's rule. Fails secure: a person whose schedule cannot be read is denied, and when the
@@ -73,7 +75,7 @@ class AccessRules:
         if rule is None:
             why = "the gallery's people cannot be read" if self._people.unreadable else "not in the access list"
             return PersonRule(enabled=False, error=why)
-        return rule
+        return rule if self.guard is None else self.guard(person_id, rule)
 
     def match(self, embedding: Any) -> Match:
         """The gallery's match; a disabled person (not in the matcher's index) is still recognised, to be denied."""

@@ -134,6 +134,14 @@ def device_discovery(cfg: EdgefaceConfig, *, people: Sequence[tuple[int, str]] =
     else:
         key, value = removed("access_enabled", "switch")
     cmps[key] = value
+    if cfg.fleet.enabled:  # the fleet's staleness alarm (edgeface.fleet.door)
+        key, value = comp("fleet_stale", "binary_sensor", "Fleet stale",
+                          state_topic=f"{cfg.mqtt.topic_prefix}/{door}/fleet_stale", payload_on="ON",
+                          payload_off="OFF", device_class="problem", entity_category="diagnostic",
+                          icon="mdi:account-sync")
+    else:
+        key, value = removed("fleet_stale", "binary_sensor")
+    cmps[key] = value
     name = f"edgeface {door}" if cfg.mqtt.topic_prefix == "edgeface" else f"edgeface {door} ({cfg.mqtt.topic_prefix})"
     return {
         "dev": {"identifiers": [nid], "name": name, "manufacturer": "edgeface",

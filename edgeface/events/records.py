@@ -18,7 +18,7 @@ CRITICAL_KINDS = frozenset({"granted", "denied", "door_forced_open", "door_held_
 #: Every `event_type` of a door event (Home Assistant's Door event entity lists them all: an unlisted type is
 #: dropped by HA with a warning).
 DOOR_EVENT_TYPES = ("door_opened", "door_closed", "door_forced_open", "door_held_open", "remote_unlock",
-                    "remote_unlock_refused", "remote_lock")
+                    "remote_unlock_refused", "remote_lock", "fleet_stale", "fleet_ok")
 
 
 def new_event_id() -> str:

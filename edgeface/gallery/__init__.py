@@ -5,6 +5,7 @@ index.py    the in-memory 1:N index, the match modes (best, top-k mean, centroid
 schema.py   the SQLite file format: schema, migrations, header checks
 store.py    Gallery (one SQLite file, transactions) and open_gallery(cfg), the one factory
 portable.py export / import files, re-embedding with another model
+fleet_rows.py the rows edgeface.fleet writes (one transaction per batch of signed changes)
 """
 from edgeface.gallery.index import (BLEND_CENTROID_WEIGHT, FALLBACK_MAX_DISTANCE, MATCH_MODES, MAX_COSINE_DISTANCE,
                                     blend_distances, default_max_distance, embedding_checksum, resolve_max_distance,

@@ -29,6 +29,7 @@ from edgeface.gallery.records import (Chip, EnrollItem, EnrollReport, Person, _e
 from edgeface.gallery.schema import APPLICATION_ID, SCHEMA_VERSION, check_header, connect_read_only, create_file, migrate
 from edgeface.types import Match
 
+
 def embedder_identity(cfg: Any) -> tuple[str, int]:
     """(model_id, embedding_dim) of the configured embedder (and head) without loading it (people commands need no
     model)."""
@@ -612,6 +613,24 @@ class Gallery:
                 "crops": n_crops, "keep_crops": self.keep_crops, "max_distance": self.max_distance,
                 "match_mode": self.match_mode, "top_k": self.top_k, "created": meta.get("created"),
                 "bytes": self.path.stat().st_size if self.path.exists() else 0}
+
+    # ------------------------------------------------------------------ fleet sync (edgeface.fleet; fleet_rows.py)
+
+    def fleet_put(self, person_key: str, *, name: str, enabled: bool, schedule: Optional[dict],
+                  embeddings: Any, image_hashes: Sequence[str]) -> None:
+        """Create or replace the fleet person `person_key` (embeddings of this gallery's model)."""
+        self.fleet_apply([(person_key, {"name": name, "enabled": enabled, "schedule": schedule,
+                                        "embeddings": embeddings, "image_hashes": image_hashes})])
+
+    def fleet_delete(self, person_key: str) -> None:
+        """Erase the fleet person `person_key` (a tombstone); nothing happens when this gallery does not hold them."""
+        self.fleet_apply([(person_key, None)])
+
+    def fleet_apply(self, changes: Sequence[tuple[str, Optional[dict]]]) -> None:
+        """Several fleet changes in ONE transaction (a door catching up on thousands): (person_key, record) puts
+        a person (record keys as fleet_put's arguments), (person_key, None) erases one. All or nothing."""
+        from edgeface.gallery.fleet_rows import apply_fleet_changes
+        apply_fleet_changes(self, changes)
 
     def close(self) -> None:
         with self._lock:
