@@ -52,7 +52,7 @@ def run(n: int, limited: bool) -> dict:
         with Collector(broker.host, broker.port, "edgeface/front/none") as pub:
             daemon = Daemon(cfg, analyzer=_NoAnalyzer(), pin_factory=pins)
             if not limited:
-                daemon._refusals = RefusalLimiter(burst=10 ** 9)
+                daemon.commands.refusals = RefusalLimiter(burst=10 ** 9)
             daemon.start()
             assert daemon.mqtt.wait_connected(10)
             time.sleep(0.3)

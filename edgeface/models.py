@@ -109,6 +109,23 @@ def verify_model_file(path: str | os.PathLike[str], info: ModelInfo) -> None:
         raise ModelError(f"model file {path} has sha256 {digest[:12]}..., expected {info.sha256[:12]}... for {info.name}")
 
 
+def embedder_model_path(model: str, models_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the embedder `model` (a manifest name, a bare name or a path) lives or would be written.
+
+    Reads nothing but the manifest: the daemon asks this before it decides whether the converter is needed, so a
+    start with the model present never imports edgeface.convert."""
+    models_dir = Path(models_dir) if models_dir else default_models_dir()
+    manifest = load_manifest(models_dir) if (models_dir / MANIFEST_NAME).is_file() else {}
+    if model in manifest:
+        return models_dir / manifest[model].file
+    path = Path(model)
+    if not path.suffix:  # a model name the manifest does not (yet) list: its file would be <name>.tflite
+        return models_dir / f"{model}.tflite"
+    if not path.is_absolute() and not path.exists() and (models_dir / path).exists():
+        return models_dir / path
+    return path
+
+
 def resolve_model(name_or_path: str | os.PathLike[str], models_dir: str | os.PathLike[str] | None = None,
                   *, verify: bool = True) -> tuple[Path, ModelInfo | None]:
     """Find a model by manifest name or by path; verify it against the manifest when it is a known file.

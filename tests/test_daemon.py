@@ -399,7 +399,7 @@ def test_remote_unlock_needs_a_valid_signed_fresh_command(tmp_path, analyzer, en
 def test_demo_prints_granted_and_unknown_events(tmp_path, caplog):
     import logging
 
-    from edgeface.cli.service import run_demo
+    from edgeface.daemon.demo import run_demo
     from edgeface.config import EdgefaceConfig
     from edgeface.gallery import default_max_distance
 

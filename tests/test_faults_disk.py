@@ -109,7 +109,7 @@ def test_full_state_disk_turns_a_known_face_away_then_grants_when_space_returns(
             daemon.start()
             assert daemon.mqtt.wait_connected(10)
             filler = fill(disk)
-            with caplog.at_level(logging.ERROR, logger="edgeface.daemon.app"):
+            with caplog.at_level(logging.ERROR, logger="edgeface.daemon.pipeline"):
                 full = [daemon.process_frame(Frame(obama, t + 0.2 * i)).action for i in range(4)]
             assert "grant" not in full and "deny" in full, full  # before the fix: "grant" and the relay moved
             assert pin_levels(pins.pin(17)) == [False], "the door opened with no record of it"
@@ -168,8 +168,7 @@ _KILLED_BY_THE_RELAY = textwrap.dedent("""
     from gpiozero.pins.mock import MockFactory, MockPin
     from edgeface.config import load_config
     from edgeface.daemon.app import Daemon
-    import edgeface.cli  # noqa: F401  (registers the commands; cli.service needs it first)
-    from edgeface.cli.service import run_daemon
+    from edgeface.daemon.service import run_daemon
 
     class KillOnUnlock(MockPin):
         '''The relay coil: the moment the pin goes high the process dies (a crash right after the pulse).'''

@@ -162,10 +162,10 @@ def test_rule_changed_outside_edgeface_denies_that_person_and_is_logged(tmp_path
             pass
 
     g = _open(path)
-    with caplog.at_level(logging.ERROR, logger="edgeface.daemon.app"):
+    with caplog.at_level(logging.ERROR, logger="edgeface.daemon.pipeline"):
         with Daemon(cfg, analyzer=_NoAnalyzer(), gallery=g, pin_factory=MockFactory()) as d:
             ids = {p.name: p.id for p in g.people()}
-            alice, bob = d._rule(ids["alice"]), d._rule(ids["bob"])
+            alice, bob = d.rules.rule(ids["alice"]), d.rules.rule(ids["bob"])
             verified = g.verify(faces["bob"][0], "bob").known
     g.close()
     assert alice.enabled and alice.error is None

@@ -93,7 +93,7 @@ def test_flood_of_refused_commands_is_aggregated_and_a_valid_one_still_opens(tmp
             pass
 
     n_bad = 3000
-    caplog.set_level(logging.WARNING, logger="edgeface.daemon.app")
+    caplog.set_level(logging.WARNING, logger="edgeface.daemon.commands")
     with Collector(broker.host, broker.port, "edgeface/front/door_event") as sub:
         with Daemon(cfg, analyzer=_NoAnalyzer(), pin_factory=pins) as daemon:
             daemon.start()
@@ -122,6 +122,6 @@ def test_flood_of_refused_commands_is_aggregated_and_a_valid_one_still_opens(tmp
     assert sum(d.get("count", 1) for d in refused) == n_bad + 1  # every attempt counted, none lost
     assert any("malformed" in (d.get("reason") or "") or "malformed" in json.dumps(d.get("reasons", {}))
                for d in refused)
-    lines = [r.getMessage() for r in caplog.records if r.name == "edgeface.daemon.app"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgeface.daemon.commands"]
     assert any("rate-limited" in m and "bad signature x" in m for m in lines), lines[-5:]
     assert sum("remote unlock refused" in m for m in lines) <= 3 * (RefusalLimiter().burst + 1)  # no log flood

@@ -149,11 +149,11 @@ def test_one_malformed_schedule_denies_that_person_only_and_is_logged(tmp_path, 
         def close(self) -> None:
             pass
 
-    with caplog.at_level(logging.ERROR, logger="edgeface.daemon.app"):
+    with caplog.at_level(logging.ERROR, logger="edgeface.daemon.pipeline"):
         with Daemon(cfg, analyzer=_NoAnalyzer(), gallery=g, pin_factory=MockFactory()) as d:
             ids = {p.name: p.id for p in g.people()}
-            alice, bob = d._rule(ids["alice"]), d._rule(ids["bob"])
-            unknown_id = d._rule(12345)
+            alice, bob = d.rules.rule(ids["alice"]), d.rules.rule(ids["bob"])
+            unknown_id = d.rules.rule(12345)
     g.close()
     assert alice.enabled is False and "schedule" in (alice.error or "")
     assert bob.enabled is True and bob.schedule is not None and bob.error is None

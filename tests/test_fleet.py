@@ -104,7 +104,7 @@ class DoorUnderTest:
         self.t = time.time()
         self.daemon = Daemon(cfg, analyzer=analyzer, source=FolderSource(FACES), pin_factory=self.pins,
                              event_sink=self.events.append)
-        self.daemon.PEOPLE_REFRESH_S = 0.0  # re-read the rules at every decision: visits here are seconds apart
+        self.daemon.rules.refresh_s = 0.0  # re-read the rules at every decision: visits here are seconds apart
         self.daemon.start()
 
     @property

@@ -91,8 +91,7 @@ def test_wheel_and_sdist_installed_outside_the_repo_run_models_and_demo(tmp_path
     demo = edgeface("demo", "--broker", "127.0.0.1:1")
     assert demo.returncode == 0, demo.stderr[-3000:]
     # the same events, in the same order, as the demo run from this checkout
-    import edgeface.cli  # noqa: F401  (cli.service imports it; importing cli.service first is a cycle)
-    from edgeface.cli.service import run_demo
+    from edgeface.daemon.demo import run_demo
 
     here = StringIO()
     assert run_demo(out=here, mqtt_port=1, state_dir=tmp_path / "state") == 0

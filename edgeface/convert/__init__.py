@@ -1,5 +1,5 @@
 """The [convert] extra: Keras/ONNX source weights -> the TFLite embedders the daemon runs (TensorFlow, never on the
-service path). `ensure_embedder_model` is the one entry point the daemon uses, imported lazily at start-up.
+service path). `ensure_embedder_model` is the one entry point the daemon uses, imported only when the model file is missing.
 
     tflite.py   TensorFlow access, TFLite conversion, atomic install of model + manifest entry
     crops.py    aligned crops of a photo folder through FaceAnalyzer (representative / evaluation sets)
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeface.errors import EdgefaceError, ModelError
-from edgeface.models import MANIFEST_NAME, default_models_dir
+from edgeface.models import embedder_model_path
 
 
 def ensure_embedder_model(config: Any, *, max_representative: int = 200) -> Path:
@@ -23,19 +23,8 @@ def ensure_embedder_model(config: Any, *, max_representative: int = 200) -> Path
     Returns the model path. Raises ModelError naming the missing file and the two ways to get it.
     """
     from edgeface.convert.tflite import tensorflow_available  # noqa: PLC0415  (TensorFlow only when converting)
-    from edgeface.models import load_manifest
-
     emb = config.embedder
-    models_dir = Path(config.models_dir) if getattr(config, "models_dir", None) else default_models_dir()
-    manifest = load_manifest(models_dir) if (models_dir / MANIFEST_NAME).is_file() else {}
-    if emb.model in manifest:
-        path = models_dir / manifest[emb.model].file
-    else:
-        path = Path(emb.model)
-        if not path.suffix:  # a model name the manifest does not (yet) list: its file would be <name>.tflite
-            path = models_dir / f"{emb.model}.tflite"
-        elif not path.is_absolute() and not path.exists() and (models_dir / path).exists():
-            path = models_dir / path
+    path = embedder_model_path(emb.model, getattr(config, "models_dir", None))
     if path.is_file():
         return path
     hint = (f"copy the shipped {path.name} into {path.parent}, or pip install 'edgeface[convert]' and set "

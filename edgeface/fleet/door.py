@@ -345,12 +345,12 @@ def attach_to_daemon(daemon: Any) -> Optional[FleetDoor]:
     topic = f"{cfg.mqtt.topic_prefix}/{cfg.door.door_id}/fleet_stale"
 
     def on_stale(stale: bool, detail: dict) -> None:
-        daemon._door_event("fleet_stale" if stale else "fleet_ok", detail)
+        daemon.events.door_event("fleet_stale" if stale else "fleet_ok", detail)
         if daemon.mqtt is not None:
             daemon.mqtt.set_state(topic, "ON" if stale else "OFF")
 
     fleet = FleetDoor(cfg, daemon.gallery, model_id=daemon.model_id, on_stale=on_stale)
     if daemon.mqtt is not None:
         daemon.mqtt.set_state(topic, "OFF")
-    daemon._parts.append(fleet)
+    daemon._own(fleet)
     return fleet.start()
