@@ -51,7 +51,9 @@ def register(group: click.Group) -> None:
     @click.option("--loop", is_flag=True, help="Replay the sample faces until Ctrl-C (default: one pass).")
     @click.option("--broker", default="127.0.0.1:1883", show_default=True,
                   help="Also publish to this MQTT broker when one is running (never required).")
-    def demo_cmd(loop: bool, broker: str) -> None:
+    @click.option("--web", "web", metavar="HOST:PORT", default=None,
+                  help="Also serve the web app here (e.g. 0.0.0.0:8080; needs the [web] extra).")
+    def demo_cmd(loop: bool, broker: str, web: Optional[str]) -> None:
         """Run the daemon on the shipped sample faces: mock relay, events as JSON lines on stdout."""
         from edgeface.daemon.demo import run_demo
 
@@ -59,7 +61,7 @@ def register(group: click.Group) -> None:
         host, _, port = broker.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"--broker {broker!r}: expected HOST:PORT")
-        raise click.exceptions.Exit(run_demo(loop=loop, mqtt_host=host, mqtt_port=int(port)))
+        raise click.exceptions.Exit(run_demo(loop=loop, mqtt_host=host, mqtt_port=int(port), web=web))
 
     from edgeface.daemon.release import door_group  # `door release` lives there: it must work with a broken config
 

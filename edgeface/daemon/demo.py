@@ -77,7 +77,7 @@ def _note(text: str) -> None:
 
 
 def run_demo(*, loop: bool = False, mqtt_host: str = "127.0.0.1", mqtt_port: int = 1883,
-             out: Optional[IO[str]] = None, state_dir: Optional[Path] = None) -> int:
+             out: Optional[IO[str]] = None, state_dir: Optional[Path] = None, web: Optional[str] = None) -> int:
     """The daemon on the sample faces: a few people enrolled from 2 photos each, the rest are strangers;
     each remaining photo is shown for 4 frames; events are printed as JSON lines to `out` (stdout)."""
     from edgeface.daemon.app import Daemon
@@ -115,14 +115,22 @@ def run_demo(*, loop: bool = False, mqtt_host: str = "127.0.0.1", mqtt_port: int
 
         strangers = ", ".join(p.name for p in sorted(DEMO_FACES.iterdir()) if p.is_dir() and p.name not in DEMO_KNOWN)
         _note(f"demo state in {tmp}; strangers: {strangers}")
+        web_proc = None
         try:
             daemon = Daemon(cfg, analyzer=analyzer, gallery=gallery, source=source, event_sink=sink)
             for line in daemon.summary():
                 log.info("%s", line)
+            if web:  # the web app as its own process on the demo's state (edgeface.web.demo)
+                from edgeface.web.demo import start_demo_web
+
+                web_proc = start_demo_web(cfg, tmp, web)
             run_daemon(daemon)
         finally:
             gallery.close()
             analyzer.close()
+            if web_proc is not None:
+                web_proc.terminate()
+                web_proc.wait(timeout=10)
         return 0
     finally:
         if state_dir is None:
