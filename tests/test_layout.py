@@ -20,7 +20,7 @@ FACES = REPO / "tests" / "fixtures" / "faces"
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "EDGEFACE_UNLOCK_SECRET": "layout-test-secret-0123456789abcdef"}
 
 #: Never on the service path.
-DEVELOPMENT_WINGS = ("tensorflow", "matplotlib", "edgeface.convert", "edgeface.evaluation")
+DEVELOPMENT_WINGS = ("tensorflow", "matplotlib", "edgeface.convert", "edgeface.evaluation", "edgeface.training")
 #: What edgeface.vision must not reach into (the parts above it in the data flow).
 ABOVE_VISION = ("edgeface.gallery", "edgeface.events", "edgeface.daemon", "edgeface.web", "edgeface.fleet",
                 "edgeface.cli")

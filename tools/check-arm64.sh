@@ -175,7 +175,7 @@ pip_fetch "$HOSTPY" -m pip wheel -q --no-deps -w "$H/wheelhouse" sdnotify
 pip_fetch "$HOSTPY" -m pip download -q --only-binary=:all: --implementation cp --python-version "$ROOT_PY" \
   --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64 \
   --platform manylinux_2_34_aarch64 -c "$H/constraints.txt" -d "$H/wheelhouse" --find-links "$H/wheelhouse" \
-  "$H/dist/$WHEEL_NAME[pi]" pytest hypothesis
+  "$H/dist/$WHEEL_NAME[pi,web]" pytest hypothesis
 cp "$H/dist/$WHEEL_NAME" "$H/wheelhouse/"
 
 # ------------------------------------------------------------------------------------------ the Pi installer
