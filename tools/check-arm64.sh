@@ -226,6 +226,41 @@ else
   echo "   $HOSTPY has no edgeface dependencies (make .venv first): no x86 comparison" >&2
 fi
 
+# ------------------------------------------------------------------------------------------ the service, as its unit runs it
+# What a Pi owner's first `systemctl start edgeface` does, as far as the emulation allows (no systemd in the root):
+# the unit's User=, WorkingDirectory=, StateDirectory= and ExecStart= read from systemd/edgeface.service, on the
+# installed /etc/edgeface/config.yaml with only the camera (the enrolled photos as a looping folder camera) and the
+# relay (mock pins) changed, for a few seconds; then its ExecStopPost= (door release). ProtectSystem=strict with
+# ReadWritePaths= is reproduced as a check: nothing may be written outside those paths.
+UNIT="$REPO/systemd/edgeface.service"
+unit_key() { sed -n "s/^$1=//p" "$UNIT" | head -1; }
+U_USER="$(unit_key User)"; U_DIR="$(unit_key WorkingDirectory)"; U_RW="$(unit_key ReadWritePaths)"
+U_START="$(unit_key ExecStart)"; U_STOP="$(unit_key ExecStopPost)"; U_STATE="/var/lib/$(unit_key StateDirectory)"
+step "edgeface run as the unit runs it: user $U_USER, in $U_DIR (emulated)"
+inroot sh -c "cp -p /etc/edgeface/config.yaml /etc/edgeface/config.yaml.check-orig && sed -i \
+  -e 's#^  source: picamera\$#  source: $CHK/people/barack_obama#' -e 's#^  loop: false\$#  loop: true#' \
+  -e 's#^  pin_factory: null\$#  pin_factory: mock#' /etc/edgeface/config.yaml"
+touch "$ROOT/$CHK/run-marker"
+sleep 1
+T_RUN=$(date +%s)
+RUN_RC=0
+inroot runuser -u "$U_USER" -- env STATE_DIRECTORY="$U_STATE" TQDM_DISABLE=1 sh -c "cd '$U_DIR' && exec $U_START --max-frames 12" \
+  > "$OUT/run-arm64.log" 2>&1 || RUN_RC=$?
+RELEASE_RC=0
+inroot runuser -u "$U_USER" -- env STATE_DIRECTORY="$U_STATE" sh -c "cd '$U_DIR' && exec $U_STOP" \
+  >> "$OUT/run-arm64.log" 2>&1 || RELEASE_RC=$?
+T_RUN=$(( $(date +%s) - T_RUN ))
+inroot mv /etc/edgeface/config.yaml.check-orig /etc/edgeface/config.yaml
+grep -E "granted|unknown|error|ERROR|released|stopped" "$OUT/run-arm64.log" | sed 's/^/   /' | tail -8
+WRITTEN="$(cd "$ROOT" && find . -xdev -newer "./$CHK/run-marker" -type f \
+  -not -path "./${U_RW#/}/*" -not -path "./proc/*" -not -path "./sys/*" -not -path "./dev/*" -not -path "./tmp/*" \
+  -not -path "./var/tmp/*" -not -path "./run/*" -not -path ".$CHK/*" 2>/dev/null | head -20)"
+if [[ $RUN_RC -ne 0 ]]; then tail -20 "$OUT/run-arm64.log"; echo "edgeface run failed as the unit runs it (exit $RUN_RC)" >&2; exit 1; fi
+if [[ $RELEASE_RC -ne 0 ]]; then tail -5 "$OUT/run-arm64.log"; echo "the unit's ExecStopPost (door release) failed (exit $RELEASE_RC)" >&2; exit 1; fi
+grep -q "granted barack_obama" "$OUT/run-arm64.log" || { tail -20 "$OUT/run-arm64.log"; echo "edgeface run did not grant the enrolled person" >&2; exit 1; }
+if [[ -n "$WRITTEN" ]]; then echo "$WRITTEN" | sed 's/^/   written outside ReadWritePaths: /' >&2; echo "edgeface run wrote outside $U_RW" >&2; exit 1; fi
+echo "   edgeface run: granted the enrolled person, door release exit 0, nothing written outside $U_RW (${T_RUN} s)"
+
 # ------------------------------------------------------------------------------------------ fast tests, emulated
 SUBSET="${EDGEFACE_ARM64_TESTS:-tests/test_models.py tests/test_detect.py tests/test_align.py tests/test_decide.py tests/test_door.py tests/test_install.py tests/test_cli_errors.py}"
 # A clone without the edgeface/ sources (so the tests import the installed wheel), with the files tests read.
