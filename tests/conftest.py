@@ -72,3 +72,16 @@ def run_cli(capsys, config: Path, *args: object) -> tuple[int, list[str], str]:
     rc = main(["--config", str(config), *map(str, args)])
     out, err = capsys.readouterr()
     return rc, out.splitlines(), err
+
+
+def relay_rows(audit: Path) -> list[str]:
+    """The relay events a daemon wrote to its audit log, oldest first ([] while the file is missing or locked)."""
+    import sqlite3
+
+    if not audit.exists():
+        return []
+    try:
+        with sqlite3.connect(audit, timeout=0.2) as db:
+            return [r[0] for r in db.execute("SELECT result FROM audit WHERE kind = 'relay' ORDER BY id")]
+    except sqlite3.Error:
+        return []

@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sqlite3
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import relay_rows
 import yaml
 
 from edgeface.testing import wait_until
@@ -82,16 +83,6 @@ def _release(config: Path, journal: Path, **env: str) -> tuple[subprocess.Comple
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
 
 
-def _relay_rows(audit: Path) -> list[str]:
-    if not audit.exists():
-        return []
-    try:
-        with sqlite3.connect(audit, timeout=0.2) as db:
-            return [r[0] for r in db.execute("SELECT result FROM audit WHERE kind = 'relay' ORDER BY id")]
-    except sqlite3.Error:
-        return []
-
-
 def _make_unreadable(config: Path) -> None:
     """chmod 000; root reads through that, so there the config becomes a directory (reading it fails too)."""
     if os.geteuid() == 0:
@@ -125,7 +116,7 @@ def test_release_after_sigkill_mid_pulse_releases_the_line_the_daemon_drove(tmp_
     daemon = subprocess.Popen([sys.executable, "-m", "edgeface", "--config", str(config), "run"],
                               env=_env(journal), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_until(lambda: "unlocked" in _relay_rows(state / "audit.db") or daemon.poll() is not None, 90)
+        assert wait_until(lambda: "unlocked" in relay_rows(state / "audit.db") or daemon.poll() is not None, 90)
         assert daemon.poll() is None, daemon.stderr.read()[-2000:]
         daemon.send_signal(signal.SIGKILL)  # in the middle of a 30 s pulse
         daemon.wait(10)

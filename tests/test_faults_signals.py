@@ -11,13 +11,14 @@ import os
 import random
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import relay_rows
 import yaml
 
 from edgeface.testing import wait_until
@@ -31,16 +32,6 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 STOPS = int(os.environ.get("EDGEFACE_SIGNAL_STOPS", "30"))
 #: A stop that takes longer than this is a hang (the relay pulse is 30 s, shutdown needs well under 5 s).
 STOP_LIMIT_S = 15.0
-
-
-def _relay_rows(audit: Path) -> list[str]:
-    if not audit.exists():
-        return []
-    try:
-        with sqlite3.connect(audit, timeout=0.2) as db:
-            return [r[0] for r in db.execute("SELECT result FROM audit WHERE kind = 'relay' ORDER BY id")]
-    except sqlite3.Error:
-        return []
 
 
 @pytest.mark.slow
@@ -67,7 +58,7 @@ def test_many_sigterm_and_sigint_stops_during_audit_writes_never_hang(tmp_path, 
         proc = subprocess.Popen([sys.executable, "-m", "edgeface", "--config", str(config), "run"], env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            assert wait_until(lambda: "unlocked" in _relay_rows(state / "audit.db") or proc.poll() is not None, 90)
+            assert wait_until(lambda: "unlocked" in relay_rows(state / "audit.db") or proc.poll() is not None, 90)
             assert proc.poll() is None, proc.stderr.read()[-2000:]
             time.sleep(rng.uniform(0.0, 0.4))
             sig = signal.SIGTERM if i % 2 == 0 else signal.SIGINT
@@ -86,7 +77,7 @@ def test_many_sigterm_and_sigint_stops_during_audit_writes_never_hang(tmp_path, 
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-        relay = _relay_rows(state / "audit.db")
+        relay = relay_rows(state / "audit.db")
         if not hung or hung[-1][0] != i:
             assert relay[-1:] == ["locked"], (i, relay)  # released before the process ended
     print(f"\n{STOPS} stops: {len(hung)} hung, {len(bad_exit)} bad exits, stop time median "
