@@ -580,6 +580,23 @@ class Gallery:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return int(n)
 
+    def remove_nearest_embedding(self, person_id: int, embedding: np.ndarray) -> tuple[int, float]:
+        """A wrong grant corrected: remove the person's embedding (this gallery's model) nearest to `embedding`.
+        Returns (embedding id removed, its cosine distance); GalleryError when the person has none."""
+        rows = self._query("SELECT id, vector FROM embeddings WHERE person_id = ? AND model_id = ?",
+                           (person_id, self.model_id))
+        if not rows:
+            raise GalleryError(f"person {person_id} has no embeddings of model {self.model_id} to remove")
+        q = np.asarray(embedding, np.float32).ravel()
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        dists = [1.0 - float(np.frombuffer(blob, "<f4") @ q) for _eid, blob in rows]
+        best = int(np.argmin(dists))
+        eid = int(rows[best][0])
+        with self._write() as c:
+            c.execute("DELETE FROM crops WHERE embedding_id = ?", (eid,))
+            c.execute("DELETE FROM embeddings WHERE id = ?", (eid,))
+        return eid, dists[best]
+
     # ------------------------------------------------------------------ export / import / model change (portable.py)
 
     def export(self, path: str | os.PathLike[str]) -> int:

@@ -223,14 +223,12 @@ class Backend:
     def not_person(self, event_id: str, user: str) -> str:
         """"Not <person>" on a wrong grant: remove that person's embedding nearest to the decision's face (the one
         that matched it) and record the correction."""
-        from edgeface.web.corrections import remove_nearest_embedding
-
         thumb = self.thumbs.get(event_id)
         if thumb is None or thumb.embedding is None or thumb.person_id is None:
             raise EdgefaceError(f"decision {event_id}: no stored face of a matched person to correct")
         with self._lock:
             p = self.person(int(thumb.person_id))
-            eid, dist = remove_nearest_embedding(self.gallery, p.id, thumb.embedding)
+            eid, dist = self.gallery.remove_nearest_embedding(p.id, thumb.embedding)
         self.thumbs.relabel(event_id, None, None, "corrected")
         self.record("not_person", user, event_id=event_id, person_id=p.id, person_name=p.name, embedding_id=eid,
                     distance=round(dist, 4))
