@@ -85,3 +85,13 @@ def relay_rows(audit: Path) -> list[str]:
             return [r[0] for r in db.execute("SELECT result FROM audit WHERE kind = 'relay' ORDER BY id")]
     except sqlite3.Error:
         return []
+
+
+class NoAnalyzer:
+    """A stand-in analyzer for tests that build the daemon to drive start-up and its access rules, never a frame."""
+
+    class embedder:
+        model_id = "test_model"
+
+    def close(self) -> None:
+        pass

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import NoAnalyzer
+
 from edgeface.config import PolicyConfig
 from edgeface.decide import PersonRule, Policy, person_rule
 from edgeface.errors import GalleryError
@@ -154,16 +156,9 @@ def test_rule_changed_outside_edgeface_denies_that_person_and_is_logged(tmp_path
                         "door": {"pin_factory": "mock"},
                         "camera": {"source": str(Path(__file__).parent / "fixtures" / "faces" / "paul_allen")}})
 
-    class _NoAnalyzer:  # the daemon needs an analyzer object; this test drives the policy's rules only
-        class embedder:
-            model_id = "test_model"
-
-        def close(self) -> None:
-            pass
-
     g = _open(path)
     with caplog.at_level(logging.ERROR, logger="edgeface.daemon.pipeline"):
-        with Daemon(cfg, analyzer=_NoAnalyzer(), gallery=g, pin_factory=MockFactory()) as d:
+        with Daemon(cfg, analyzer=NoAnalyzer(), gallery=g, pin_factory=MockFactory()) as d:
             ids = {p.name: p.id for p in g.people()}
             alice, bob = d.rules.rule(ids["alice"]), d.rules.rule(ids["bob"])
             verified = g.verify(faces["bob"][0], "bob").known

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import NoAnalyzer
+
 from edgeface.decide import PersonRule
 from edgeface.errors import GalleryError
 from edgeface.gallery import EnrollItem, Gallery, SCHEMA_VERSION
@@ -142,15 +144,8 @@ def test_one_malformed_schedule_denies_that_person_only_and_is_logged(tmp_path, 
                         "camera": {"source": str(Path(__file__).parent / "fixtures" / "faces" / "paul_allen")}})
     from gpiozero.pins.mock import MockFactory
 
-    class _NoAnalyzer:  # the daemon needs an analyzer object; this test drives the policy's rules only
-        class embedder:
-            model_id = "test_model"
-
-        def close(self) -> None:
-            pass
-
     with caplog.at_level(logging.ERROR, logger="edgeface.daemon.pipeline"):
-        with Daemon(cfg, analyzer=_NoAnalyzer(), gallery=g, pin_factory=MockFactory()) as d:
+        with Daemon(cfg, analyzer=NoAnalyzer(), gallery=g, pin_factory=MockFactory()) as d:
             ids = {p.name: p.id for p in g.people()}
             alice, bob = d.rules.rule(ids["alice"]), d.rules.rule(ids["bob"])
             unknown_id = d.rules.rule(12345)
@@ -176,16 +171,6 @@ def test_policy_denies_a_person_whose_rule_is_unreadable():
 # ----------------------------------------------------------------------------------------------- permissions
 
 
-class _NoAnalyzer:
-    """The daemon needs an analyzer object; these tests drive start-up and the rules, never a frame."""
-
-    class embedder:
-        model_id = "test_model"
-
-    def close(self) -> None:
-        pass
-
-
 def _mode(p: Path) -> int:
     import stat
 
@@ -209,7 +194,7 @@ def test_loose_state_dir_and_gallery_are_tightened_with_a_log_line(tmp_path, cap
                         "embedder": {"model": "test_model"}, "door": {"pin_factory": "mock"},
                         "camera": {"source": str(Path(__file__).parent / "fixtures" / "faces" / "paul_allen")}})
     with caplog.at_level(logging.INFO):
-        with Daemon(cfg, analyzer=_NoAnalyzer(), pin_factory=MockFactory()):
+        with Daemon(cfg, analyzer=NoAnalyzer(), pin_factory=MockFactory()):
             pass
     assert _mode(state) == 0o700 and _mode(state / "gallery.db") == 0o600
     lines = [r.getMessage() for r in caplog.records]
