@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import NoAnalyzer
 from gpiozero.pins.mock import MockFactory
 
 from edgeface.events.audit import AuditLog
@@ -85,17 +87,10 @@ def test_flood_of_refused_commands_is_aggregated_and_a_valid_one_still_opens(tmp
         "mqtt": {"host": broker.host, "port": broker.port, "remote_unlock": True, "ha_discovery": False},
         "gallery": {"path": "gallery.db"}, "embedder": {"model": "test_model"}})
 
-    class _NoAnalyzer:
-        class embedder:
-            model_id = "test_model"
-
-        def close(self) -> None:
-            pass
-
     n_bad = 3000
     caplog.set_level(logging.WARNING, logger="edgeface.daemon.commands")
     with Collector(broker.host, broker.port, "edgeface/front/door_event") as sub:
-        with Daemon(cfg, analyzer=_NoAnalyzer(), pin_factory=pins) as daemon:
+        with Daemon(cfg, analyzer=NoAnalyzer(), pin_factory=pins) as daemon:
             daemon.start()
             assert daemon.mqtt.wait_connected(10)
             time.sleep(0.3)  # its subscription is in place
